@@ -1,0 +1,219 @@
+"""The one source of defaults: dataclasses. YAML files in configs/ and ``key=value`` arguments only override them.
+
+Merging and type checks are OmegaConf's (structured configs): an unknown key or a value of the wrong type fails
+at start with a one-line error naming the key. Checks that span several keys live in ``check``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class SimConfig:
+    """The embedded simulator."""
+
+    resolution: int = 64
+    """Square image side in pixels (habitat's paper used 256; 64 or 128 for fast work)."""
+    sensors: list[str] = field(default_factory=lambda: ["depth"])
+    """Visual sensors: any of depth, rgb; empty for a blind agent."""
+    device: str = "cpu"
+    """Where the simulator's tensors live: cpu, cuda, or cuda:N. 'auto' = the trainer's device."""
+    renderer: str = "auto"
+    """numba (CPU kernel) | torch (vectorised, any device) | auto."""
+    forward_step: float = 0.25
+    turn_angle: float = 10.0
+    max_depth: float = 10.0
+
+
+@dataclass
+class TaskConfig:
+    """PointNav task and its dataset (habitat semantics)."""
+
+    data_dir: str = "data/pointnav"
+    """Dataset root: {split}/{split}.json.gz episodes and scenes/{scene}.npz."""
+    split: str = "train"
+    max_episode_steps: int = 500
+    success_distance: float = 0.2
+    slack_reward: float = -0.01
+    success_reward: float = 2.5
+    generate_if_missing: bool = True
+    """Generate the embedded dataset (with the settings under ``dataset``) when data_dir has none."""
+
+
+@dataclass
+class DatasetConfig:
+    """What ``ddppo dataset generate`` (and generate_if_missing) builds."""
+
+    seed: int = 0
+    scenes: dict[str, int] = field(default_factory=lambda: {"train": 40, "val": 10, "test": 10})
+    episodes_per_scene: dict[str, int] = field(default_factory=lambda: {"train": 200, "val": 20, "test": 20})
+    episodes_per_goal: int = 4
+    """Starts drawn per goal; they share one geodesic field (habitat draws one per goal)."""
+    min_extent: float = 5.0
+    max_extent: float = 30.0
+    max_rooms: int = 12
+    max_objects_per_room: int = 3
+    min_geodesic: float = 1.0
+    max_geodesic: float = 30.0
+
+
+@dataclass
+class PolicyConfig:
+    encoder: str = "resnet18"
+    """resnet18 | resnet50 | se_resneXt50 | squeezenet1_1 | simple_cnn (ignored for blind agents)."""
+    base_planes: int = 32
+    ngroups: int = 16
+    hidden_size: int = 512
+    rnn_type: str = "lstm"
+    num_recurrent_layers: int = 2
+    avgpool: int = 1
+    """Average-pool the visual input by this factor first (habitat pools 256 -> 128)."""
+    normalize_visual: bool = True
+
+
+@dataclass
+class PPOConfig:
+    """Defaults of habitat-baselines' ddppo_pointnav.yaml."""
+
+    num_steps: int = 128
+    num_envs: int = 4
+    """Environments per worker (rank)."""
+    ppo_epoch: int = 2
+    num_mini_batch: int = 2
+    lr: float = 2.5e-4
+    eps: float = 1e-5
+    clip: float = 0.2
+    value_coef: float = 0.5
+    entropy_coef: float = 0.01
+    max_grad_norm: float = 0.2
+    gamma: float = 0.99
+    tau: float = 0.95
+    clipped_value_loss: bool = True
+    normalize_advantages: bool = False
+    lr_decay: bool = False
+    """Linear decay of the learning rate to 0 over total_steps."""
+
+
+@dataclass
+class DDPPOConfig:
+    sync_frac: float = 0.6
+    """A worker stops collecting once this fraction of workers finished (and it has >= 25% of its steps)."""
+    min_rollout_frac: float = 0.25
+    backend: str = "auto"
+    """gloo | nccl | auto (nccl on CUDA, gloo on CPU)."""
+    preemption: bool = True
+    slowdown: float = 0.0
+    """Benchmarks and tests only: extra seconds per environment step on the rank given by slow_rank."""
+    slow_rank: int = -1
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``ddppo train`` reads."""
+
+    name: str = "pointnav"
+    run_dir: str = "runs"
+    seed: int = 1
+    device: str = "auto"
+    """cpu | cuda | auto (cuda:LOCAL_RANK when available)."""
+    total_steps: int = 2_000_000
+    """Environment steps over all workers."""
+    num_threads: int = 0
+    """torch threads per worker; 0 = leave torch's default (torchrun sets 1)."""
+    checkpoint_interval: int = 50
+    """Updates between checkpoints."""
+    keep_checkpoints: int = 3
+    log_interval: int = 5
+    """Updates between TensorBoard writes."""
+    eval_episodes: int = 100
+    """Deterministic val episodes evaluated at the end of training (0 = none)."""
+    sim: SimConfig = field(default_factory=SimConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    ddppo: DDPPOConfig = field(default_factory=DDPPOConfig)
+    config_file: str = ""
+    """Set by the loader: the YAML file this run came from."""
+
+
+class ConfigError(ValueError):
+    """A bad key, value or file; the message is one line naming it."""
+
+
+def load_config(config_file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                schema=TrainConfig):  # fmt: skip
+    """Defaults <- YAML file <- ``key=value`` overrides, validated; returns a typed OmegaConf object."""
+    cfg = OmegaConf.structured(schema)
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"config file {path}: {_one_line(e)}") from None
+        except Exception as e:  # YAML syntax errors come from the parser
+            raise ConfigError(f"config file {path}: {_one_line(e)}") from None
+        cfg.config_file = str(path)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"override: {_one_line(e)}") from None
+    check(cfg)
+    return cfg
+
+
+def _one_line(e: Exception) -> str:
+    msg = str(e).strip().splitlines()
+    first = msg[0] if msg else type(e).__name__
+    key = next((line.split(":", 1)[1].strip() for line in msg if line.strip().startswith("full_key:")), "")
+    return f"{first} (key: {key})" if key and key not in first else first
+
+
+def check(cfg) -> None:
+    """Constraints that span keys or ranges OmegaConf's types cannot express."""
+
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ConfigError(msg)
+
+    sim, ppo, task, dd = cfg.sim, cfg.ppo, cfg.task, cfg.ddppo
+    bad = [s for s in sim.sensors if s not in ("depth", "rgb")]
+    need(not bad, f"sim.sensors: unknown sensor(s) {bad}; choose from depth, rgb")
+    need(8 <= sim.resolution <= 1024, f"sim.resolution={sim.resolution} must be in [8, 1024]")
+    need(sim.renderer in ("auto", "numba", "torch"), f"sim.renderer={sim.renderer!r}: use auto, numba or torch")
+    need(ppo.num_envs >= 1, f"ppo.num_envs={ppo.num_envs} must be >= 1")
+    need(ppo.num_steps >= 4, f"ppo.num_steps={ppo.num_steps} must be >= 4")
+    need(1 <= ppo.num_mini_batch <= ppo.num_envs,
+         f"ppo.num_mini_batch={ppo.num_mini_batch} must be between 1 and ppo.num_envs={ppo.num_envs} "
+         "(minibatches split environments so recurrent sequences stay whole)")  # fmt: skip
+    need(ppo.ppo_epoch >= 1, f"ppo.ppo_epoch={ppo.ppo_epoch} must be >= 1")
+    need(ppo.lr > 0, f"ppo.lr={ppo.lr} must be > 0")
+    need(0 < ppo.gamma <= 1 and 0 <= ppo.tau <= 1, "ppo.gamma must be in (0, 1] and ppo.tau in [0, 1]")
+    need(0 < dd.sync_frac <= 1, f"ddppo.sync_frac={dd.sync_frac} must be in (0, 1]")
+    need(0 < dd.min_rollout_frac <= 1, f"ddppo.min_rollout_frac={dd.min_rollout_frac} must be in (0, 1]")
+    need(dd.backend in ("auto", "gloo", "nccl"), f"ddppo.backend={dd.backend!r}: use auto, gloo or nccl")
+    need(task.split in ("train", "val", "test"), f"task.split={task.split!r}: use train, val or test")
+    need(task.max_episode_steps >= 1, f"task.max_episode_steps={task.max_episode_steps} must be >= 1")
+    need(cfg.total_steps >= 1, f"total_steps={cfg.total_steps} must be >= 1")
+    need(cfg.keep_checkpoints >= 1, f"keep_checkpoints={cfg.keep_checkpoints} must be >= 1")
+    need(cfg.policy.rnn_type in ("lstm", "gru"), f"policy.rnn_type={cfg.policy.rnn_type!r}: use lstm or gru")
+    need(cfg.policy.avgpool >= 1, f"policy.avgpool={cfg.policy.avgpool} must be >= 1")
+    need(sim.resolution // cfg.policy.avgpool >= 16 or not sim.sensors,
+         f"sim.resolution={sim.resolution} / policy.avgpool={cfg.policy.avgpool} leaves fewer than 16 pixels")  # fmt: skip
+
+
+def save_config(cfg, path: str | Path) -> None:
+    from ddppo.io import atomic_write_text
+
+    atomic_write_text(path, OmegaConf.to_yaml(cfg))
+

@@ -1,0 +1,232 @@
+"""PPO as pure functions: generalised advantage estimation and the clipped PPO loss.
+
+Nothing here holds state; every function maps tensors to tensors so it can be tested alone (the style of
+torchrl's functional losses). The loss follows habitat-baselines' PPO (clipped surrogate, clipped value
+loss, entropy bonus, no advantage normalisation by default) and adds ``reduction="sum"`` so that DD-PPO ranks
+that collected different numbers of samples (a preempted rollout is shorter) can be weighted by their sample
+counts: each rank returns sums, the caller divides by the all-reduced global sample count, and the all-reduced
+gradient is then exactly the gradient of the mean loss over the concatenated global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["gae", "bootstrap_truncated", "ppo_loss", "Reduction"]
+
+Reduction = Literal["mean", "sum"]
+
+
+def gae(
+    rewards: Tensor,
+    values: Tensor,
+    not_done: Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over a rollout of ``T`` steps and ``N`` envs.
+
+    With ``delta_t = r_t + gamma * not_done_t * V_{t+1} - V_t``::
+
+        A_t = delta_t + gamma * lam * not_done_t * A_{t+1},     A_T = 0
+        R_t = A_t + V_t
+
+    Args:
+        rewards: ``[T, N]`` reward received for the action taken at step ``t``.
+        values: ``[T + 1, N]`` value estimates. ``values[t]`` is ``V(s_t)`` for the observation the action
+            at step ``t`` was taken from; ``values[T]`` is the bootstrap value of the state reached after the
+            last step. It is used whenever ``not_done[T - 1] == 1``; that is how a rollout cut short by the
+            end of the rollout, or by DD-PPO preemption, is bootstrapped.
+        not_done: ``[T, N]``; 0 if the episode ended at step ``t`` (so ``values[t + 1]``, which belongs to the
+            next episode after an auto-reset, is not used), 1 otherwise. Bool or float.
+        gamma: discount factor.
+        lam: GAE lambda (habitat calls it ``tau``). ``lam=1`` gives discounted Monte-Carlo returns plus the
+            bootstrap; ``lam=0`` gives the TD(0) target ``r_t + gamma * V_{t+1}``.
+
+    Returns:
+        ``(advantages, returns)``, both ``[T, N]`` with the dtype of ``values``.
+
+    Time-limit truncation: an episode cut by a time limit did not *terminate*, so its last step should still
+    be bootstrapped from ``V(final observation)``. With auto-resetting environments ``values[t + 1]`` is the
+    value of the *next* episode's first observation, so the caller must instead add
+    ``gamma * V(final observation)`` to that step's reward and mark the step done (``not_done[t] = 0``), as
+    stable-baselines3 does; see :func:`bootstrap_truncated`.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [T, N], got shape {tuple(rewards.shape)}")
+    num_steps, num_envs = rewards.shape
+    if tuple(values.shape) != (num_steps + 1, num_envs):
+        raise ValueError(
+            f"values must be [T + 1, N] = {(num_steps + 1, num_envs)}, got shape {tuple(values.shape)}"
+        )
+    if tuple(not_done.shape) != (num_steps, num_envs):
+        raise ValueError(
+            f"not_done must be [T, N] = {(num_steps, num_envs)}, got shape {tuple(not_done.shape)}"
+        )
+
+    not_done = not_done.to(values.dtype)
+    rewards = rewards.to(values.dtype)
+    advantages = torch.zeros_like(values[:num_steps])
+    last = torch.zeros_like(values[0])
+    for t in reversed(range(num_steps)):
+        delta = rewards[t] + gamma * not_done[t] * values[t + 1] - values[t]
+        last = delta + gamma * lam * not_done[t] * last
+        advantages[t] = last
+    returns = advantages + values[:num_steps]
+    return advantages, returns
+
+
+def bootstrap_truncated(rewards_t: Tensor, truncated: Tensor, final_values: Tensor, gamma: float) -> Tensor:
+    """Fold the bootstrap of a time-limit truncation into the reward of that step.
+
+    Returns ``rewards_t + gamma * final_values`` where ``truncated`` is true and ``rewards_t`` elsewhere. The
+    caller must also mark the truncated step as done (``not_done = 0``) so that :func:`gae` does not bootstrap
+    from ``values[t + 1]``, which after an auto-reset is the value of the next episode's first observation.
+
+    Args:
+        rewards_t: ``[N]`` rewards of one step.
+        truncated: ``[N]`` bool, true where the episode was cut by a time limit (not terminated) at this step.
+        final_values: ``[N]`` ``V(final observation)`` of the truncated episodes (any value where not
+            truncated; it is ignored there, even if it is NaN).
+        gamma: discount factor.
+
+    Returns:
+        ``[N]`` new rewards (a new tensor; the input is not modified).
+    """
+    if truncated.dtype != torch.bool:
+        raise TypeError(f"truncated must be a bool tensor, got {truncated.dtype}")
+    bonus = gamma * final_values.to(rewards_t.dtype).reshape(rewards_t.shape)
+    return torch.where(truncated.reshape(rewards_t.shape), rewards_t + bonus, rewards_t)
+
+
+def _reduce(x: Tensor, weight: Tensor | None, reduction: Reduction) -> Tensor:
+    if weight is not None:
+        x = x * weight
+    total = x.sum()
+    if reduction == "sum":
+        return total
+    denom = weight.sum() if weight is not None else x.new_tensor(float(x.numel()))
+    return total / denom
+
+
+def ppo_loss(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    advantages: Tensor,
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    entropy: Tensor,
+    *,
+    clip: float,
+    value_coef: float,
+    entropy_coef: float,
+    clipped_value_loss: bool = True,
+    normalize_advantages: bool = False,
+    reduction: Reduction = "mean",
+    sample_weight: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped PPO loss as in habitat-baselines (one term per sample, then reduced).
+
+    Per sample, with ``ratio = exp(log_probs - old_log_probs)``::
+
+        policy_loss = -min(ratio * A, clamp(ratio, 1 - clip, 1 + clip) * A)
+        value_loss  = 0.5 * max((V - R)^2, (old_V + clamp(V - old_V, -clip, clip) - R)^2)   # clipped
+        value_loss  = 0.5 * (V - R)^2                                                     # unclipped
+        total       = value_coef * value_loss + policy_loss - entropy_coef * entropy
+
+    All inputs are per-sample tensors of the same shape (any shape, e.g. ``[B]`` or ``[T, N]``; a value head's
+    trailing ``1`` must be squeezed by the caller, a mismatch raises instead of silently broadcasting).
+
+    Args:
+        log_probs: log pi(a|s) under the current policy (differentiable).
+        old_log_probs: log pi_old(a|s) recorded during the rollout.
+        advantages: advantage estimates (e.g. from :func:`gae`).
+        values: current value predictions (differentiable).
+        old_values: value predictions recorded during the rollout.
+        returns: value targets (e.g. from :func:`gae`).
+        entropy: per-sample policy entropy (differentiable).
+        clip: PPO clip range epsilon, also used for the value clip.
+        value_coef: weight of the value loss.
+        entropy_coef: weight of the entropy bonus.
+        clipped_value_loss: use the clipped value loss (habitat's ``use_clipped_value_loss``).
+        normalize_advantages: normalise advantages to zero mean, unit std (weighted by ``sample_weight``)
+            over this call's samples. Off by default, as in DD-PPO. Note that in distributed training this
+            normalises per rank, not over the global batch.
+        reduction: ``"mean"`` (default) returns (weighted) means over samples. ``"sum"`` returns (weighted)
+            SUMS over samples, for the loss and every diagnostic, so a distributed caller can divide
+            everything by the all-reduced global sample count: each rank is then weighted by its number of
+            samples, and ``sum_r sum_loss_r / sum_r n_r`` equals the mean loss over the concatenated batch.
+        sample_weight: optional per-sample weights (same shape), e.g. a 0/1 validity mask. With ``"mean"`` the
+            reduction is ``sum(w * x) / sum(w)``; with ``"sum"`` it is ``sum(w * x)``.
+
+    Returns:
+        ``(total_loss, info)``: ``total_loss`` is a scalar; ``info`` holds detached scalars ``policy_loss``,
+        ``value_loss``, ``entropy``, ``approx_kl`` (the low-variance estimator ``(ratio - 1) - log(ratio)`` of
+        KL(old || new)) and ``clip_fraction`` (fraction of samples with ``|ratio - 1| > clip``), all reduced
+        with the same ``reduction`` and weights as the loss.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    shape = log_probs.shape
+    named = {
+        "old_log_probs": old_log_probs,
+        "advantages": advantages,
+        "values": values,
+        "old_values": old_values,
+        "returns": returns,
+        "entropy": entropy,
+    }
+    if sample_weight is not None:
+        named["sample_weight"] = sample_weight
+    for name, tensor in named.items():
+        if tensor.shape != shape:
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)} but log_probs has shape {tuple(shape)}; "
+                "all per-sample inputs must have the same shape"
+            )
+    weight = sample_weight.to(log_probs.dtype) if sample_weight is not None else None
+
+    advantages = advantages.detach()
+    if normalize_advantages:
+        w = weight if weight is not None else torch.ones_like(advantages)
+        mean = (w * advantages).sum() / w.sum()
+        var = (w * (advantages - mean) ** 2).sum() / w.sum()
+        advantages = (advantages - mean) / (var.sqrt() + 1e-5)
+
+    log_ratio = log_probs - old_log_probs.detach()
+    ratio = torch.exp(log_ratio)
+    surr1 = ratio * advantages
+    surr2 = torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * advantages
+    policy_terms = -torch.min(surr1, surr2)
+
+    returns = returns.detach()
+    if clipped_value_loss:
+        old_values = old_values.detach()
+        values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+        value_terms = 0.5 * torch.max((values - returns).pow(2), (values_clipped - returns).pow(2))
+    else:
+        value_terms = 0.5 * (values - returns).pow(2)
+
+    policy_loss = _reduce(policy_terms, weight, reduction)
+    value_loss = _reduce(value_terms, weight, reduction)
+    entropy_term = _reduce(entropy, weight, reduction)
+    total = value_coef * value_loss + policy_loss - entropy_coef * entropy_term
+
+    with torch.no_grad():
+        log_ratio_d = log_ratio.detach()
+        approx_kl = _reduce(torch.expm1(log_ratio_d) - log_ratio_d, weight, reduction)
+        clipped = ((ratio.detach() - 1.0).abs() > clip).to(log_probs.dtype)
+        clip_fraction = _reduce(clipped, weight, reduction)
+
+    info = {
+        "policy_loss": policy_loss.detach(),
+        "value_loss": value_loss.detach(),
+        "entropy": entropy_term.detach(),
+        "approx_kl": approx_kl,
+        "clip_fraction": clip_fraction,
+    }
+    return total, info

@@ -1,0 +1,148 @@
+"""N agents in N (possibly different) scenes, held as tensors on one device: kinematics, sensors, geodesics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ddppo.sim.geometry import MOVE_FORWARD, TURN_LEFT, TURN_RIGHT, forward_xz, wrap_angle
+from ddppo.sim.navmesh import SENSOR_HEIGHT, NavGrid
+from ddppo.sim.physics import GEODESICS, MOVERS
+from ddppo.sim.render import RENDERERS
+from ddppo.sim.scene import FREE, OBJECT, WALL
+
+
+class SceneAtlas:
+    """Every loaded scene packed into padded tensors, so one kernel call serves a batch spread over scenes."""
+
+    def __init__(self, navs: list[NavGrid], device: torch.device | str = "cpu"):
+        if not navs:
+            raise ValueError("no scene to load")
+        self.navs = navs
+        self.names = [n.scene.name for n in navs]
+        self.index = {name: k for k, name in enumerate(self.names)}
+        hm = max(n.scene.shape[0] for n in navs)
+        wm = max(n.scene.shape[1] for n in navs)
+        ghm = max(n.coarse_navigable.shape[0] for n in navs)
+        gwm = max(n.coarse_navigable.shape[1] for n in navs)
+        S = len(navs)
+        occ = np.full((S, hm, wm), WALL, np.uint8)
+        cidx = np.full((S, hm, wm), -1, np.int32)
+        nav = np.zeros((S, hm, wm), bool)
+        skip = np.zeros((S, hm, wm), np.int32)
+        palette = []
+        base = 0
+        for s, ng in enumerate(navs):
+            sc = ng.scene
+            h, w = sc.shape
+            occ[s, :h, :w] = sc.occupancy
+            nav[s, :h, :w] = ng.navigable
+            # palette: [floor, wall] per room, then object colours
+            rooms = len(sc.room_colors)
+            free = sc.occupancy == FREE
+            obj = sc.occupancy == OBJECT
+            cidx[s, :h, :w][free] = base + 2 * sc.material[free]
+            cidx[s, :h, :w][obj] = base + 2 * rooms + sc.material[obj]
+            palette += [sc.room_colors.reshape(-1, 3), sc.object_colors.reshape(-1, 3)]
+            base += 2 * rooms + len(sc.object_colors)
+            skip[s] = ndimage.distance_transform_cdt(occ[s] == FREE, metric="chessboard")
+        self.geo_shape = (ghm, gwm)
+        self.device = torch.device(device)
+        t = lambda a: torch.as_tensor(a, device=self.device)  # noqa: E731
+        self.occ, self.cidx, self.navigable, self.skip = t(occ), t(cidx), t(nav), t(skip)
+        self.palette = t(np.concatenate(palette).astype(np.uint8))
+        self.origin = t(np.array([n.scene.origin for n in navs], np.float32))
+        self.cell = t(np.array([n.scene.cell_size for n in navs], np.float32))
+        self.geo_cell = t(np.array([n.geodesic_cell for n in navs], np.float32))
+        self.ceiling = t(np.array([n.scene.ceiling_height for n in navs], np.float32))
+
+
+class BatchSimulator:
+    """Agents as tensors; ``step`` applies habitat's discrete actions with sliding collisions (ddppo.sim.physics).
+
+    The agent is a disc of ``NavGrid.agent_radius`` (habitat's 0.1 m): only cells whose centre is that far from
+    geometry are navigable. ``renderer`` picks the kernels: numba (CPU) or torch (any device).
+    """
+
+    def __init__(self, atlas: SceneAtlas, num_envs: int, resolution: int = 64, sensors=("depth",),
+                 renderer: str = "auto", forward_step: float = 0.25, turn_angle: float = 10.0,
+                 max_depth: float = 10.0):  # fmt: skip
+        bad = set(sensors) - {"depth", "rgb"}
+        if bad:
+            raise ValueError(f"sensors: unknown sensor(s) {sorted(bad)}; choose from ['depth', 'rgb']")
+        self.atlas = atlas
+        self.device = atlas.device
+        self.num_envs = num_envs
+        self.resolution = int(resolution)
+        self.sensors = tuple(sensors)
+        if renderer == "auto":
+            renderer = "numba" if self.device.type == "cpu" else "torch"
+        if renderer == "numba" and self.device.type != "cpu":
+            raise ValueError(f"renderer 'numba' runs on the CPU only, not on {self.device}")
+        if renderer not in RENDERERS:
+            raise ValueError(f"renderer {renderer!r} is not one of {sorted(RENDERERS)} or 'auto'")
+        self.renderer = RENDERERS[renderer]
+        self.mover = MOVERS[renderer]
+        self.geodesic_lookup = GEODESICS[renderer]
+        self.forward_step = forward_step
+        self.turn = math.radians(turn_angle)
+        self.max_depth = max_depth
+        self.substeps = max(1, math.ceil(forward_step / float(atlas.cell.min())))
+        z = lambda dt=torch.float32: torch.zeros(num_envs, device=self.device, dtype=dt)  # noqa: E731
+        self.scene_of = z(torch.long)
+        self.x, self.z, self.theta = z(), z(), z()
+        self.fields = torch.full((num_envs, *atlas.geo_shape), math.inf, device=self.device)
+
+    # ----------------------------------------------------------------------------------------------- state
+    def place(self, env_ids: torch.Tensor, scene_idx, x, z, theta, fields: list[np.ndarray]):
+        """Put agents at poses and give each its goal's geodesic field."""
+        self.scene_of[env_ids] = torch.as_tensor(scene_idx, device=self.device, dtype=torch.long)
+        self.x[env_ids] = torch.as_tensor(x, device=self.device, dtype=torch.float32)
+        self.z[env_ids] = torch.as_tensor(z, device=self.device, dtype=torch.float32)
+        self.theta[env_ids] = torch.as_tensor(theta, device=self.device, dtype=torch.float32)
+        for k, f in zip(env_ids.tolist(), fields):
+            self.fields[k].fill_(math.inf)
+            self.fields[k, : f.shape[0], : f.shape[1]] = torch.from_numpy(f).to(self.device)
+
+    # -------------------------------------------------------------------------------------------- dynamics
+    def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply actions (0 STOP, 1 FORWARD, 2 LEFT, 3 RIGHT). Returns (collided, distance moved)."""
+        actions = actions.to(self.device)
+        turn = (actions == TURN_LEFT).float() - (actions == TURN_RIGHT).float()
+        self.theta = wrap_angle(self.theta + turn * self.turn)
+        moving = actions == MOVE_FORWARD
+        fx, fz = forward_xz(self.theta)
+        sub = self.forward_step / self.substeps
+        dx = torch.where(moving, fx * sub, 0.0)
+        dz = torch.where(moving, fz * sub, 0.0)
+        x0, z0 = self.x.clone(), self.z.clone()
+        collided = self.mover(self.atlas, self.scene_of, self.x, self.z, dx, dz, self.substeps).to(self.device)
+        moved = torch.sqrt((self.x - x0) ** 2 + (self.z - z0) ** 2)
+        return collided, moved
+
+    # ------------------------------------------------------------------------------------------ perception
+    def render(self, env_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if env_ids is None:
+            s, x, z, th = self.scene_of, self.x, self.z, self.theta
+        else:
+            s, x, z, th = self.scene_of[env_ids], self.x[env_ids], self.z[env_ids], self.theta[env_ids]
+        n, r = s.shape[0], self.resolution
+        out = {}
+        depth = rgb = None
+        if "depth" in self.sensors:
+            depth = out["depth"] = torch.empty((n, r, r, 1), device=self.device)
+        if "rgb" in self.sensors:
+            rgb = out["rgb"] = torch.empty((n, r, r, 3), device=self.device, dtype=torch.uint8)
+        d = depth.view(n, r, r) if depth is not None else None
+        self.renderer(self.atlas, s, x, z, th, r, d, rgb, self.max_depth, SENSOR_HEIGHT)
+        return out
+
+    def geodesic(self, env_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Geodesic distance from each agent to its goal."""
+        idx = torch.arange(self.num_envs, device=self.device) if env_ids is None else env_ids
+        return self.geodesic_lookup(self.fields, idx, self.atlas, self.scene_of[idx], self.x[idx], self.z[idx]).to(
+            self.device
+        )

@@ -1,0 +1,152 @@
+"""Where the agent can stand, and how far it has to walk: our counterpart of habitat-sim's navmesh.
+
+Navigable cells are free cells whose centre is at least the agent radius from every occupied cell, so the agent's
+disc never overlaps geometry. Geodesic distances come from the fast marching method (scikit-fmm, second order) on
+a grid ``factor`` times coarser than the scene (0.1 m by default; a coarse cell is navigable when any of its fine
+cells is, which cannot bridge two islands because walls plus the radius margin are wider than a coarse cell). FMM
+solves the eikonal equation with the Euclidean metric, so straight and diagonal runs carry no 4/8-connectivity
+bias; its error against the true shortest path is within 3% on our test mazes (tests/test_navmesh.py), mostly
+from the discretised corners.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import skfmm
+from scipy import ndimage
+
+from ddppo.sim.scene import FREE, Scene
+
+AGENT_RADIUS = 0.1
+AGENT_HEIGHT = 1.5
+SENSOR_HEIGHT = 1.25
+
+
+@dataclass
+class NavGrid:
+    scene: Scene
+    agent_radius: float = AGENT_RADIUS
+    factor: int = 2
+    """Geodesic grid cell = factor * scene cell."""
+    navigable: np.ndarray = field(init=False)  # bool [H, W]
+    island: np.ndarray = field(init=False)  # int32 [H, W]; -1 off the navigable set
+    island_sizes: np.ndarray = field(init=False)  # cells per island
+
+    def __post_init__(self):
+        free = self.scene.occupancy == FREE
+        # distance from a cell centre to the nearest occupied cell centre, less half a cell: the distance to that
+        # cell's nearest edge along the axis, which is the conservative clearance for axis-aligned geometry
+        clearance = (ndimage.distance_transform_edt(free) - 0.5) * self.scene.cell_size
+        self.navigable = free & (clearance >= self.agent_radius - 1e-6)
+        labels, n = ndimage.label(self.navigable)
+        self.island = labels.astype(np.int32) - 1
+        self.island_sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+        f = self.factor
+        h, w = self.navigable.shape
+        padded = np.zeros((-(-h // f) * f, -(-w // f) * f), bool)
+        padded[:h, :w] = self.navigable
+        self.coarse_navigable = padded.reshape(padded.shape[0] // f, f, padded.shape[1] // f, f).any(axis=(1, 3))
+        self.geodesic_cell = self.scene.cell_size * f
+
+    def is_navigable(self, x, z) -> np.ndarray:
+        j, i = self.scene.world_to_cell(x, z)
+        h, w = self.navigable.shape
+        inside = (j >= 0) & (j < h) & (i >= 0) & (i < w)
+        out = np.zeros(np.shape(j), bool)
+        out[inside] = self.navigable[j[inside], i[inside]]
+        return out
+
+    def island_of(self, x, z) -> int:
+        j, i = self.scene.world_to_cell(x, z)
+        if not self.is_navigable(x, z):
+            return -1
+        return int(self.island[j, i])
+
+    def sample_navigable(self, rng: np.random.Generator, n: int = 1, island: int | None = None) -> np.ndarray:
+        """Uniform points (x, z) inside navigable cells, optionally on one island."""
+        mask = self.navigable if island is None else self.island == island
+        js, is_ = np.nonzero(mask)
+        if len(js) == 0:
+            raise ValueError(f"scene {self.scene.name}: no navigable cell to sample from")
+        k = rng.integers(0, len(js), size=n)
+        c = self.scene.cell_size
+        # stay off the cell edges so the point is unambiguously in its cell
+        x, z = self.scene.cell_center(js[k], is_[k])
+        jitter = rng.uniform(-0.4 * c, 0.4 * c, size=(2, n))
+        return np.stack([x + jitter[0], z + jitter[1]], axis=-1)
+
+    def geodesic_field(self, goal_x: float, goal_z: float) -> np.ndarray:
+        """Geodesic distance (metres) from every geodesic-grid cell centre to the goal; inf where unreachable."""
+        scene = self.scene
+        if not self.is_navigable(goal_x, goal_z):
+            raise ValueError(f"scene {scene.name}: goal ({goal_x:.3f}, {goal_z:.3f}) is not navigable")
+        c = self.geodesic_cell
+        h, w = self.coarse_navigable.shape
+        xs = scene.origin[0] + (np.arange(w) + 0.5) * c
+        zs = scene.origin[1] + (np.arange(h) + 0.5) * c
+        euclid = np.hypot(xs[None, :] - goal_x, zs[:, None] - goal_z)
+        # zero level set = a circle round the exact goal point; FMM then measures from the point itself
+        r0 = 0.75 * c
+        phi = np.ma.MaskedArray(euclid - r0, ~self.coarse_navigable)
+        dist = skfmm.distance(phi, dx=c, order=2)
+        out = np.full((h, w), np.inf, np.float32)
+        valid = ~np.ma.getmaskarray(dist)
+        out[valid] = np.asarray(dist)[valid] + r0
+        near = (euclid <= r0) & self.coarse_navigable
+        out[near] = euclid[near]
+        return out
+
+    def geodesic_distance(self, start_xz, goal_xz) -> float:
+        field_ = self.geodesic_field(*goal_xz)
+        return float(self.sample(field_, np.asarray([start_xz[0]]), np.asarray([start_xz[1]]))[0])
+
+    def sample(self, field_: np.ndarray, x, z) -> np.ndarray:
+        return sample_field(field_, self.scene.origin, self.geodesic_cell, x, z)
+
+
+def sample_field(field_: np.ndarray, origin, cell: float, x, z) -> np.ndarray:
+    """Bilinear interpolation over the finite neighbours (numpy twin of the simulator's torch lookup)."""
+    gx = (np.asarray(x, np.float64) - origin[0]) / cell - 0.5
+    gz = (np.asarray(z, np.float64) - origin[1]) / cell - 0.5
+    i0, j0 = np.floor(gx).astype(np.int64), np.floor(gz).astype(np.int64)
+    fx, fz = gx - i0, gz - j0
+    h, w = field_.shape
+    num = np.zeros_like(gx)
+    den = np.zeros_like(gx)
+    for dj, di, wt in ((0, 0, (1 - fz) * (1 - fx)), (0, 1, (1 - fz) * fx), (1, 0, fz * (1 - fx)), (1, 1, fz * fx)):
+        jj, ii = np.clip(j0 + dj, 0, h - 1), np.clip(i0 + di, 0, w - 1)
+        v = field_[jj, ii].astype(np.float64)
+        ok = np.isfinite(v)
+        num += np.where(ok, v * wt, 0.0)
+        den += np.where(ok, wt, 0.0)
+    return np.where(den > 1e-9, num / np.maximum(den, 1e-9), np.inf)
+
+
+class GeodesicCache:
+    """LRU of geodesic fields keyed by (scene, goal): episodes that share a goal pay for one FMM."""
+
+    def __init__(self, max_bytes: int = 512 * 2**20):
+        self.max_bytes = max_bytes
+        self._fields: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self.misses = 0
+        self.hits = 0
+
+    def get(self, nav: NavGrid, goal_x: float, goal_z: float) -> np.ndarray:
+        key = (nav.scene.name, round(float(goal_x), 4), round(float(goal_z), 4))
+        hit = self._fields.get(key)
+        if hit is not None:
+            self.hits += 1
+            self._fields.move_to_end(key)
+            return hit
+        self.misses += 1
+        f = nav.geodesic_field(goal_x, goal_z)
+        self._fields[key] = f
+        self._bytes += f.nbytes
+        while self._bytes > self.max_bytes and len(self._fields) > 1:
+            _, old = self._fields.popitem(last=False)
+            self._bytes -= old.nbytes
+        return f

@@ -1,0 +1,257 @@
+"""The trainer's batched PointNav environment: tensors in, dict of tensors out, automatic reset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ddppo.sim.batch_sim import BatchSimulator, SceneAtlas
+from ddppo.sim.dataset import Episode, check_episode_in_scene, scene_name
+from ddppo.sim.geometry import STOP, episodic_gps, pointgoal_polar, wrap_angle
+from ddppo.sim.navmesh import GeodesicCache, NavGrid
+from ddppo.sim.task import pointnav_reward, soft_spl, spl
+
+
+@dataclass
+class StepResult:
+    obs: dict[str, torch.Tensor]
+    """Observations after the step; for envs whose episode ended, the first observation of the next episode."""
+    reward: torch.Tensor
+    terminated: torch.Tensor
+    """The agent called STOP."""
+    truncated: torch.Tensor
+    """The step limit ended the episode (bootstrap from ``final_obs``)."""
+    info: dict[str, torch.Tensor]
+    """Per-env metrics of the episode that ended (valid where terminated | truncated), ``collided`` this step,
+    ``active`` (False once an env's episodes are exhausted in partition order)."""
+    final_obs: dict[str, torch.Tensor]
+    """Observations before the automatic reset (equal to ``obs`` where no episode ended)."""
+
+    @property
+    def done(self) -> torch.Tensor:
+        return self.terminated | self.truncated
+
+
+class EpisodeIterator:
+    """One environment's episode stream: shuffled epochs (training) or a fixed share of the list (evaluation).
+
+    The whole state is (epoch, cursor), so a resumed run draws exactly the episodes it would have drawn.
+    """
+
+    def __init__(self, num_episodes: int, seed: int, env_index: int, order: str = "shuffle", num_shares: int = 1):
+        if order not in ("shuffle", "partition"):
+            raise ValueError(f"episode order {order!r}: use shuffle or partition")
+        self.n, self.seed, self.env_index, self.order = num_episodes, seed, env_index, order
+        self.share = list(range(env_index, num_episodes, num_shares)) if order == "partition" else None
+        self.epoch, self.cursor = 0, 0
+        self._perm = None
+
+    def _order(self):
+        if self.share is not None:
+            return self.share
+        if self._perm is None:
+            self._perm = np.random.default_rng([self.seed, self.env_index, self.epoch]).permutation(self.n)
+        return self._perm
+
+    def next(self) -> int | None:
+        order = self._order()
+        if self.cursor >= len(order):
+            if self.share is not None:
+                return None
+            self.epoch, self.cursor, self._perm = self.epoch + 1, 0, None
+            order = self._order()
+        k = int(order[self.cursor])
+        self.cursor += 1
+        return k
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state):
+        self.epoch, self.cursor, self._perm = int(state["epoch"]), int(state["cursor"]), None
+
+
+class PointNavVectorEnv:
+    """``num_envs`` PointNav environments on one device, stepping together.
+
+    Environment ``e`` of a worker with ``env_offset`` draws its episodes from stream ``env_offset + e`` of ``seed``,
+    so ranks given offsets rank * num_envs never share a stream.
+    """
+
+    def __init__(self, episodes: list[Episode], navs: dict[str, NavGrid], num_envs: int, sim_cfg, task_cfg,
+                 seed: int = 0, env_offset: int = 0, device: str | torch.device = "cpu", order: str = "shuffle",
+                 num_shares: int | None = None, cache: GeodesicCache | None = None):  # fmt: skip
+        if num_envs < 1:
+            raise ValueError(f"num_envs={num_envs} must be >= 1")
+        if not episodes:
+            raise ValueError("no episode to run")
+        self.device = torch.device(device)
+        self.episodes = episodes
+        self.num_envs = num_envs
+        names = sorted({scene_name(e.scene_id) for e in episodes})
+        missing = [n for n in names if n not in navs]
+        if missing:
+            raise ValueError(f"episodes name scene(s) {missing[:3]} that are not loaded")
+        self.navs = [navs[n] for n in names]
+        self.atlas = SceneAtlas(self.navs, self.device)
+        self.sim = BatchSimulator(
+            self.atlas, num_envs, sim_cfg.resolution, tuple(sim_cfg.sensors), renderer=sim_cfg.renderer,
+            forward_step=sim_cfg.forward_step, turn_angle=sim_cfg.turn_angle, max_depth=sim_cfg.max_depth,
+        )  # fmt: skip
+        self.task = task_cfg
+        self.cache = cache or GeodesicCache()
+        shares = num_shares or num_envs
+        self.iterators = [EpisodeIterator(len(episodes), seed, env_offset + e, order, shares) for e in range(num_envs)]
+        z = lambda dt=torch.float32: torch.zeros(num_envs, device=self.device, dtype=dt)  # noqa: E731
+        self.goal_x, self.goal_z, self.start_x, self.start_z, self.start_theta = z(), z(), z(), z(), z()
+        self.start_distance, self.prev_distance, self.path_length = z(), z(), z()
+        self.steps, self.collisions = z(torch.long), z(torch.long)
+        self.episode_index = z(torch.long)
+        self.active = torch.ones(num_envs, dtype=torch.bool, device=self.device)
+        self._checked: set[int] = set()
+
+    # ------------------------------------------------------------------------------------------- spaces
+    @property
+    def obs_spaces(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        r = self.sim.resolution
+        spaces = {}
+        if "rgb" in self.sim.sensors:
+            spaces["rgb"] = ((r, r, 3), torch.uint8)
+        if "depth" in self.sim.sensors:
+            spaces["depth"] = ((r, r, 1), torch.float32)
+        spaces["pointgoal_with_gps_compass"] = ((2,), torch.float32)
+        spaces["gps"] = ((2,), torch.float32)
+        spaces["compass"] = ((1,), torch.float32)
+        return spaces
+
+    # ------------------------------------------------------------------------------------------- episodes
+    def _start_episodes(self, env_ids: list[int]) -> list[int]:
+        """Load the next episode into each env; returns the envs that got one."""
+        started, scene_idx, xs, zs, ths, fields = [], [], [], [], [], []
+        for e in env_ids:
+            k = self.iterators[e].next() if self.active[e] else None
+            if k is None:
+                self.active[e] = False
+                continue
+            ep = self.episodes[k]
+            nav = self.navs[self.atlas.index[scene_name(ep.scene_id)]]
+            if k not in self._checked:
+                check_episode_in_scene(ep, nav, f"episode {k}")
+                self._checked.add(k)
+            started.append(e)
+            scene_idx.append(self.atlas.index[nav.scene.name])
+            xs.append(ep.start_position[0])
+            zs.append(ep.start_position[2])
+            ths.append(ep.start_heading)
+            fields.append(self.cache.get(nav, ep.goal_position[0], ep.goal_position[2]))
+            self.episode_index[e] = k
+            self.goal_x[e], self.goal_z[e] = ep.goal_position[0], ep.goal_position[2]
+        if not started:
+            return started
+        ids = torch.tensor(started, device=self.device)
+        self.sim.place(ids, scene_idx, xs, zs, ths, fields)
+        self.start_x[ids], self.start_z[ids] = self.sim.x[ids], self.sim.z[ids]
+        self.start_theta[ids] = self.sim.theta[ids]
+        d0 = self.sim.geodesic(ids)
+        self.start_distance[ids] = d0
+        self.prev_distance[ids] = d0
+        self.path_length[ids] = 0.0
+        self.steps[ids] = 0
+        self.collisions[ids] = 0
+        return started
+
+    def _observe(self, env_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        sl = slice(None) if env_ids is None else env_ids
+        obs = self.sim.render(env_ids)
+        x, z, th = self.sim.x[sl], self.sim.z[sl], self.sim.theta[sl]
+        obs["pointgoal_with_gps_compass"] = pointgoal_polar(x, z, th, self.goal_x[sl], self.goal_z[sl])
+        obs["gps"] = episodic_gps(x, z, self.start_x[sl], self.start_z[sl], self.start_theta[sl])
+        obs["compass"] = wrap_angle(th - self.start_theta[sl])[:, None]
+        return obs
+
+    # ------------------------------------------------------------------------------------------- API
+    def reset(self) -> dict[str, torch.Tensor]:
+        self._start_episodes(list(range(self.num_envs)))
+        return self._observe()
+
+    def step(self, actions: torch.Tensor) -> StepResult:
+        actions = actions.to(self.device).long().reshape(-1)
+        actions = torch.where(self.active, actions, STOP)
+        was_active = self.active.clone()
+        collided, moved = self.sim.step(actions)
+        collided &= was_active
+        self.steps += was_active.long()
+        self.path_length += moved
+        self.collisions += collided.long()
+        distance = self.sim.geodesic()
+        stop = (actions == STOP) & was_active
+        success = stop & (distance < self.task.success_distance)
+        terminated = stop
+        truncated = was_active & ~stop & (self.steps >= self.task.max_episode_steps)
+        reward = pointnav_reward(self.prev_distance, distance, success, self.task.slack_reward,
+                                 self.task.success_reward) * was_active  # fmt: skip
+        self.prev_distance = distance
+        done = terminated | truncated
+        info = {
+            "success": success.float(),
+            "spl": spl(success, self.start_distance, self.path_length),
+            "softspl": soft_spl(distance, self.start_distance, self.path_length),
+            "distance_to_goal": distance.clone(),
+            "collisions": self.collisions.clone(),
+            "steps": self.steps.clone(),
+            "path_length": self.path_length.clone(),
+            "geodesic_distance": self.start_distance.clone(),
+            "episode_index": self.episode_index.clone(),
+            "collided": collided,
+        }
+        obs = self._observe()
+        final_obs = obs
+        ended = done.nonzero().flatten().tolist()
+        if ended:
+            final_obs = {k: v.clone() for k, v in obs.items()}
+            started = self._start_episodes(ended)
+            if started:
+                ids = torch.tensor(started, device=self.device)
+                for k, v in self._observe(ids).items():
+                    obs[k][ids] = v
+        info["active"] = self.active.clone()
+        return StepResult(obs, reward, terminated, truncated, info, final_obs)
+
+    def current_episodes(self) -> list[Episode | None]:
+        return [self.episodes[int(k)] if a else None for k, a in zip(self.episode_index, self.active)]
+
+    _STATE = ("goal_x", "goal_z", "start_x", "start_z", "start_theta", "start_distance", "prev_distance",
+              "path_length", "steps", "collisions", "episode_index", "active")  # fmt: skip
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue mid-episode: iterator positions, agent poses, episode counters."""
+        state = {k: getattr(self, k).cpu().clone() for k in self._STATE}
+        state.update(x=self.sim.x.cpu().clone(), z=self.sim.z.cpu().clone(), theta=self.sim.theta.cpu().clone())
+        state["iterators"] = [it.state_dict() for it in self.iterators]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["iterators"]) != self.num_envs:
+            raise ValueError(
+                f"resume state has {len(state['iterators'])} episode iterators for {self.num_envs} environments"
+            )
+        for it, s in zip(self.iterators, state["iterators"]):
+            it.load_state_dict(s)
+        for k in self._STATE:
+            getattr(self, k).copy_(state[k])
+        ids = torch.arange(self.num_envs, device=self.device)
+        eps = [self.episodes[int(k)] for k in self.episode_index]
+        navs = [self.navs[self.atlas.index[scene_name(ep.scene_id)]] for ep in eps]
+        fields = [self.cache.get(nav, ep.goal_position[0], ep.goal_position[2]) for nav, ep in zip(navs, eps)]
+        self.sim.place(ids, [self.atlas.index[n.scene.name] for n in navs], state["x"], state["z"], state["theta"],
+                       fields)  # fmt: skip
+
+    def observe(self) -> dict[str, torch.Tensor]:
+        """Observations of the current state (after ``load_state_dict``)."""
+        return self._observe()
+
+    def close(self) -> None:
+        pass
+
