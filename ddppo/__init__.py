@@ -8,3 +8,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+import gymnasium  # noqa: E402
+
+gymnasium.register(id="ddppo/PointNav-v0", entry_point="ddppo.sim.gym_env:PointNavEnv")

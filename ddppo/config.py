@@ -147,7 +147,7 @@ class ConfigError(ValueError):
 
 
 def load_config(config_file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                schema=TrainConfig):  # fmt: skip
+                schema=TrainConfig):
     """Defaults <- YAML file <- ``key=value`` overrides, validated; returns a typed OmegaConf object."""
     cfg = OmegaConf.structured(schema)
     if config_file:
@@ -195,7 +195,7 @@ def check(cfg) -> None:
     need(ppo.num_steps >= 4, f"ppo.num_steps={ppo.num_steps} must be >= 4")
     need(1 <= ppo.num_mini_batch <= ppo.num_envs,
          f"ppo.num_mini_batch={ppo.num_mini_batch} must be between 1 and ppo.num_envs={ppo.num_envs} "
-         "(minibatches split environments so recurrent sequences stay whole)")  # fmt: skip
+         "(minibatches split environments so recurrent sequences stay whole)")
     need(ppo.ppo_epoch >= 1, f"ppo.ppo_epoch={ppo.ppo_epoch} must be >= 1")
     need(ppo.lr > 0, f"ppo.lr={ppo.lr} must be > 0")
     need(0 < ppo.gamma <= 1 and 0 <= ppo.tau <= 1, "ppo.gamma must be in (0, 1] and ppo.tau in [0, 1]")
@@ -209,7 +209,7 @@ def check(cfg) -> None:
     need(cfg.policy.rnn_type in ("lstm", "gru"), f"policy.rnn_type={cfg.policy.rnn_type!r}: use lstm or gru")
     need(cfg.policy.avgpool >= 1, f"policy.avgpool={cfg.policy.avgpool} must be >= 1")
     need(sim.resolution // cfg.policy.avgpool >= 16 or not sim.sensors,
-         f"sim.resolution={sim.resolution} / policy.avgpool={cfg.policy.avgpool} leaves fewer than 16 pixels")  # fmt: skip
+         f"sim.resolution={sim.resolution} / policy.avgpool={cfg.policy.avgpool} leaves < 16 pixels")
 
 
 def save_config(cfg, path: str | Path) -> None:

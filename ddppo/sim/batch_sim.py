@@ -69,7 +69,7 @@ class BatchSimulator:
 
     def __init__(self, atlas: SceneAtlas, num_envs: int, resolution: int = 64, sensors=("depth",),
                  renderer: str = "auto", forward_step: float = 0.25, turn_angle: float = 10.0,
-                 max_depth: float = 10.0):  # fmt: skip
+                 max_depth: float = 10.0):
         bad = set(sensors) - {"depth", "rgb"}
         if bad:
             raise ValueError(f"sensors: unknown sensor(s) {sorted(bad)}; choose from ['depth', 'rgb']")

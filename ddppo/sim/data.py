@@ -38,7 +38,7 @@ def generate_dataset(out_dir: str | Path, cfg, force: bool = False, log=print) -
     if unknown:
         raise ValueError(f"dataset.scenes: unknown split(s) {sorted(unknown)}; use {list(SPLITS)}")
     plan = FloorPlanConfig(min_extent=cfg.min_extent, max_extent=cfg.max_extent, max_rooms=cfg.max_rooms,
-                           objects_per_room=(0, cfg.max_objects_per_room))  # fmt: skip
+                           objects_per_room=(0, cfg.max_objects_per_room))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     t0 = time.perf_counter()
@@ -57,7 +57,7 @@ def generate_dataset(out_dir: str | Path, cfg, force: bool = False, log=print) -
                     nav, n_eps, rng, scene_id=name, first_id=len(episodes),
                     episodes_per_goal=cfg.episodes_per_goal, min_geodesic=cfg.min_geodesic,
                     max_geodesic=cfg.max_geodesic, cache=GeodesicCache(64 * 2**20),
-                )  # fmt: skip
+                )
             save_episodes(episodes, episodes_path(tmp, split))
             log(f"dataset: {split}: {n_scenes} scenes, {len(episodes)} episodes ({time.perf_counter() - t0:.1f} s)")
         if out.exists():

@@ -145,7 +145,7 @@ def ratio_keep_probability(ratio: float) -> float:
 def generate_episodes(nav: NavGrid, n: int, rng: np.random.Generator, *, scene_id: str,
                       first_id: int = 0, episodes_per_goal: int = 4, min_geodesic: float = 1.0,
                       max_geodesic: float = 30.0, cache: GeodesicCache | None = None,
-                      max_goals: int = 10_000) -> list[Episode]:  # fmt: skip
+                      max_goals: int = 10_000) -> list[Episode]:
     """Habitat's rules: goal and start navigable and on one island, geodesic in [min, max], near-straight paths
     (geodesic/euclid < 1.1) kept with probability 20 (ratio - 0.98)^2, island of the start not tiny, random yaw.
     Goals are drawn first and several starts tried against each (10 tries per episode, as habitat does)."""

@@ -49,11 +49,11 @@ def move_numba(atlas, scene_of, x, z, dx, dz, substeps):
     """In place on CPU tensors x, z; returns the collided flags."""
     collided = np.zeros(x.shape[0], np.bool_)
     _move_numba(atlas.navigable.numpy(), atlas.origin.numpy(), atlas.cell.numpy(), scene_of.numpy(), x.numpy(),
-                z.numpy(), dx.numpy(), dz.numpy(), substeps, collided)  # fmt: skip
+                z.numpy(), dx.numpy(), dz.numpy(), substeps, collided)
     return torch.from_numpy(collided)
 
 
-def _nav_torch(atlas, scene_of, x, z):
+def navigable_torch(atlas, scene_of, x, z):
     hm, wm = atlas.navigable.shape[1:]
     c = atlas.cell[scene_of]
     i = torch.floor((x - atlas.origin[scene_of, 0]) / c).long()
@@ -71,8 +71,8 @@ def move_torch(atlas, scene_of, x, z, dx, dz, substeps):
     px, pz = x.clone(), z.clone()
     for _ in range(substeps):
         # the full move and both axis slides in one gather
-        ok, ok_x, ok_z = _nav_torch(atlas, s3, torch.cat([px + dx, px + dx, px]),
-                                    torch.cat([pz + dz, pz, pz + dz])).view(3, n)  # fmt: skip
+        ok, ok_x, ok_z = navigable_torch(atlas, s3, torch.cat([px + dx, px + dx, px]),
+                                    torch.cat([pz + dz, pz, pz + dz])).view(3, n)
         slide_x = ~ok & ok_x & ((dx.abs() >= dz.abs()) | ~ok_z)
         slide_z = ~ok & ok_z & ~slide_x
         px = torch.where(ok | slide_x, px + dx, px)
@@ -110,7 +110,7 @@ def _geodesic_numba(fields, rows, origin, cell, scene_of, x, z, out):
 def geodesic_numba(fields, rows, atlas, scene_of, x, z):
     out = np.empty(x.shape[0], np.float32)
     _geodesic_numba(fields.numpy(), rows.numpy(), atlas.origin.numpy(), atlas.geo_cell.numpy(), scene_of.numpy(), x.numpy(),
-                    z.numpy(), out)  # fmt: skip
+                    z.numpy(), out)
     return torch.from_numpy(out)
 
 

@@ -29,7 +29,7 @@ UNDER_WALL_RGB = 110.0
 
 @numba.njit(parallel=True, fastmath=False, cache=True)
 def _render_numba(occ, cidx, palette, origin, cell, ceil, scene_of, px, pz, theta, res, max_depth, sensor_h,
-                  depth_out, rgb_out, want_depth, want_rgb):  # fmt: skip
+                  depth_out, rgb_out, want_depth, want_rgb):
     n_env = px.shape[0]
     hm, wm = occ.shape[1], occ.shape[2]
     f = res / 2.0  # focal length in pixels for a 90 degree field of view
@@ -124,7 +124,7 @@ def render_numba(atlas, scene_of, px, pz, theta, res, depth, rgb, max_depth, sen
         atlas.occ.numpy(), atlas.cidx.numpy(), atlas.palette.numpy(), atlas.origin.numpy(), atlas.cell.numpy(),
         atlas.ceiling.numpy(), scene_of.numpy(), px.numpy(), pz.numpy(), theta.numpy(), res, max_depth,
         sensor_h, d.numpy(), c.numpy(), depth is not None, rgb is not None,
-    )  # fmt: skip
+    )
 
 
 def cast_rays_torch(atlas, scene_of, px, pz, dx, dz):

@@ -6,7 +6,7 @@ import torch
 
 
 def pointnav_reward(prev_distance: torch.Tensor, distance: torch.Tensor, success: torch.Tensor,
-                    slack: float = -0.01, success_reward: float = 2.5) -> torch.Tensor:  # fmt: skip
+                    slack: float = -0.01, success_reward: float = 2.5) -> torch.Tensor:
     """Habitat's reward: slack + decrease of geodesic distance to the goal + a bonus on success."""
     progress = torch.nan_to_num(prev_distance - distance, nan=0.0, posinf=0.0, neginf=0.0)
     return slack + progress + success.to(progress.dtype) * success_reward
@@ -24,4 +24,4 @@ def soft_spl(distance: torch.Tensor, start_distance: torch.Tensor, path_length: 
 
 
 METRICS = ("success", "spl", "softspl", "distance_to_goal", "collisions", "steps", "path_length",
-           "geodesic_distance")  # fmt: skip
+           "geodesic_distance")

@@ -82,7 +82,7 @@ class PointNavVectorEnv:
 
     def __init__(self, episodes: list[Episode], navs: dict[str, NavGrid], num_envs: int, sim_cfg, task_cfg,
                  seed: int = 0, env_offset: int = 0, device: str | torch.device = "cpu", order: str = "shuffle",
-                 num_shares: int | None = None, cache: GeodesicCache | None = None):  # fmt: skip
+                 num_shares: int | None = None, cache: GeodesicCache | None = None):
         if num_envs < 1:
             raise ValueError(f"num_envs={num_envs} must be >= 1")
         if not episodes:
@@ -99,7 +99,7 @@ class PointNavVectorEnv:
         self.sim = BatchSimulator(
             self.atlas, num_envs, sim_cfg.resolution, tuple(sim_cfg.sensors), renderer=sim_cfg.renderer,
             forward_step=sim_cfg.forward_step, turn_angle=sim_cfg.turn_angle, max_depth=sim_cfg.max_depth,
-        )  # fmt: skip
+        )
         self.task = task_cfg
         self.cache = cache or GeodesicCache()
         shares = num_shares or num_envs
@@ -191,7 +191,7 @@ class PointNavVectorEnv:
         terminated = stop
         truncated = was_active & ~stop & (self.steps >= self.task.max_episode_steps)
         reward = pointnav_reward(self.prev_distance, distance, success, self.task.slack_reward,
-                                 self.task.success_reward) * was_active  # fmt: skip
+                                 self.task.success_reward) * was_active
         self.prev_distance = distance
         done = terminated | truncated
         info = {
@@ -223,7 +223,7 @@ class PointNavVectorEnv:
         return [self.episodes[int(k)] if a else None for k, a in zip(self.episode_index, self.active)]
 
     _STATE = ("goal_x", "goal_z", "start_x", "start_z", "start_theta", "start_distance", "prev_distance",
-              "path_length", "steps", "collisions", "episode_index", "active")  # fmt: skip
+              "path_length", "steps", "collisions", "episode_index", "active")
 
     def state_dict(self) -> dict:
         """Everything needed to continue mid-episode: iterator positions, agent poses, episode counters."""
@@ -246,7 +246,7 @@ class PointNavVectorEnv:
         navs = [self.navs[self.atlas.index[scene_name(ep.scene_id)]] for ep in eps]
         fields = [self.cache.get(nav, ep.goal_position[0], ep.goal_position[2]) for nav, ep in zip(navs, eps)]
         self.sim.place(ids, [self.atlas.index[n.scene.name] for n in navs], state["x"], state["z"], state["theta"],
-                       fields)  # fmt: skip
+                       fields)
 
     def observe(self) -> dict[str, torch.Tensor]:
         """Observations of the current state (after ``load_state_dict``)."""

@@ -1,0 +1,130 @@
+"""The ``ddppo`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import ddppo  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+
+
+def _dataset_generate(args) -> int:
+    from ddppo.config import DatasetConfig, load_config
+    from ddppo.sim.data import generate_dataset
+
+    cfg = load_config(args.config, args.overrides, schema=DatasetConfig)
+    generate_dataset(args.out, cfg, force=args.force)
+    return 0
+
+
+def _bench_sim(args) -> int:
+    from ddppo.bench import bench_sim, print_json
+
+    print_json(bench_sim(args.num_envs, args.resolution, args.sensors.split(","), args.device, args.steps,
+                         args.data_dir))
+    return 0
+
+
+def _eval(args) -> int:
+    import json
+
+    from omegaconf import OmegaConf
+
+    from ddppo import checkpoint
+    from ddppo.config import TrainConfig, load_config
+    from ddppo.evaluation import evaluate_policy
+    from ddppo.policy import build_policy
+    from ddppo.sim.vector_env import PointNavVectorEnv  # noqa: F401
+
+    ckpt = checkpoint.load(args.checkpoint)
+    if "policy" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"checkpoint {args.checkpoint}: missing field 'policy' or 'config' (not a ddppo checkpoint)")
+    base = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"])
+    cfg = load_config(None, args.overrides, schema=TrainConfig)
+    cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(list(args.overrides)))
+    from ddppo.sim.data import ensure_dataset, load_split
+
+    ensure_dataset(OmegaConf.merge(cfg.task, {"split": args.split}), cfg.dataset)
+    episodes, navs = load_split(cfg.task.data_dir, args.split)
+    spaces = PointNavVectorEnv(episodes[:1], navs, 1, cfg.sim, cfg.task).obs_spaces
+    policy = build_policy(cfg.policy, spaces)
+    try:
+        policy.load_state_dict(ckpt["policy"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {args.checkpoint}: does not fit the configured policy "
+                         f"({str(e).splitlines()[0]})") from None
+    result = evaluate_policy(policy, cfg, split=args.split, num_episodes=args.episodes,
+                             deterministic=not args.sample)
+    print(json.dumps(result))
+    return 0
+
+
+def default_config() -> str:
+    """configs/quickstart.yaml of the checkout this package runs from (pip install -e .)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"default config {path} not found; pass --config FILE")
+    return str(path)
+
+
+def _train(args) -> int:
+    from ddppo.train import main as train_main
+
+    config = args.config or default_config()
+    argv = ["--config", config] + (["--fresh"] if args.fresh else []) + args.overrides
+    return train_main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ddppo", description="DD-PPO for embodied PointGoal navigation")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a PointNav agent (defaults: configs/quickstart.yaml)")
+    t.add_argument("--config", default=None, help="YAML overrides (default: the packaged quickstart config)")
+    t.add_argument("--fresh", action="store_true", help="start over instead of resuming the run directory")
+    t.add_argument("overrides", nargs="*", help="key=value overrides")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on a split")
+    e.add_argument("checkpoint")
+    e.add_argument("--split", default="val", choices=["train", "val", "test"])
+    e.add_argument("--episodes", type=int, default=100)
+    e.add_argument("--sample", action="store_true", help="sample actions instead of taking the most likely")
+    e.add_argument("overrides", nargs="*")
+    e.set_defaults(func=_eval)
+
+    d = sub.add_parser("dataset", help="datasets of the embedded simulator")
+    dsub = d.add_subparsers(dest="dataset_command", required=True)
+    g = dsub.add_parser("generate", help="generate scenes and PointNav episodes (habitat json.gz schema)")
+    g.add_argument("--out", default="data/pointnav")
+    g.add_argument("--config", default=None, help="YAML overriding DatasetConfig")
+    g.add_argument("--force", action="store_true", help="replace an existing dataset directory")
+    g.add_argument("overrides", nargs="*", help="key=value, e.g. scenes.train=10 episodes_per_scene.train=50")
+    g.set_defaults(func=_dataset_generate)
+
+    b = sub.add_parser("bench", help="throughput benchmarks (JSON)")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    s = bsub.add_parser("sim", help="simulator env-steps/s")
+    s.add_argument("--num-envs", type=int, default=64)
+    s.add_argument("--resolution", type=int, default=64)
+    s.add_argument("--sensors", default="depth", help="comma-separated: depth,rgb")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--data-dir", default="data/pointnav")
+    s.set_defaults(func=_bench_sim)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"ddppo: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""torch.distributed plumbing for DD-PPO: rendezvous from torchrun or SLURM, flat all-reduces, and the
+straggler-preemption counter."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    store: dist.Store | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def ranks_from_env(environ=os.environ) -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's variables, else SLURM's, else a single process."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return int(environ["RANK"]), int(environ.get("LOCAL_RANK", 0)), int(environ["WORLD_SIZE"])
+    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        return int(environ["SLURM_PROCID"]), int(environ.get("SLURM_LOCALID", 0)), int(environ["SLURM_NTASKS"])
+    return 0, 0, 1
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as 'gpu[03-05,09],cpu1' (scontrol when present, else parsed)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        first = rest.rstrip("]").split(",")[0].split("-")[0]
+        return prefix + first
+    return head
+
+
+def init_distributed(device_cfg: str = "auto", backend: str = "auto", timeout_s: float = 600) -> DistInfo:
+    rank, local_rank, world = ranks_from_env()
+    if device_cfg == "auto":
+        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = torch.device(device_cfg)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world == 1:
+        return DistInfo(device=device)
+    if "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", socket.gethostname()))
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    # A second store (same server, own key space) for the preemption counter: TCPStore ops never block on
+    # collectives, which is the point of a straggler signal.
+    store = dist.PrefixStore("ddppo_rollouts", dist.distributed_c10d._get_default_store())
+    return DistInfo(rank, world, local_rank, device, store)
+
+
+def all_reduce_sum(values: list[float] | torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """One flat all-reduce of several numbers (float64 on the collective's device)."""
+    t = torch.as_tensor(values, dtype=torch.float64)
+    if info.enabled:
+        t = t.to(info.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+    return t.cpu()
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter], info: DistInfo) -> None:
+    """Sum gradients over ranks in one flattened buffer (callers scale the loss by the global sample count)."""
+    if not info.enabled:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
+    """Identical initial weights everywhere: rank 0's parameters and buffers win."""
+    if not info.enabled:
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src=0)
+
+
+class RolloutCounter:
+    """DD-PPO's straggler signal: how many workers finished collecting this round.
+
+    Each round has its own key, so no reset is needed and a fast worker that starts the next round can never
+    erase an increment another worker has not read yet (habitat-baselines resets one shared key: a race).
+    """
+
+    def __init__(self, info: DistInfo):
+        self.store = info.store
+        self.round = 0
+
+    def finished(self) -> None:
+        if self.store is not None:
+            self.store.add(f"done_{self.round}", 1)
+
+    def count(self) -> int:
+        return self.store.add(f"done_{self.round}", 0) if self.store is not None else 0
+
+    def next_round(self) -> None:
+        # every rank has passed the update's all-reduce, so nobody reads the old key any more
+        if self.store is not None and self.round > 0:
+            try:
+                self.store.delete_key(f"done_{self.round - 1}")
+            except (RuntimeError, NotImplementedError):
+                pass
+        self.round += 1

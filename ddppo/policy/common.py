@@ -1,0 +1,67 @@
+"""Pieces shared by the visual encoders: the ~2048-feature compression head and output-size arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+# Habitat-baselines compresses the last feature map to roughly this many flat features before the FC.
+COMPRESSED_FLAT_SIZE = 2048
+
+
+def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, ceil_mode: bool = False) -> int:
+    """Output length of a convolution / pooling along one axis (PyTorch's rules, dilation 1)."""
+    span = size + 2 * padding - kernel
+    if span < 0:
+        return 0
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    # PyTorch drops a ceil-mode window that would start entirely in the right padding.
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def trace_hw(input_hw: tuple[int, int], ops: list[tuple[int, int, int, bool]]) -> tuple[int, int]:
+    """Spatial size after a chain of (kernel, stride, padding, ceil_mode) ops; ValueError if it vanishes.
+
+    Computed in closed form rather than by a dry run so that building an encoder costs no forward pass.
+    """
+    h, w = input_hw
+    for k, s, p, ceil in ops:
+        h, w = conv_output_size(h, k, s, p, ceil), conv_output_size(w, k, s, p, ceil)
+        if h < 1 or w < 1:
+            raise ValueError(f"input of size {tuple(input_hw)} is too small for this encoder")
+    return h, w
+
+
+def compression_channels(out_hw: tuple[int, int], flat_size: int = COMPRESSED_FLAT_SIZE) -> int:
+    return max(1, round(flat_size / (out_hw[0] * out_hw[1])))
+
+
+def group_norm(ngroups: int, channels: int) -> nn.GroupNorm:
+    """GroupNorm that falls back to the largest group count dividing ``channels``.
+
+    The compression width is derived from the input size (e.g. 228 channels for a 3x3 map), so it need not
+    be a multiple of the configured group count.
+    """
+    return nn.GroupNorm(math.gcd(max(1, ngroups), channels), channels)
+
+
+def compression_block(in_channels: int, out_channels: int, ngroups: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        group_norm(ngroups, out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def init_conv_weights(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.GroupNorm) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,297 @@
+"""Recurrent actor-critic policy for PointGoal navigation (DD-PPO / habitat-baselines PointNavResNetPolicy).
+
+Conventions (all batch-first, N environments):
+- ``masks`` [N] (float or bool): 0/False means "this step starts a new episode", which resets the
+  recurrent state to zeros and the previous action to "none" (embedding index 0).
+- The recurrent state is ONE tensor [num_hidden_layers, N, hidden_size]; for an LSTM the h states of all
+  layers come first, then the c states.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Categorical
+
+from ddppo.policy.encoders import ENCODERS, make_encoder
+from ddppo.policy.running_norm import RunningMeanAndVar
+
+GOAL_SENSOR = "pointgoal_with_gps_compass"
+VISUAL_SENSORS = ("rgb", "depth")
+GOAL_EMBED_SIZE = 32
+ACTION_EMBED_SIZE = 32
+
+ObsSpaces = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def _as_tensor(x: Any, device: torch.device) -> Tensor:
+    return torch.as_tensor(x, device=device)
+
+
+def _mask_bool(masks: Any, device: torch.device) -> Tensor:
+    m = _as_tensor(masks, device)
+    return m if m.dtype == torch.bool else m != 0
+
+
+class VisualInput(nn.Module):
+    """Observation dict -> normalised channels-first visual tensor [N, C, H', W'].
+
+    RGB (uint8 0..255) is scaled by 1/255, depth is used as is ([0, 1]); present sensors are concatenated
+    with RGB first, optionally average-pooled by ``avgpool`` and then normalised per channel by a
+    ``RunningMeanAndVar`` (``normalizer``; identity when ``normalize`` is false).
+    """
+
+    def __init__(self, obs_spaces: ObsSpaces, avgpool: int = 1, normalize: bool = True):
+        super().__init__()
+        if avgpool < 1:
+            raise ValueError(f"avgpool must be >= 1, got {avgpool}")
+        self.sensors = [k for k in VISUAL_SENSORS if k in obs_spaces]
+        if not self.sensors:
+            raise ValueError("VisualInput needs an 'rgb' or 'depth' observation")
+        hws = {tuple(obs_spaces[k][0][:2]) for k in self.sensors}
+        if len(hws) != 1:
+            raise ValueError(f"rgb and depth must have the same height and width, got {sorted(hws)}")
+        self.raw_hw: tuple[int, int] = hws.pop()  # type: ignore[assignment]
+        self.channels_per_sensor = {k: int(obs_spaces[k][0][2]) for k in self.sensors}
+        self.out_channels = sum(self.channels_per_sensor.values())
+        self.avgpool = int(avgpool)
+        self.output_hw = (self.raw_hw[0] // self.avgpool, self.raw_hw[1] // self.avgpool)
+        if min(self.output_hw) < 1:
+            raise ValueError(f"avgpool {avgpool} is larger than the {self.raw_hw} image")
+        self.normalizer: nn.Module = RunningMeanAndVar(self.out_channels) if normalize else nn.Identity()
+
+    def forward(self, obs: dict[str, Any], device: torch.device | None = None) -> Tensor:
+        """``device``: where to put the observations; defaults to the normaliser's device (else left as is)."""
+        if device is None:
+            buf = next(self.buffers(), None)
+            device = buf.device if buf is not None else None
+        parts = []
+        for key in self.sensors:
+            x = torch.as_tensor(obs[key], device=device).float()
+            if key == "rgb":
+                x = x / 255.0
+            parts.append(x)
+        x = torch.cat(parts, dim=-1).permute(0, 3, 1, 2)
+        if self.avgpool > 1:
+            x = F.avg_pool2d(x, kernel_size=self.avgpool, stride=self.avgpool)
+        return self.normalizer(x.contiguous())
+
+
+def goal_features(goal: Tensor) -> Tensor:
+    """[rho, cos(x), sin(x)] from the sensor reading [rho, x] where x = -phi.
+
+    The sensor's second component already is -phi, so this is literally [rho, cos(-phi), sin(-phi)] of
+    DESIGN §5. (habitat-baselines negates the reading once more and feeds sin(phi); the two differ only in
+    the sign of one input, which the following linear layer absorbs, so capacity is identical.)
+    """
+    return torch.stack([goal[:, 0], torch.cos(goal[:, 1]), torch.sin(goal[:, 1])], dim=-1)
+
+
+class Policy(nn.Module):
+    """Recurrent actor-critic: visual encoder + goal + previous action -> RNN -> policy logits and value.
+
+    Submodule names are stable (a transfer module loads them by name): ``visual_input``, ``encoder``,
+    ``visual_fc``, ``goal_embed``, ``action_embed``, ``core``, ``actor``, ``critic``. Blind agents (no rgb
+    or depth in ``obs_spaces``) have ``visual_input``, ``encoder`` and ``visual_fc`` set to None; without a
+    ``pointgoal_with_gps_compass`` observation ``goal_embed`` is None.
+    """
+
+    def __init__(
+        self,
+        obs_spaces: ObsSpaces,
+        num_actions: int = 4,
+        encoder: str = "simple_cnn",
+        base_planes: int = 32,
+        ngroups: int = 16,
+        hidden_size: int = 512,
+        rnn_type: str = "lstm",
+        num_recurrent_layers: int = 2,
+        avgpool: int = 1,
+        normalize_visual: bool = True,
+    ):
+        super().__init__()
+        if encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {encoder!r}; choose one of {sorted(ENCODERS)}")
+        rnn_type = rnn_type.lower()
+        if rnn_type not in ("lstm", "gru"):
+            raise ValueError(f"unknown rnn_type {rnn_type!r}; choose 'lstm' or 'gru'")
+        self.num_actions = int(num_actions)
+        self.hidden_size = int(hidden_size)
+        self.rnn_type = rnn_type
+        self.num_recurrent_layers = int(num_recurrent_layers)
+        self.encoder_name = encoder
+
+        self.visual_input: VisualInput | None = None
+        self.encoder: nn.Module | None = None
+        self.visual_fc: nn.Module | None = None
+        core_in = 0
+        if any(k in obs_spaces for k in VISUAL_SENSORS):
+            self.visual_input = VisualInput(obs_spaces, avgpool=avgpool, normalize=normalize_visual)
+            self.encoder = make_encoder(
+                encoder, self.visual_input.out_channels, self.visual_input.output_hw, base_planes, ngroups
+            )
+            self.visual_fc = nn.Sequential(nn.Linear(self.encoder.output_size, hidden_size), nn.ReLU(True))
+            core_in += hidden_size
+
+        self.goal_embed: nn.Linear | None = None
+        if GOAL_SENSOR in obs_spaces:
+            self.goal_embed = nn.Linear(3, GOAL_EMBED_SIZE)
+            core_in += GOAL_EMBED_SIZE
+
+        self.action_embed = nn.Embedding(self.num_actions + 1, ACTION_EMBED_SIZE)
+        core_in += ACTION_EMBED_SIZE
+
+        rnn_cls = nn.LSTM if rnn_type == "lstm" else nn.GRU
+        self.core = rnn_cls(core_in, hidden_size, num_layers=self.num_recurrent_layers)
+        for name, p in self.core.named_parameters():
+            if "weight" in name:
+                nn.init.orthogonal_(p)
+            else:
+                nn.init.zeros_(p)
+
+        self.actor = nn.Linear(hidden_size, self.num_actions)
+        nn.init.orthogonal_(self.actor.weight, gain=0.01)
+        nn.init.zeros_(self.actor.bias)
+        self.critic = nn.Linear(hidden_size, 1)
+        nn.init.orthogonal_(self.critic.weight, gain=1.0)
+        nn.init.zeros_(self.critic.bias)
+
+    # ------------------------------------------------------------------ recurrent state
+
+    @property
+    def is_blind(self) -> bool:
+        return self.encoder is None
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.num_recurrent_layers * (2 if self.rnn_type == "lstm" else 1)
+
+    def initial_hidden(self, n: int, device: torch.device | str | None = None) -> Tensor:
+        if device is None:
+            device = self.actor.weight.device
+        return torch.zeros(self.num_hidden_layers, n, self.hidden_size, device=device)
+
+    def _rnn(self, x: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        if self.rnn_type == "lstm":
+            h, c = hidden.split(self.num_recurrent_layers, dim=0)
+            out, (h, c) = self.core(x, (h.contiguous(), c.contiguous()))
+            return out, torch.cat([h, c], dim=0)
+        out, h = self.core(x, hidden.contiguous())
+        return out, h
+
+    def _check_hidden(self, hidden: Tensor, n: int) -> None:
+        expected = (self.num_hidden_layers, n, self.hidden_size)
+        if tuple(hidden.shape) != expected:
+            raise ValueError(f"hidden state must have shape {expected}, got {tuple(hidden.shape)}")
+
+    def _run_core(self, x: Tensor, masks: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """Run the RNN over x [T, N, D] resetting hidden where masks [T, N] (bool) is False.
+
+        The sequence is split at every step where some environment resets, so each chunk runs as one fused
+        (cuDNN) RNN call while giving exactly the step-by-step result.
+        """
+        t_len = x.shape[0]
+        resets = (~masks[1:]).any(dim=1).nonzero(as_tuple=False).flatten() + 1
+        bounds = [0, *resets.tolist(), t_len]
+        outs = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            keep = masks[start].to(hidden.dtype).view(1, -1, 1)
+            out, hidden = self._rnn(x[start:end], hidden * keep)
+            outs.append(out)
+        return torch.cat(outs, dim=0), hidden
+
+    # ------------------------------------------------------------------ per-step features
+
+    def _features(self, obs: dict[str, Any], prev_actions: Any, masks: Tensor) -> Tensor:
+        """Non-recurrent input to the core for a flat batch [B]: cat(visual_fc, goal_embed, action_embed)."""
+        device = self.actor.weight.device
+        feats = []
+        if self.encoder is not None:
+            assert self.visual_input is not None and self.visual_fc is not None
+            feats.append(self.visual_fc(self.encoder(self.visual_input(obs, device))))
+        if self.goal_embed is not None:
+            goal = _as_tensor(obs[GOAL_SENSOR], device).to(self.goal_embed.weight.dtype)
+            feats.append(self.goal_embed(goal_features(goal.reshape(-1, 2))))
+        prev = _as_tensor(prev_actions, device).long().reshape(-1)
+        index = torch.where(masks, prev + 1, torch.zeros_like(prev))
+        feats.append(self.action_embed(index))
+        return torch.cat(feats, dim=-1)
+
+    # ------------------------------------------------------------------ public API
+
+    def forward(
+        self, obs: dict[str, Any], prev_actions: Any, masks: Any, hidden: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One step for N environments -> (logits [N, A], value [N], new hidden)."""
+        device = self.actor.weight.device
+        m = _mask_bool(masks, device).reshape(-1)
+        n = m.shape[0]
+        self._check_hidden(hidden, n)
+        x = self._features(obs, prev_actions, m)
+        out, hidden = self._run_core(x.unsqueeze(0), m.unsqueeze(0), hidden)
+        out = out.squeeze(0)
+        return self.actor(out), self.critic(out).squeeze(-1), hidden
+
+    def act(
+        self,
+        obs: dict[str, Any],
+        prev_actions: Any,
+        masks: Any,
+        hidden: Tensor,
+        deterministic: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Pick actions -> (actions [N] long, log_probs [N], values [N], new hidden)."""
+        logits, values, hidden = self.forward(obs, prev_actions, masks, hidden)
+        dist = Categorical(logits=logits)
+        actions = logits.argmax(dim=-1) if deterministic else dist.sample()
+        return actions, dist.log_prob(actions), values, hidden
+
+    def evaluate_actions(
+        self,
+        obs_seq: dict[str, Any],
+        prev_actions_seq: Any,
+        masks_seq: Any,
+        hidden0: Tensor,
+        actions_seq: Any,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Re-evaluate a rollout: tensors [T, N, ...], hidden0 the state before step 0.
+
+        Returns (log_probs [T, N], values [T, N], entropy [T, N]), identical to calling ``forward`` step by
+        step (the visual encoder runs once on all T*N frames).
+        """
+        device = self.actor.weight.device
+        m = _mask_bool(masks_seq, device)
+        t_len, n = m.shape[:2]
+        self._check_hidden(hidden0, n)
+        flat_obs = {}
+        for key, value in obs_seq.items():
+            if key in VISUAL_SENSORS or key == GOAL_SENSOR:
+                v = _as_tensor(value, device)
+                flat_obs[key] = v.reshape(t_len * n, *v.shape[2:])
+        prev = _as_tensor(prev_actions_seq, device).reshape(t_len * n)
+        x = self._features(flat_obs, prev, m.reshape(t_len * n)).view(t_len, n, -1)
+        out, _ = self._run_core(x, m, hidden0)
+        logits = self.actor(out)
+        values = self.critic(out).squeeze(-1)
+        dist = Categorical(logits=logits)
+        actions = _as_tensor(actions_seq, device).long().reshape(t_len, n)
+        return dist.log_prob(actions), values, dist.entropy()
+
+
+def build_policy(cfg: Any, obs_spaces: ObsSpaces, num_actions: int = 4) -> Policy:
+    """Build a ``Policy`` from any config object with the policy fields as attributes."""
+    return Policy(
+        obs_spaces,
+        num_actions=num_actions,
+        encoder=cfg.encoder,
+        base_planes=cfg.base_planes,
+        ngroups=cfg.ngroups,
+        hidden_size=cfg.hidden_size,
+        rnn_type=cfg.rnn_type,
+        num_recurrent_layers=cfg.num_recurrent_layers,
+        avgpool=cfg.avgpool,
+        normalize_visual=cfg.normalize_visual,
+    )

@@ -1,0 +1,305 @@
+"""DD-PPO training, top to bottom.
+
+    ddppo train [--config FILE] [--fresh] [key=value ...]
+    torchrun --nproc-per-node N ddppo/train.py [--config FILE] [key=value ...]
+
+Every worker steps its own batch of environments, collects a rollout (cut short when enough other workers are
+done: straggler preemption), computes PPO gradients over its samples and all-reduces them, weighted by sample
+count, so the update equals one over the concatenation of all workers' samples. Running the same command again
+resumes the run from its directory; --fresh starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (torchrun ddppo/train.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import ddppo  # noqa: F401, E402  (sets OMP_WAIT_POLICY before torch loads)
+from ddppo import checkpoint  # noqa: E402
+from ddppo.config import load_config, save_config  # noqa: E402
+from ddppo.distributed import (  # noqa: E402
+    RolloutCounter,
+    all_reduce_grads,
+    all_reduce_sum,
+    broadcast_module,
+    init_distributed,
+)
+from ddppo.evaluation import evaluate_policy  # noqa: E402
+from ddppo.logging import ProgressDisplay, TBWriter  # noqa: E402
+from ddppo.policy import build_policy  # noqa: E402
+from ddppo.rl.ppo import bootstrap_truncated, ppo_loss  # noqa: E402
+from ddppo.rl.storage import RolloutStorage  # noqa: E402
+from ddppo.sim.data import ensure_dataset, load_split  # noqa: E402
+from ddppo.sim.vector_env import PointNavVectorEnv  # noqa: E402
+
+EPISODE_STATS = ("reward", "success", "spl", "softspl", "distance_to_goal", "collisions")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="ddppo train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None, help="YAML file overriding the defaults")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing run directory's resume state")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ppo.num_envs=8")
+    return p.parse_args(argv)
+
+
+def train(cfg, fresh: bool = False, log=print) -> dict:
+    # ------------------------------------------------------------------------------------------- set-up
+    info = init_distributed(cfg.device, cfg.ddppo.backend)
+    main = info.is_main
+    log = log if main else (lambda *a, **k: None)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    run_dir = Path(cfg.run_dir) / cfg.name
+    if main:
+        ensure_dataset(cfg.task, cfg.dataset, log=log)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    if info.enabled:
+        dist.barrier()
+    episodes, navs = load_split(cfg.task.data_dir, cfg.task.split)
+    sim_device = info.device if cfg.sim.device == "auto" else torch.device(cfg.sim.device)
+    n_envs = cfg.ppo.num_envs
+    envs = PointNavVectorEnv(episodes, navs, n_envs, cfg.sim, cfg.task, seed=cfg.seed,
+                             env_offset=info.rank * n_envs, device=sim_device)
+
+    torch.manual_seed(cfg.seed)  # same initial weights everywhere; the broadcast below makes it certain
+    policy = build_policy(cfg.policy, envs.obs_spaces).to(info.device)
+    broadcast_module(policy, info)
+    torch.manual_seed(cfg.seed + 1000 * info.rank)  # each worker samples its own actions
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.ppo.lr, eps=cfg.ppo.eps)
+    num_updates = math.ceil(cfg.total_steps / (cfg.ppo.num_steps * n_envs * info.world_size))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda u: max(0.0, 1 - u / num_updates) if cfg.ppo.lr_decay else 1.0
+    )
+    storage = RolloutStorage(cfg.ppo.num_steps, n_envs, envs.obs_spaces,
+                             (policy.num_hidden_layers, cfg.policy.hidden_size), info.device)
+    counter = RolloutCounter(info)
+    state = {"update": 0, "env_steps": 0, "episodes": 0, "wall_time": 0.0}
+
+    resume_path = run_dir / "resume.pt"
+    rank_path = run_dir / f"resume_rank{info.rank}.pt"
+    if resume_path.is_file() and not fresh:
+        shared = checkpoint.load(resume_path)
+        mine = checkpoint.load(rank_path)
+        policy.load_state_dict(shared["policy"])
+        optimizer.load_state_dict(shared["optimizer"])
+        scheduler.load_state_dict(shared["scheduler"])
+        state.update(shared["state"])
+        torch.set_rng_state(mine["torch_rng"])
+        envs.load_state_dict(mine["envs"])
+        first_obs = envs.observe()
+        storage.set_first_observation(first_obs, mine["hidden"].to(info.device), mine["masks"].to(info.device))
+        storage.prev_actions[0].copy_(mine["prev_actions"])
+        counter.round = state["update"]
+        log(f"resumed {run_dir} at update {state['update']}, {state['env_steps']} env steps")
+    else:
+        storage.set_first_observation(envs.reset())
+
+    stop_signal = {"sig": None}
+
+    def on_signal(signum, _frame):
+        stop_signal["sig"] = signum  # acted on at the next update boundary, where the state is consistent
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, on_signal)
+
+    writer = TBWriter(run_dir / "tb") if main else None
+    display = ProgressDisplay(cfg.total_steps, enabled=main)
+    display.start(state["env_steps"])
+    window = torch.zeros(len(EPISODE_STATS) + 1, dtype=torch.float64)  # count, then sums
+    episode_return = torch.zeros(n_envs, device=sim_device)
+    t_start = time.perf_counter() - state["wall_time"]
+    metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------- loop
+    while state["env_steps"] < cfg.total_steps:
+        # ---- rollout
+        policy.eval()
+        t0 = time.perf_counter()
+        t_sim = t_act = 0.0
+        for t in range(cfg.ppo.num_steps):
+            ta = time.perf_counter()
+            with torch.no_grad():
+                obs_t = {k: v[t] for k, v in storage.obs.items()}
+                actions, log_probs, values, hidden = policy.act(
+                    obs_t, storage.prev_actions[t], storage.masks[t], storage.hidden[t]
+                )
+            tb = time.perf_counter()
+            result = envs.step(actions.to(sim_device))
+            if cfg.ddppo.slowdown > 0 and info.rank == cfg.ddppo.slow_rank:
+                time.sleep(cfg.ddppo.slowdown)
+            tc = time.perf_counter()
+            t_act += tb - ta
+            t_sim += tc - tb
+            rewards = result.reward.to(info.device)
+            if result.truncated.any():  # a time limit is not a terminal state: bootstrap from V(final obs)
+                with torch.no_grad():
+                    final_obs = {k: v.to(info.device) for k, v in result.final_obs.items()}
+                    _, final_values, _ = policy(final_obs, actions, torch.ones_like(rewards), hidden)
+                rewards = bootstrap_truncated(rewards, result.truncated.to(info.device), final_values,
+                                              cfg.ppo.gamma)
+            done = result.done.to(info.device)
+            storage.insert(
+                {k: v.to(info.device) for k, v in result.obs.items()}, hidden, actions, log_probs, values,
+                rewards, (~done).float(), (~done).float(),
+            )
+            episode_return += result.reward
+            ended = result.done.nonzero().flatten()
+            if len(ended):
+                window[0] += len(ended)
+                window[1] += episode_return[ended].sum().item()
+                for k, name in enumerate(EPISODE_STATS[1:], start=2):
+                    window[k] += result.info[name][ended].double().sum().item()
+                episode_return[ended] = 0
+            # straggler preemption: enough of the others are done and we have the minimum share of steps
+            if (info.enabled and cfg.ddppo.preemption and t + 1 < cfg.ppo.num_steps
+                    and t + 1 >= cfg.ddppo.min_rollout_frac * cfg.ppo.num_steps
+                    and counter.count() >= cfg.ddppo.sync_frac * info.world_size):
+                break
+        counter.finished()
+        rollout_steps = storage.step
+        t_rollout = time.perf_counter() - t0
+
+        # ---- update
+        t1 = time.perf_counter()
+        policy.train()
+        with torch.no_grad():
+            last = {k: v[storage.step] for k, v in storage.obs.items()}
+            _, next_value, _ = policy(last, storage.prev_actions[storage.step], storage.masks[storage.step],
+                                      storage.hidden[storage.step])
+        storage.compute_returns(next_value, cfg.ppo.gamma, cfg.ppo.tau)
+        totals = all_reduce_sum([storage.num_samples, float(rollout_steps < cfg.ppo.num_steps),
+                                 rollout_steps / cfg.ppo.num_steps], info)
+        global_samples = int(totals[0])
+        loss_sums = torch.zeros(6, dtype=torch.float64)
+        n_minibatches = 0
+        for _epoch in range(cfg.ppo.ppo_epoch):
+            for batch in storage.minibatches(cfg.ppo.num_mini_batch):
+                log_probs, values, entropy = policy.evaluate_actions(
+                    batch["obs"], batch["prev_actions"], batch["masks"], batch["hidden0"], batch["actions"]
+                )
+                loss, terms = ppo_loss(
+                    log_probs, batch["old_log_probs"], batch["advantages"], values, batch["old_values"],
+                    batch["returns"], entropy, clip=cfg.ppo.clip, value_coef=cfg.ppo.value_coef,
+                    entropy_coef=cfg.ppo.entropy_coef, clipped_value_loss=cfg.ppo.clipped_value_loss,
+                    normalize_advantages=cfg.ppo.normalize_advantages, reduction="sum",
+                )
+                # weight each rank by its samples: sum of per-sample losses / samples of this minibatch everywhere
+                n_global = all_reduce_sum([batch["num_samples"]], info)[0].item()
+                optimizer.zero_grad(set_to_none=False)
+                (loss / n_global).backward()
+                all_reduce_grads(params, info)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.ppo.max_grad_norm)
+                optimizer.step()
+                loss_sums += torch.tensor([terms["policy_loss"].item(), terms["value_loss"].item(),
+                                           terms["entropy"].item(), terms["approx_kl"].item(),
+                                           terms["clip_fraction"].item(), 0.0], dtype=torch.float64) / n_global
+                loss_sums[5] += grad_norm.item()
+                n_minibatches += 1
+        scheduler.step()
+        storage.after_update()
+        counter.next_round()
+        t_learn = time.perf_counter() - t1
+
+        state["update"] += 1
+        state["env_steps"] += global_samples
+        state["wall_time"] = time.perf_counter() - t_start
+
+        # ---- logging (metrics all-reduced, written by rank 0)
+        losses = all_reduce_sum(loss_sums.tolist(), info) / (n_minibatches * info.world_size)
+        losses[:5] *= info.world_size  # loss terms were already divided by the global count
+        timing = all_reduce_sum([t_rollout, t_learn, t_sim, t_act], info) / info.world_size
+        display.update(state["env_steps"], metrics)
+        if state["update"] % cfg.log_interval == 0 or state["env_steps"] >= cfg.total_steps:
+            ep = all_reduce_sum(window.tolist(), info)
+            window.zero_()
+            state["episodes"] += int(ep[0])
+            metrics = {f"episode/{name}": (ep[k + 1] / ep[0]).item() for k, name in enumerate(EPISODE_STATS)} if ep[
+                0] > 0 else {}
+            fps = state["env_steps"] / max(state["wall_time"], 1e-9)
+            metrics.update({
+                "perf/fps": fps,
+                "perf/env_fps": global_samples / max(timing[0].item(), 1e-9),
+                "perf/learner_fps": global_samples / max(timing[1].item(), 1e-9),
+                "perf/sim_time_frac": timing[2].item() / max(timing[0].item() + timing[1].item(), 1e-9),
+                "loss/policy": losses[0].item(), "loss/value": losses[1].item(), "loss/entropy": losses[2].item(),
+                "loss/approx_kl": losses[3].item(), "loss/clip_fraction": losses[4].item(),
+                "loss/grad_norm": losses[5].item(), "lr": scheduler.get_last_lr()[0],
+                "ddppo/preempted_ranks": totals[1].item(), "ddppo/rollout_fraction": totals[2].item() / info.world_size,
+                "ddppo/episodes": state["episodes"],
+            })
+            if writer:
+                writer.scalars(metrics, state["env_steps"])
+            display.update(state["env_steps"], metrics)
+
+        # ---- checkpoint / resume state (on schedule, at the end, or when asked to stop by a signal)
+        flag = all_reduce_sum([float(stop_signal["sig"] is not None)], info)[0].item() > 0
+        finished = state["env_steps"] >= cfg.total_steps
+        if state["update"] % cfg.checkpoint_interval == 0 or finished or flag:
+            save_resume(run_dir, info, policy, optimizer, scheduler, state, envs, storage, cfg)
+        if flag:
+            log(f"signal received: saved resume state at update {state['update']}; exiting")
+            break
+
+    display.stop()
+    if writer:
+        writer.close()
+    result = {"env_steps": state["env_steps"], "updates": state["update"], "run_dir": str(run_dir),
+              "stopped_by_signal": stop_signal["sig"] is not None, **metrics}
+    if main and cfg.eval_episodes > 0 and state["env_steps"] >= cfg.total_steps:
+        result["eval"] = evaluate_policy(policy, cfg, split="val", num_episodes=cfg.eval_episodes,
+                                         device=info.device)
+        log("val: " + ", ".join(f"{k} {v:.3f}" for k, v in result["eval"].items() if isinstance(v, float)))
+        if writer is not None:
+            w = TBWriter(run_dir / "tb")
+            w.scalars({f"eval/{k}": v for k, v in result["eval"].items() if isinstance(v, float)}, state["env_steps"])
+            w.close()
+    if info.enabled:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def save_resume(run_dir, info, policy, optimizer, scheduler, state, envs, storage, cfg) -> None:
+    """Each rank writes its own RNG and environment state; rank 0 the shared model and optimiser. The shared
+    file goes last: its presence means the whole set is there."""
+    checkpoint.save({"torch_rng": torch.get_rng_state(), "envs": envs.state_dict(),
+                     "hidden": storage.hidden[0].cpu(), "masks": storage.masks[0].cpu(),
+                     "prev_actions": storage.prev_actions[0].cpu()},
+                    run_dir / f"resume_rank{info.rank}.pt")
+    if info.enabled:
+        dist.barrier()
+    if not info.is_main:
+        return
+    weights = {k: v.cpu() for k, v in policy.state_dict().items()}
+    checkpoint.save({"policy": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "state": dict(state)}, run_dir / "resume.pt")
+    ckpt_dir = run_dir / "checkpoints"
+    from omegaconf import OmegaConf
+
+    checkpoint.save({"policy": weights, "config": OmegaConf.to_container(cfg), "env_steps": state["env_steps"],
+                     "update": state["update"]}, ckpt_dir / f"ckpt_{state['update']:06d}.pt")
+    checkpoint.prune(ckpt_dir, cfg.keep_checkpoints)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, fresh=args.fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Transfer experiments and representation similarity (DESIGN.md §7)."""

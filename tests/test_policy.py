@@ -1,0 +1,334 @@
+"""Tests of the visual encoders, visual input normalisation and the recurrent actor-critic policy."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ddppo.policy import (
+    ENCODERS,
+    GOAL_SENSOR,
+    Policy,
+    RunningMeanAndVar,
+    VisualInput,
+    build_policy,
+    goal_features,
+    make_encoder,
+)
+
+NUM_ACTIONS = 4
+
+
+def spaces(hw: int | None = 32, rgb: bool = True, depth: bool = True, goal: bool = True) -> dict:
+    s = {}
+    if hw is not None and rgb:
+        s["rgb"] = ((hw, hw, 3), torch.uint8)
+    if hw is not None and depth:
+        s["depth"] = ((hw, hw, 1), torch.float32)
+    if goal:
+        s[GOAL_SENSOR] = ((2,), torch.float32)
+    # Extra sensors must be ignored by the policy.
+    s["compass"] = ((1,), torch.float32)
+    return s
+
+
+def random_obs(obs_spaces: dict, *lead: int, gen: torch.Generator | None = None) -> dict:
+    obs = {}
+    for key, (shape, dtype) in obs_spaces.items():
+        if dtype == torch.uint8:
+            obs[key] = torch.randint(0, 256, (*lead, *shape), dtype=torch.uint8, generator=gen)
+        else:
+            obs[key] = torch.rand((*lead, *shape), generator=gen)
+    if GOAL_SENSOR in obs:
+        obs[GOAL_SENSOR][..., 0] *= 10.0
+        obs[GOAL_SENSOR][..., 1] = (obs[GOAL_SENSOR][..., 1] - 0.5) * 2 * torch.pi
+    return obs
+
+
+def small_policy(obs_spaces: dict, **kw) -> Policy:
+    kw.setdefault("hidden_size", 32)
+    return Policy(obs_spaces, num_actions=NUM_ACTIONS, **kw)
+
+
+# ---------------------------------------------------------------- encoders
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+@pytest.mark.parametrize("sensors", ["depth", "rgbd"])
+def test_encoder_shapes_and_stages(name: str, sensors: str) -> None:
+    torch.manual_seed(0)
+    obs_spaces = spaces(64, rgb=sensors == "rgbd", depth=True)
+    policy = small_policy(obs_spaces, encoder=name).eval()
+    obs = random_obs(obs_spaces, 2)
+    x = policy.visual_input(obs)
+    assert x.shape == (2, 4 if sensors == "rgbd" else 1, 64, 64)
+    feats = policy.encoder(x)
+    assert feats.shape == (2, policy.encoder.output_size)
+    if name != "simple_cnn":
+        # Compression targets ~2048 flat features whatever the final map size.
+        assert abs(policy.encoder.output_size - 2048) <= 64
+    stages = policy.encoder.stages(x)
+    assert isinstance(stages, list) and len(stages) >= 3
+    assert all(s.dim() == 4 and s.shape[0] == 2 for s in stages)
+    assert torch.allclose(stages[-1].flatten(1), feats)
+    logits, value, hidden = policy(obs, torch.zeros(2, dtype=torch.long), torch.ones(2), policy.initial_hidden(2))
+    assert logits.shape == (2, NUM_ACTIONS) and value.shape == (2,)
+    assert torch.isfinite(logits).all() and torch.isfinite(value).all()
+
+
+def test_resnet18_avgpool_128() -> None:
+    obs_spaces = spaces(128)
+    policy = small_policy(obs_spaces, encoder="resnet18", avgpool=2).eval()
+    obs = random_obs(obs_spaces, 2)
+    x = policy.visual_input(obs)
+    assert x.shape == (2, 4, 64, 64)
+    assert policy.encoder(x).shape == (2, policy.encoder.output_size)
+    assert len(policy.encoder.stages(x)) == 6  # stem, 4 residual stages, compression
+
+
+def test_simple_cnn_small_inputs() -> None:
+    for hw in [(32, 32), (64, 64), (48, 40)]:
+        enc = make_encoder("simple_cnn", 1, hw)
+        assert enc(torch.rand(3, 1, *hw)).shape == (3, enc.output_size)
+
+
+def test_unknown_encoder_raises() -> None:
+    with pytest.raises(ValueError, match="resnet9000"):
+        Policy(spaces(32), encoder="resnet9000")
+    with pytest.raises(ValueError, match="resnet9000"):
+        make_encoder("resnet9000", 1, (32, 32))
+
+
+# ---------------------------------------------------------------- visual input / normaliser
+
+
+def test_visual_input_layout_and_pooling() -> None:
+    obs_spaces = spaces(8)
+    obs = random_obs(obs_spaces, 2)
+    vi = VisualInput(obs_spaces, avgpool=1, normalize=False)
+    x = vi(obs)
+    assert torch.allclose(x[:, :3], obs["rgb"].permute(0, 3, 1, 2).float() / 255.0)
+    assert torch.allclose(x[:, 3:], obs["depth"].permute(0, 3, 1, 2))
+    pooled = VisualInput(obs_spaces, avgpool=2, normalize=False)(obs)
+    assert pooled.shape == (2, 4, 4, 4)
+    assert torch.allclose(pooled[:, :, 0, 0], x[:, :, :2, :2].mean(dim=(2, 3)))
+
+
+def test_running_mean_and_var_converges() -> None:
+    gen = torch.Generator().manual_seed(0)
+    true_mean = torch.tensor([0.2, -1.0, 3.0])
+    true_std = torch.tensor([0.5, 2.0, 0.1])
+    norm = RunningMeanAndVar(3)
+    batches = [
+        torch.randn(16, 3, 8, 8, generator=gen) * true_std.view(1, 3, 1, 1) + true_mean.view(1, 3, 1, 1)
+        for _ in range(40)
+    ]
+    for b in batches:
+        norm(b)
+    assert torch.allclose(norm.mean.flatten(), true_mean, atol=0.02)
+    assert torch.allclose(norm.var.flatten().sqrt(), true_std, rtol=0.03)
+    # The incremental update must equal the statistics of all data seen at once.
+    all_data = torch.cat(batches).double()
+    assert torch.allclose(norm.mean.flatten().double(), all_data.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(norm.var.flatten().double(), all_data.var(dim=(0, 2, 3), unbiased=False), rtol=1e-4)
+    assert norm.count.item() == 16 * 40
+    assert {"mean", "var", "count"} <= set(norm.state_dict())
+    # Normalised output is ~standard and eval mode freezes the statistics.
+    norm.eval()
+    before = norm.mean.clone()
+    out = norm(batches[0] * 5)
+    assert torch.equal(norm.mean, before)
+    out = norm(batches[1])
+    assert torch.allclose(out.mean(dim=(0, 2, 3)), torch.zeros(3), atol=0.1)
+
+
+def _dist_worker(rank: int, world: int, port: int, data: torch.Tensor, out_path: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        norm = RunningMeanAndVar(data.shape[1])
+        per_rank = data.shape[0] // world
+        # Unequal batch sizes across ranks are a realistic case (different rollout lengths).
+        for chunk in data[rank * per_rank : (rank + 1) * per_rank].split([3, 5]):
+            norm(chunk)
+        if rank == 0:
+            torch.save(norm.state_dict(), out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_running_mean_and_var_distributed_sync(tmp_path) -> None:
+    gen = torch.Generator().manual_seed(1)
+    data = torch.randn(16, 2, 4, 4, generator=gen) * 3 + 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "stats.pt")
+    mp.spawn(_dist_worker, args=(2, port, data, out), nprocs=2, join=True)
+    synced = torch.load(out)
+    assert synced["count"].item() == 16
+    all_data = data.double()
+    assert torch.allclose(synced["mean"].flatten().double(), all_data.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(synced["var"].flatten().double(), all_data.var(dim=(0, 2, 3), unbiased=False), rtol=1e-4)
+
+
+# ---------------------------------------------------------------- policy
+
+
+def test_goal_features_convention() -> None:
+    goal = torch.tensor([[2.0, 0.3], [1.0, -1.2]])
+    f = goal_features(goal)
+    assert torch.allclose(f, torch.stack([goal[:, 0], goal[:, 1].cos(), goal[:, 1].sin()], -1))
+
+
+def test_blind_policy() -> None:
+    obs_spaces = spaces(None)
+    policy = small_policy(obs_spaces, rnn_type="gru", num_recurrent_layers=1)
+    assert policy.encoder is None and policy.visual_input is None and policy.visual_fc is None
+    assert policy.num_hidden_layers == 1
+    obs = random_obs(obs_spaces, 5)
+    actions, log_probs, values, hidden = policy.act(
+        obs, torch.zeros(5, dtype=torch.long), torch.zeros(5), policy.initial_hidden(5)
+    )
+    assert actions.shape == (5,) and actions.dtype == torch.long
+    assert log_probs.shape == (5,) and values.shape == (5,) and hidden.shape == (1, 5, 32)
+
+
+def test_hidden_state_layout() -> None:
+    lstm = small_policy(spaces(None), rnn_type="lstm", num_recurrent_layers=2)
+    gru = small_policy(spaces(None), rnn_type="gru", num_recurrent_layers=3)
+    assert lstm.num_hidden_layers == 4 and gru.num_hidden_layers == 3
+    assert lstm.initial_hidden(6).shape == (4, 6, 32)
+    assert not lstm.initial_hidden(6).any()
+    with pytest.raises(ValueError):
+        lstm(random_obs(spaces(None), 2), torch.zeros(2), torch.ones(2), gru.initial_hidden(2))
+
+
+def test_actor_init_gives_near_uniform_policy() -> None:
+    torch.manual_seed(0)
+    obs_spaces = spaces(32)
+    policy = small_policy(obs_spaces, hidden_size=512).eval()
+    obs = random_obs(obs_spaces, 8)
+    logits, values, _ = policy(obs, torch.randint(0, 4, (8,)), torch.ones(8), policy.initial_hidden(8))
+    assert logits.abs().max() < 0.05
+    probs = logits.softmax(-1)
+    assert (probs - 1 / NUM_ACTIONS).abs().max() < 0.01
+    assert torch.all(policy.actor.bias == 0) and torch.all(policy.critic.bias == 0)
+
+
+def test_masks_reset_hidden_and_prev_action() -> None:
+    torch.manual_seed(0)
+    obs_spaces = spaces(32)
+    policy = small_policy(obs_spaces).eval()
+    n = 3
+    hidden = policy.initial_hidden(n)
+    for _ in range(4):
+        obs = random_obs(obs_spaces, n)
+        _, _, hidden = policy(obs, torch.randint(0, 4, (n,)), torch.ones(n), hidden)
+    assert hidden.abs().sum() > 0
+    obs = random_obs(obs_spaces, n)
+    stale = policy(obs, torch.tensor([1, 2, 3]), torch.zeros(n), hidden)
+    fresh = policy(obs, torch.tensor([0, 3, 1]), torch.zeros(n), policy.initial_hidden(n))
+    for a, b in zip(stale, fresh):
+        assert torch.allclose(a, b, atol=1e-6)
+    # Bool masks mean the same as float masks, and a kept state really changes the output.
+    as_bool = policy(obs, torch.tensor([1, 2, 3]), torch.zeros(n, dtype=torch.bool), hidden)
+    assert torch.allclose(as_bool[0], stale[0])
+    kept = policy(obs, torch.tensor([1, 2, 3]), torch.ones(n), hidden)
+    assert not torch.allclose(kept[0], stale[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("rnn_type,encoder", [("lstm", "simple_cnn"), ("gru", "simple_cnn"), ("lstm", "resnet18")])
+def test_evaluate_actions_matches_stepwise_forward(rnn_type: str, encoder: str) -> None:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    obs_spaces = spaces(32)
+    policy = small_policy(obs_spaces, encoder=encoder, rnn_type=rnn_type, num_recurrent_layers=2)
+    # Give the normaliser non-trivial statistics, then freeze them as during a PPO update's comparison.
+    policy.train()
+    policy.visual_input(random_obs(obs_spaces, 4, gen=gen))
+    policy.eval()
+
+    t_len, n = 9, 4
+    obs_seq = random_obs(obs_spaces, t_len, n, gen=gen)
+    prev_actions = torch.randint(0, NUM_ACTIONS, (t_len, n), generator=gen)
+    actions = torch.randint(0, NUM_ACTIONS, (t_len, n), generator=gen)
+    masks = torch.ones(t_len, n)
+    masks[0, 1] = 0  # reset at the very first step
+    masks[3, 0] = 0
+    masks[3, 2] = 0
+    masks[6, 2] = 0
+    masks[8, 3] = 0  # reset on the last step
+    hidden0 = torch.randn(policy.num_hidden_layers, n, 32, generator=gen) * 0.5
+
+    with torch.no_grad():
+        log_probs, values, entropy = policy.evaluate_actions(obs_seq, prev_actions, masks, hidden0, actions)
+        hidden = hidden0
+        step_lp, step_v, step_ent = [], [], []
+        for t in range(t_len):
+            obs_t = {k: v[t] for k, v in obs_seq.items()}
+            logits, value, hidden = policy(obs_t, prev_actions[t], masks[t], hidden)
+            dist = torch.distributions.Categorical(logits=logits)
+            step_lp.append(dist.log_prob(actions[t]))
+            step_v.append(value)
+            step_ent.append(dist.entropy())
+    assert log_probs.shape == values.shape == entropy.shape == (t_len, n)
+    torch.testing.assert_close(log_probs, torch.stack(step_lp), atol=1e-5, rtol=0)
+    torch.testing.assert_close(values, torch.stack(step_v), atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, torch.stack(step_ent), atol=1e-5, rtol=0)
+
+
+def test_evaluate_actions_gradients_flow() -> None:
+    obs_spaces = spaces(32)
+    policy = small_policy(obs_spaces)
+    t_len, n = 4, 2
+    obs_seq = random_obs(obs_spaces, t_len, n)
+    masks = torch.ones(t_len, n)
+    masks[2, 0] = 0
+    lp, v, ent = policy.evaluate_actions(
+        obs_seq, torch.zeros(t_len, n), masks, policy.initial_hidden(n), torch.ones(t_len, n)
+    )
+    (lp.sum() + v.sum() + ent.sum()).backward()
+    for name in ["encoder", "visual_fc", "goal_embed", "action_embed", "core", "actor", "critic"]:
+        grads = [p.grad for p in getattr(policy, name).parameters()]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), name
+
+
+def test_act_deterministic_is_argmax() -> None:
+    obs_spaces = spaces(32, rgb=False)
+    policy = small_policy(obs_spaces).eval()
+    obs = random_obs(obs_spaces, 6)
+    args = (obs, torch.zeros(6, dtype=torch.long), torch.ones(6), policy.initial_hidden(6))
+    logits, values, _ = policy(*args)
+    actions, log_probs, act_values, _ = policy.act(*args, deterministic=True)
+    assert torch.equal(actions, logits.argmax(-1))
+    assert torch.allclose(log_probs, logits.log_softmax(-1).gather(1, actions[:, None]).squeeze(1))
+    assert torch.allclose(act_values, values)
+
+
+@dataclass
+class _Cfg:
+    encoder: str = "simple_cnn"
+    base_planes: int = 16
+    ngroups: int = 8
+    hidden_size: int = 32
+    rnn_type: str = "gru"
+    num_recurrent_layers: int = 1
+    avgpool: int = 2
+    normalize_visual: bool = False
+
+
+def test_build_policy_from_config() -> None:
+    policy = build_policy(_Cfg(), spaces(64), num_actions=NUM_ACTIONS)
+    assert policy.rnn_type == "gru" and policy.num_hidden_layers == 1 and policy.hidden_size == 32
+    assert policy.visual_input.output_hw == (32, 32)
+    assert isinstance(policy.visual_input.normalizer, torch.nn.Identity)
+    assert policy.action_embed.num_embeddings == NUM_ACTIONS + 1
