@@ -34,6 +34,7 @@ def bench_sim(num_envs: int = 64, resolution: int = 64, sensors=("depth",), devi
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
+    reset_s0 = env.reset_seconds
     resets = 0
     for a in actions:
         resets += int(env.step(a).done.sum())
@@ -48,6 +49,7 @@ def bench_sim(num_envs: int = 64, resolution: int = 64, sensors=("depth",), devi
         "sensors": list(sensors),
         "device": device,
         "episodes_ended": resets,
+        "reset_time_fraction": (env.reset_seconds - reset_s0) / dt,
         "geodesic_cache_hit_rate": env.cache.hits / max(1, env.cache.hits + env.cache.misses),
         "machine": machine(),
     }
@@ -55,3 +57,78 @@ def bench_sim(num_envs: int = 64, resolution: int = 64, sensors=("depth",), devi
 
 def print_json(result: dict) -> None:
     print(json.dumps(result, indent=None))
+
+
+def bench_train(overrides: list[str], updates: int = 10, config_file: str | None = None) -> dict:
+    """End-to-end training env-steps/s against the serial limit 1 / (t_sim + t_act + t_learn), each term per
+    env-step and measured alone, in the same process, with the same config."""
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from ddppo.config import load_config
+    from ddppo.distributed import DistInfo
+    from ddppo.policy import build_policy
+    from ddppo.rl.storage import RolloutStorage
+    from ddppo.train import ppo_update, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(config_file, [*overrides, f"run_dir={tmp}", "eval_episodes=0", "log_interval=1",
+                                        "checkpoint_interval=1000000"])
+        n, T = cfg.ppo.num_envs, cfg.ppo.num_steps
+        ensure_dataset(cfg.task, cfg.dataset, log=lambda *_: None)
+        episodes, navs = load_split(cfg.task.data_dir, cfg.task.split)
+        env = PointNavVectorEnv(episodes, navs, n, cfg.sim, cfg.task, seed=cfg.seed)
+        policy = build_policy(cfg.policy, env.obs_spaces)
+        obs = env.reset()
+        storage = RolloutStorage(T, n, env.obs_spaces, (policy.num_hidden_layers, cfg.policy.hidden_size), "cpu")
+        storage.set_first_observation(obs)
+        g = torch.Generator().manual_seed(0)
+        policy.eval()
+        for _ in range(T):  # warm-up (kernels compiled, geodesic cache filled) and a realistic rollout to learn on
+            env.step(torch.randint(0, 4, (n,), generator=g))
+        hidden = storage.hidden[0]
+        prev = storage.prev_actions[0]
+        masks = storage.masks[0]
+        t_sim = t_act = 0.0
+        with torch.no_grad():
+            for _ in range(T):
+                ta = time.perf_counter()
+                actions, logp, values, hidden = policy.act(obs, prev, masks, hidden)
+                tb = time.perf_counter()
+                r = env.step(actions)
+                tc = time.perf_counter()
+                t_act += tb - ta
+                t_sim += tc - tb
+                obs, prev, masks = r.obs, actions, (~r.done).float()
+                storage.insert(obs, hidden, actions, logp, values, r.reward, masks, masks)
+        storage.compute_returns(torch.zeros(n), cfg.ppo.gamma, cfg.ppo.tau)
+        policy.train()
+        optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.ppo.lr, eps=cfg.ppo.eps)
+        ppo_update(policy, optimizer, list(policy.parameters()), storage, cfg.ppo, DistInfo())  # warm-up
+        tl = time.perf_counter()
+        ppo_update(policy, optimizer, list(policy.parameters()), storage, cfg.ppo, DistInfo())
+        t_learn = time.perf_counter() - tl
+        per_step = (t_sim + t_act + t_learn) / (T * n)
+        limit = 1.0 / per_step
+        # end to end: the real trainer, timed over its updates after the first (start-up excluded)
+        samples = T * n
+        cfg.total_steps = samples * (updates + 1)
+        result = train(OmegaConf.create(OmegaConf.to_container(cfg)), fresh=True, log=lambda *_: None)
+        (t_first, s_first), (t_last, s_last) = result["progress"][0], result["progress"][-1]
+        end_to_end = (s_last - s_first) / (t_last - t_first)
+    return {
+        "bench": "train",
+        "env_steps_per_s": end_to_end,
+        "serial_limit_env_steps_per_s": limit,
+        "ratio_to_serial_limit": end_to_end / limit,
+        "t_sim_us_per_step": 1e6 * t_sim / (T * n),
+        "t_act_us_per_step": 1e6 * t_act / (T * n),
+        "t_learn_us_per_step": 1e6 * t_learn / (T * n),
+        "num_envs": n,
+        "num_steps": T,
+        "updates_timed": updates,
+        "config": config_file,
+        "overrides": overrides,
+        "machine": machine(),
+    }

@@ -25,6 +25,13 @@ def _bench_sim(args) -> int:
     return 0
 
 
+def _bench_train(args) -> int:
+    from ddppo.bench import bench_train, print_json
+
+    print_json(bench_train(args.overrides, args.updates, args.config or default_config()))
+    return 0
+
+
 def _eval(args) -> int:
     import json
 
@@ -114,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=300)
     s.add_argument("--data-dir", default="data/pointnav")
     s.set_defaults(func=_bench_sim)
+    tr = bsub.add_parser("train", help="end-to-end training env-steps/s and its ratio to the serial limit")
+    tr.add_argument("--config", default=None, help="YAML (default: the quickstart config)")
+    tr.add_argument("--updates", type=int, default=10)
+    tr.add_argument("overrides", nargs="*")
+    tr.set_defaults(func=_bench_train)
     return p
 
 

@@ -122,6 +122,7 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
     episode_return = torch.zeros(n_envs, device=sim_device)
     t_start = time.perf_counter() - state["wall_time"]
     metrics: dict[str, float] = {}
+    progress: list[tuple[float, int]] = []  # (wall clock, env steps) after each update, for benchmarks
 
     # ------------------------------------------------------------------------------------------- loop
     while state["env_steps"] < cfg.total_steps:
@@ -174,40 +175,16 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
 
         # ---- update
         t1 = time.perf_counter()
-        policy.train()
-        with torch.no_grad():
+        with torch.no_grad():  # bootstrap from where the rollout stopped (full or preempted)
             last = {k: v[storage.step] for k, v in storage.obs.items()}
             _, next_value, _ = policy(last, storage.prev_actions[storage.step], storage.masks[storage.step],
                                       storage.hidden[storage.step])
         storage.compute_returns(next_value, cfg.ppo.gamma, cfg.ppo.tau)
+        policy.train()  # from here on the visual normaliser updates (a collective: same count on every rank)
         totals = all_reduce_sum([storage.num_samples, float(rollout_steps < cfg.ppo.num_steps),
                                  rollout_steps / cfg.ppo.num_steps], info)
         global_samples = int(totals[0])
-        loss_sums = torch.zeros(6, dtype=torch.float64)
-        n_minibatches = 0
-        for _epoch in range(cfg.ppo.ppo_epoch):
-            for batch in storage.minibatches(cfg.ppo.num_mini_batch):
-                log_probs, values, entropy = policy.evaluate_actions(
-                    batch["obs"], batch["prev_actions"], batch["masks"], batch["hidden0"], batch["actions"]
-                )
-                loss, terms = ppo_loss(
-                    log_probs, batch["old_log_probs"], batch["advantages"], values, batch["old_values"],
-                    batch["returns"], entropy, clip=cfg.ppo.clip, value_coef=cfg.ppo.value_coef,
-                    entropy_coef=cfg.ppo.entropy_coef, clipped_value_loss=cfg.ppo.clipped_value_loss,
-                    normalize_advantages=cfg.ppo.normalize_advantages, reduction="sum",
-                )
-                # weight each rank by its samples: sum of per-sample losses / samples of this minibatch everywhere
-                n_global = all_reduce_sum([batch["num_samples"]], info)[0].item()
-                optimizer.zero_grad(set_to_none=False)
-                (loss / n_global).backward()
-                all_reduce_grads(params, info)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.ppo.max_grad_norm)
-                optimizer.step()
-                loss_sums += torch.tensor([terms["policy_loss"].item(), terms["value_loss"].item(),
-                                           terms["entropy"].item(), terms["approx_kl"].item(),
-                                           terms["clip_fraction"].item(), 0.0], dtype=torch.float64) / n_global
-                loss_sums[5] += grad_norm.item()
-                n_minibatches += 1
+        losses = ppo_update(policy, optimizer, params, storage, cfg.ppo, info)
         scheduler.step()
         storage.after_update()
         counter.next_round()
@@ -216,10 +193,9 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
         state["update"] += 1
         state["env_steps"] += global_samples
         state["wall_time"] = time.perf_counter() - t_start
+        progress.append((time.perf_counter(), state["env_steps"]))
 
         # ---- logging (metrics all-reduced, written by rank 0)
-        losses = all_reduce_sum(loss_sums.tolist(), info) / (n_minibatches * info.world_size)
-        losses[:5] *= info.world_size  # loss terms were already divided by the global count
         timing = all_reduce_sum([t_rollout, t_learn, t_sim, t_act], info) / info.world_size
         display.update(state["env_steps"], metrics)
         if state["update"] % cfg.log_interval == 0 or state["env_steps"] >= cfg.total_steps:
@@ -257,7 +233,7 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
     if writer:
         writer.close()
     result = {"env_steps": state["env_steps"], "updates": state["update"], "run_dir": str(run_dir),
-              "stopped_by_signal": stop_signal["sig"] is not None, **metrics}
+              "stopped_by_signal": stop_signal["sig"] is not None, "progress": progress, **metrics}
     if main and cfg.eval_episodes > 0 and state["env_steps"] >= cfg.total_steps:
         result["eval"] = evaluate_policy(policy, cfg, split="val", num_episodes=cfg.eval_episodes,
                                          device=info.device)
@@ -270,6 +246,39 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def ppo_update(policy, optimizer, params, storage: RolloutStorage, ppo, info) -> torch.Tensor:
+    """PPO epochs over environment-split minibatches. Each rank sums its per-sample losses and divides by the
+    minibatch's sample count over all ranks, and gradients are summed across ranks: the update equals a single
+    process's update on the concatenated samples, whatever share each rank collected.
+
+    Returns the mean policy loss, value loss, entropy, approx KL, clip fraction and grad norm (all ranks)."""
+    sums = torch.zeros(6, dtype=torch.float64)
+    n_minibatches = 0
+    for _epoch in range(ppo.ppo_epoch):
+        for batch in storage.minibatches(ppo.num_mini_batch):
+            log_probs, values, entropy = policy.evaluate_actions(
+                batch["obs"], batch["prev_actions"], batch["masks"], batch["hidden0"], batch["actions"]
+            )
+            loss, terms = ppo_loss(
+                log_probs, batch["old_log_probs"], batch["advantages"], values, batch["old_values"],
+                batch["returns"], entropy, clip=ppo.clip, value_coef=ppo.value_coef,
+                entropy_coef=ppo.entropy_coef, clipped_value_loss=ppo.clipped_value_loss,
+                normalize_advantages=ppo.normalize_advantages, reduction="sum",
+            )
+            n_global = all_reduce_sum([batch["num_samples"]], info)[0].item()
+            optimizer.zero_grad(set_to_none=False)
+            (loss / n_global).backward()
+            all_reduce_grads(params, info)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, ppo.max_grad_norm)
+            optimizer.step()
+            keys = ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction")
+            sums[:5] += torch.tensor([terms[k].item() for k in keys], dtype=torch.float64) / n_global
+            sums[5] += grad_norm.item() / info.world_size
+            n_minibatches += 1
+    # sums[:5] are already global means per minibatch once summed over ranks
+    return all_reduce_sum(sums.tolist(), info) / n_minibatches
 
 
 def save_resume(run_dir, info, policy, optimizer, scheduler, state, envs, storage, cfg) -> None:

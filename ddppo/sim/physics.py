@@ -109,8 +109,8 @@ def _geodesic_numba(fields, rows, origin, cell, scene_of, x, z, out):
 
 def geodesic_numba(fields, rows, atlas, scene_of, x, z):
     out = np.empty(x.shape[0], np.float32)
-    _geodesic_numba(fields.numpy(), rows.numpy(), atlas.origin.numpy(), atlas.geo_cell.numpy(), scene_of.numpy(), x.numpy(),
-                    z.numpy(), out)
+    _geodesic_numba(fields.numpy(), rows.numpy(), atlas.origin.numpy(), atlas.geo_cell.numpy(), scene_of.numpy(),
+                    x.numpy(), z.numpy(), out)
     return torch.from_numpy(out)
 
 

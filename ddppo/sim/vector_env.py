@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,6 +112,8 @@ class PointNavVectorEnv:
         self.episode_index = z(torch.long)
         self.active = torch.ones(num_envs, dtype=torch.bool, device=self.device)
         self._checked: set[int] = set()
+        self.reset_seconds = 0.0
+        """Wall time spent starting episodes (geodesic fields included): the reset share of a benchmark."""
 
     # ------------------------------------------------------------------------------------------- spaces
     @property
@@ -129,6 +132,13 @@ class PointNavVectorEnv:
     # ------------------------------------------------------------------------------------------- episodes
     def _start_episodes(self, env_ids: list[int]) -> list[int]:
         """Load the next episode into each env; returns the envs that got one."""
+        t0 = time.perf_counter()
+        try:
+            return self._start_episodes_untimed(env_ids)
+        finally:
+            self.reset_seconds += time.perf_counter() - t0
+
+    def _start_episodes_untimed(self, env_ids: list[int]) -> list[int]:
         started, scene_idx, xs, zs, ths, fields = [], [], [], [], [], []
         for e in env_ids:
             k = self.iterators[e].next() if self.active[e] else None
