@@ -32,6 +32,22 @@ def _bench_train(args) -> int:
     return 0
 
 
+def _slurm_train(args) -> int:
+    import json
+
+    from ddppo.slurm import submit_train
+
+    jobs = submit_train(args.config or default_config(), args.overrides, args.sweep, nodes=args.nodes,
+                        gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+                        cpus_per_task=args.cpus_per_task, mem=args.mem, time_limit=args.time,
+                        partition=args.partition, account=args.account, max_parallel=args.max_parallel,
+                        signal_delay_s=args.signal_delay, log_dir=args.log_dir)
+    if args.wait:
+        for job in jobs:
+            print(json.dumps({"job_id": job.job_id, "results": job.results()}, default=str))
+    return 0
+
+
 def _eval(args) -> int:
     import json
 
@@ -121,6 +137,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=300)
     s.add_argument("--data-dir", default="data/pointnav")
     s.set_defaults(func=_bench_sim)
+    sl = sub.add_parser("slurm", help="submit to SLURM through submitit")
+    slsub = sl.add_subparsers(dest="slurm_command", required=True)
+    st = slsub.add_parser("train", help="one run, a multi-node run, or an array sweep (--sweep)")
+    st.add_argument("--config", default=None)
+    st.add_argument("--nodes", type=int, default=1)
+    st.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU; 0 = CPU workers")
+    st.add_argument("--tasks-per-node", type=int, default=None, help="workers per node (default: GPUs or 1)")
+    st.add_argument("--cpus-per-task", type=int, default=2)
+    st.add_argument("--mem", default=None, help="memory per node, e.g. 32G")
+    st.add_argument("--time", default="72:00:00", help="[D-]HH:MM[:SS] or minutes")
+    st.add_argument("--partition", default=None)
+    st.add_argument("--account", default=None)
+    st.add_argument("--sweep", action="append", default=[], help="key=v1,v2 (repeatable: cartesian product)")
+    st.add_argument("--max-parallel", type=int, default=0, help="array elements running at once (0 = no cap)")
+    st.add_argument("--signal-delay", type=int, default=90, help="seconds of SIGUSR1 warning before the limit")
+    st.add_argument("--log-dir", default=None)
+    st.add_argument("--wait", action="store_true", help="wait for the jobs and print their results")
+    st.add_argument("overrides", nargs="*")
+    st.set_defaults(func=_slurm_train)
+
     tr = bsub.add_parser("train", help="end-to-end training env-steps/s and its ratio to the serial limit")
     tr.add_argument("--config", default=None, help="YAML (default: the quickstart config)")
     tr.add_argument("--updates", type=int, default=10)

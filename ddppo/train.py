@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import time
@@ -60,6 +61,8 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
     log = log if main else (lambda *a, **k: None)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
+    elif "SLURM_CPUS_PER_TASK" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
     run_dir = Path(cfg.run_dir) / cfg.name
     if main:
         ensure_dataset(cfg.task, cfg.dataset, log=log)
@@ -88,6 +91,7 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
     counter = RolloutCounter(info)
     state = {"update": 0, "env_steps": 0, "episodes": 0, "wall_time": 0.0}
 
+    resumed_from = 0
     resume_path = run_dir / "resume.pt"
     rank_path = run_dir / f"resume_rank{info.rank}.pt"
     if resume_path.is_file() and not fresh:
@@ -103,6 +107,7 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
         storage.set_first_observation(first_obs, mine["hidden"].to(info.device), mine["masks"].to(info.device))
         storage.prev_actions[0].copy_(mine["prev_actions"])
         counter.round = state["update"]
+        resumed_from = state["update"]
         log(f"resumed {run_dir} at update {state['update']}, {state['env_steps']} env steps")
     else:
         storage.set_first_observation(envs.reset())
@@ -221,19 +226,27 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
             display.update(state["env_steps"], metrics)
 
         # ---- checkpoint / resume state (on schedule, at the end, or when asked to stop by a signal)
-        flag = all_reduce_sum([float(stop_signal["sig"] is not None)], info)[0].item() > 0
+        # every rank must stop at the same update: agree on whether (and which) signal arrived anywhere
+        usr1, term = all_reduce_sum([float(stop_signal["sig"] == signal.SIGUSR1),
+                                     float(stop_signal["sig"] == signal.SIGTERM)], info).tolist()
+        flag = usr1 > 0 or term > 0
+        if flag:
+            stop_signal["sig"] = signal.SIGUSR1 if usr1 > 0 else signal.SIGTERM
         finished = state["env_steps"] >= cfg.total_steps
         if state["update"] % cfg.checkpoint_interval == 0 or finished or flag:
             save_resume(run_dir, info, policy, optimizer, scheduler, state, envs, storage, cfg)
         if flag:
-            log(f"signal received: saved resume state at update {state['update']}; exiting")
+            log(f"signal {stop_signal['sig']} received: saved resume state at update {state['update']}; exiting")
             break
 
     display.stop()
     if writer:
         writer.close()
+    with torch.no_grad():  # lets callers check that every rank ended with the same weights
+        checksum = sum(float(t.double().sum()) for t in policy.state_dict().values() if t.is_floating_point())
     result = {"env_steps": state["env_steps"], "updates": state["update"], "run_dir": str(run_dir),
-              "stopped_by_signal": stop_signal["sig"] is not None, "progress": progress, **metrics}
+              "resumed_from_update": resumed_from, "signal": stop_signal["sig"], "param_checksum": checksum,
+              "progress": progress, **metrics}
     if main and cfg.eval_episodes > 0 and state["env_steps"] >= cfg.total_steps:
         result["eval"] = evaluate_policy(policy, cfg, split="val", num_episodes=cfg.eval_episodes,
                                          device=info.device)

@@ -1,0 +1,155 @@
+"""SLURM through submitit, on a real single-node SLURM (slurm/local-cluster.sh start; .ci/run starts it)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddppo import checkpoint
+from ddppo.config import ConfigError
+from ddppo.slurm import check_request, parse_sweep, submit_train
+
+pytestmark = pytest.mark.timeout(600)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _slurm_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mix", "alloc"))
+
+
+needs_slurm = pytest.mark.skipif(not _slurm_up(), reason="no SLURM cluster: run `slurm/local-cluster.sh start`")
+
+
+def tiny(tmp: Path, data: Path, total: int, **extra) -> list[str]:
+    values = {
+        "run_dir": str(tmp / "runs"), "task.data_dir": str(data), "total_steps": total, "eval_episodes": 0,
+        "sim.resolution": 16, "policy.encoder": "simple_cnn", "policy.hidden_size": 16, "policy.base_planes": 4,
+        "policy.rnn_type": "gru", "policy.num_recurrent_layers": 1, "ppo.num_envs": 2, "ppo.num_steps": 8,
+        "ppo.num_mini_batch": 1, "ppo.ppo_epoch": 1, "log_interval": 1, "checkpoint_interval": 5,
+        "dataset.scenes": "{train: 2, val: 1, test: 1}", "dataset.max_extent": 8.0,
+        "dataset.episodes_per_scene": "{train: 10, val: 5, test: 5}",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from ddppo.config import DatasetConfig
+    from ddppo.sim.data import generate_dataset
+
+    out = tmp_path_factory.mktemp("slurm_data") / "data"
+    generate_dataset(out, DatasetConfig(scenes={"train": 2, "val": 1, "test": 1}, max_extent=8.0,
+                                        episodes_per_scene={"train": 10, "val": 5, "test": 5}), log=lambda *_: None)
+    return out
+
+
+def wait_state(job_id: str, states: tuple[str, ...], timeout: float = 120) -> str:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+        if out in states:
+            return out
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} never reached {states}")
+
+
+def test_sweep_parsing():
+    assert parse_sweep(["a=1,2", "b=x,y"]) == [["a=1", "b=x"], ["a=1", "b=y"], ["a=2", "b=x"], ["a=2", "b=y"]]
+    assert parse_sweep([]) == [[]]
+    with pytest.raises(ConfigError, match="not key=v1,v2"):
+        parse_sweep(["nonsense"])
+
+
+@needs_slurm
+def test_bad_partition_and_resources_fail_before_submitting(tmp_path, data):
+    before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
+    with pytest.raises(ConfigError, match="SLURM refuses the request"):
+        submit_train(None, tiny(tmp_path, data, 64), [], partition="no_such_partition", time_limit="5")
+    with pytest.raises(ConfigError, match="SLURM refuses the request"):
+        check_request(None, 1, 1, 512, 0, None, "5", None)  # more CPUs than the node has
+    with pytest.raises(ConfigError, match="ppo.num_envs"):
+        submit_train(None, [*tiny(tmp_path, data, 64), "ppo.num_envs=zero"], [], time_limit="5")
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
+
+
+@needs_slurm
+def test_array_sweep_runs_each_element_in_its_own_run_dir(tmp_path, data):
+    jobs = submit_train(None, tiny(tmp_path, data, 64, name="sweep"), ["ppo.lr=0.001,0.0005"], cpus_per_task=1,
+                        time_limit="10", max_parallel=2, log=lambda *_: None)
+    assert len(jobs) == 2 and all("_" in j.job_id for j in jobs)  # one array job, two elements
+    results = [j.results()[0] for j in jobs]
+    dirs = {r["run_dir"] for r in results}
+    assert dirs == {str(tmp_path / "runs" / "sweep" / "ppo.lr=0.001"), str(tmp_path / "runs" / "sweep" / "ppo.lr=0.0005")}
+    for r in results:
+        assert r["env_steps"] >= 64
+        assert list((Path(r["run_dir"]) / "tb").glob("events.out.tfevents.*"))
+        assert checkpoint.list_checkpoints(Path(r["run_dir"]) / "checkpoints")
+
+
+@needs_slurm
+def test_two_task_job_trains_with_identical_parameters_on_both_ranks(tmp_path, data):
+    (job,) = submit_train(None, tiny(tmp_path, data, 128, name="two"), [], tasks_per_node=2, cpus_per_task=1,
+                          time_limit="10", log=lambda *_: None)
+    results = job.results()
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert results[0]["param_checksum"] == results[1]["param_checksum"]
+    assert results[0]["env_steps"] >= 128  # samples of both ranks count
+
+
+@needs_slurm
+def test_preemption_signal_saves_requeues_and_resumes(tmp_path, data):
+    total = 16 * 150
+    (job,) = submit_train(None, tiny(tmp_path, data, total, name="preempt"), [], cpus_per_task=1, time_limit="10",
+                          log=lambda *_: None)
+    run = tmp_path / "runs" / "preempt"
+    t0 = time.time()
+    while not (run / "resume.pt").is_file():
+        assert time.time() - t0 < 180, "no resume state was written"
+        time.sleep(0.2)
+    saved_before = checkpoint.load(run / "resume.pt")["state"]["update"]
+    subprocess.run(["scancel", "--signal=USR1", job.job_id], check=True)
+    # SLURM holds a requeued job for ~2 minutes (Reason=BeginTime); release it at once to keep the test short
+    wait_state(job.job_id, ("PENDING",))
+    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
+    result = job.results()[0]  # submitit follows the requeued job to its end
+    assert result["env_steps"] >= total
+    assert result["resumed_from_update"] >= saved_before > 0
+    final = checkpoint.load(run / "resume.pt")
+    assert final["state"]["env_steps"] == result["env_steps"]
+    log = Path(str(job.paths.stdout)).read_text()
+    assert "received: saved resume state" in log and "resumed" in log
+
+
+@needs_slurm
+def test_sigterm_leaves_valid_resume_state_and_exit_code_zero(tmp_path, data):
+    total = 16 * 100_000
+    (job,) = submit_train(None, tiny(tmp_path, data, total, name="term"), [], cpus_per_task=1, time_limit="10",
+                          log=lambda *_: None)
+    run = tmp_path / "runs" / "term"
+    t0 = time.time()
+    while not (run / "resume.pt").is_file():
+        assert time.time() - t0 < 180
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=TERM", job.job_id], check=True)
+    result = job.results()[0]
+    assert result["signal"] == 15 and result["env_steps"] < total
+    state = checkpoint.load(run / "resume.pt")
+    assert state["state"]["env_steps"] == result["env_steps"]
+    assert torch.load(run / "resume_rank0.pt", weights_only=True)["envs"]["iterators"]
+    t_end = time.time()
+    while time.time() - t_end < 30:  # the job step ended by itself with code 0
+        out = subprocess.run(["scontrol", "show", "job", job.job_id], capture_output=True, text=True).stdout
+        if "JobState=COMPLETED" in out:
+            break
+        time.sleep(0.5)
+    assert "JobState=COMPLETED" in out and "ExitCode=0:0" in out
