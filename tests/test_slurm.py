@@ -89,7 +89,8 @@ def test_array_sweep_runs_each_element_in_its_own_run_dir(tmp_path, data):
     assert len(jobs) == 2 and all("_" in j.job_id for j in jobs)  # one array job, two elements
     results = [j.results()[0] for j in jobs]
     dirs = {r["run_dir"] for r in results}
-    assert dirs == {str(tmp_path / "runs" / "sweep" / "ppo.lr=0.001"), str(tmp_path / "runs" / "sweep" / "ppo.lr=0.0005")}
+    sweep = tmp_path / "runs" / "sweep"
+    assert dirs == {str(sweep / "ppo.lr=0.001"), str(sweep / "ppo.lr=0.0005")}
     for r in results:
         assert r["env_steps"] >= 64
         assert list((Path(r["run_dir"]) / "tb").glob("events.out.tfevents.*"))
