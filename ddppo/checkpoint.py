@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ddppo.io import atomic_open
+from ddppo.atomic import atomic_open
 
 CKPT_RE = re.compile(r"ckpt_(\d+)\.pt$")
 

@@ -213,7 +213,7 @@ def check(cfg) -> None:
 
 
 def save_config(cfg, path: str | Path) -> None:
-    from ddppo.io import atomic_write_text
+    from ddppo.atomic import atomic_write_text
 
     atomic_write_text(path, OmegaConf.to_yaml(cfg))
 

@@ -19,13 +19,14 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script (torchrun ddppo/train.py): make the package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script (torchrun ddppo/train.py): import the package, not its files
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+# before torch loads its OpenMP runtime (see ddppo/__init__.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import ddppo  # noqa: F401, E402  (sets OMP_WAIT_POLICY before torch loads)
 from ddppo import checkpoint  # noqa: E402
 from ddppo.config import load_config, save_config  # noqa: E402
 from ddppo.distributed import (  # noqa: E402
@@ -36,12 +37,12 @@ from ddppo.distributed import (  # noqa: E402
     init_distributed,
 )
 from ddppo.evaluation import evaluate_policy  # noqa: E402
-from ddppo.logging import ProgressDisplay, TBWriter  # noqa: E402
 from ddppo.policy import build_policy  # noqa: E402
 from ddppo.rl.ppo import bootstrap_truncated, ppo_loss  # noqa: E402
 from ddppo.rl.storage import RolloutStorage  # noqa: E402
 from ddppo.sim.data import ensure_dataset, load_split  # noqa: E402
 from ddppo.sim.vector_env import PointNavVectorEnv  # noqa: E402
+from ddppo.telemetry import ProgressDisplay, TBWriter  # noqa: E402
 
 EPISODE_STATS = ("reward", "success", "spl", "softspl", "distance_to_goal", "collisions")
 
@@ -67,6 +68,9 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
     if main:
         ensure_dataset(cfg.task, cfg.dataset, log=log)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if fresh:  # a crash before the first save must not resume the old run
+            for old in [run_dir / "resume.pt", *run_dir.glob("resume_rank*.pt")]:
+                old.unlink(missing_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     if info.enabled:
         dist.barrier()
@@ -93,10 +97,9 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
 
     resumed_from = 0
     resume_path = run_dir / "resume.pt"
-    rank_path = run_dir / f"resume_rank{info.rank}.pt"
-    if resume_path.is_file() and not fresh:
+    if resume_path.is_file():
         shared = checkpoint.load(resume_path)
-        mine = checkpoint.load(rank_path)
+        mine = checkpoint.load(rank_state_path(run_dir, info.rank, shared["state"]["update"]))
         policy.load_state_dict(shared["policy"])
         optimizer.load_state_dict(shared["optimizer"])
         scheduler.load_state_dict(shared["scheduler"])
@@ -294,17 +297,30 @@ def ppo_update(policy, optimizer, params, storage: RolloutStorage, ppo, info) ->
     return all_reduce_sum(sums.tolist(), info) / n_minibatches
 
 
+def rank_state_path(run_dir: Path, rank: int, update: int) -> Path:
+    return run_dir / f"resume_rank{rank}.u{update:07d}.pt"
+
+
 def save_resume(run_dir, info, policy, optimizer, scheduler, state, envs, storage, cfg) -> None:
-    """Each rank writes its own RNG and environment state; rank 0 the shared model and optimiser. The shared
-    file goes last: its presence means the whole set is there."""
+    """Each rank writes its own RNG and environment state, tagged with the update; then rank 0 writes the shared
+    model and optimiser, which name that update. A crash at any point leaves the previous complete set usable."""
+    update = state["update"]
     checkpoint.save({"torch_rng": torch.get_rng_state(), "envs": envs.state_dict(),
                      "hidden": storage.hidden[0].cpu(), "masks": storage.masks[0].cpu(),
-                     "prev_actions": storage.prev_actions[0].cpu()},
-                    run_dir / f"resume_rank{info.rank}.pt")
+                     "prev_actions": storage.prev_actions[0].cpu(), "update": update},
+                    rank_state_path(run_dir, info.rank, update))
     if info.enabled:
         dist.barrier()
-    if not info.is_main:
-        return
+    if info.is_main:
+        write_shared_state(run_dir, policy, optimizer, scheduler, state, cfg)
+    if info.enabled:
+        dist.barrier()  # nobody exits (and gets its job step torn down) before rank 0 has written
+    for old in run_dir.glob(f"resume_rank{info.rank}.u*.pt"):
+        if old != rank_state_path(run_dir, info.rank, update):
+            old.unlink(missing_ok=True)
+
+
+def write_shared_state(run_dir, policy, optimizer, scheduler, state, cfg) -> None:
     weights = {k: v.cpu() for k, v in policy.state_dict().items()}
     checkpoint.save({"policy": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "state": dict(state)}, run_dir / "resume.pt")
@@ -316,11 +332,15 @@ def save_resume(run_dir, info, policy, optimizer, scheduler, state, envs, storag
     checkpoint.prune(ckpt_dir, cfg.keep_checkpoints)
 
 
+EXIT_REQUEUE = 3
+"""Exit code after SIGUSR1: the resume state is saved and the run is not finished; requeue or restart me."""
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    train(cfg, fresh=args.fresh)
-    return 0
+    result = train(cfg, fresh=args.fresh)
+    return EXIT_REQUEUE if result["signal"] == signal.SIGUSR1 else 0
 
 
 if __name__ == "__main__":

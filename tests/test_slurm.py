@@ -146,7 +146,8 @@ def test_sigterm_leaves_valid_resume_state_and_exit_code_zero(tmp_path, data):
     assert result["signal"] == 15 and result["env_steps"] < total
     state = checkpoint.load(run / "resume.pt")
     assert state["state"]["env_steps"] == result["env_steps"]
-    assert torch.load(run / "resume_rank0.pt", weights_only=True)["envs"]["iterators"]
+    rank_state = run / f"resume_rank0.u{state['state']['update']:07d}.pt"
+    assert torch.load(rank_state, weights_only=True)["envs"]["iterators"]
     t_end = time.time()
     while time.time() - t_end < 30:  # the job step ended by itself with code 0
         out = subprocess.run(["scontrol", "show", "job", job.job_id], capture_output=True, text=True).stdout
@@ -154,3 +155,32 @@ def test_sigterm_leaves_valid_resume_state_and_exit_code_zero(tmp_path, data):
             break
         time.sleep(0.5)
     assert "JobState=COMPLETED" in out and "ExitCode=0:0" in out
+
+
+@needs_slurm
+@pytest.mark.parametrize("template", ["single_node.sbatch", "array.sbatch"])
+def test_sbatch_templates_train_on_cpu_workers(tmp_path, data, template):
+    """The plain sbatch templates (srun + ddppo/train.py), with CPU workers instead of GPUs."""
+    (tmp_path / "runs" / "slurm_logs").mkdir(parents=True)
+    overrides = tiny(tmp_path, data, 64, name="tpl")
+    cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=1G", "--time=10",
+           f"--chdir={ROOT}", f"--output={tmp_path}/runs/slurm_logs/%j.out"]
+    if template == "array.sbatch":
+        sweep = tmp_path / "sweep.txt"
+        sweep.write_text("name=tpl_a ppo.lr=0.001\nname=tpl_b ppo.lr=0.0005\n")
+        cmd += ["--array=0-1", str(ROOT / "slurm" / template), str(sweep),
+                *[o for o in overrides if not o.startswith("name=")]]
+        names = ["tpl_a", "tpl_b"]
+    else:
+        cmd += ["--ntasks-per-node=2", str(ROOT / "slurm" / template), *overrides]
+        names = ["tpl"]
+    job_id = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                            env={**__import__("os").environ, "CONFIG": str(ROOT / "configs/quickstart.yaml")}
+                            ).stdout.strip().split(";")[0]
+    t0 = time.time()
+    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip():
+        assert time.time() - t0 < 300, "sbatch job did not finish"
+        time.sleep(1)
+    for name in names:
+        state = checkpoint.load(tmp_path / "runs" / name / "resume.pt")["state"]
+        assert state["env_steps"] >= 64, (tmp_path / "runs" / "slurm_logs").glob("*.out")
