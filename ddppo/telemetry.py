@@ -62,7 +62,7 @@ class ProgressDisplay:
         now = time.perf_counter()
         if now - self._last_print >= self.every_s or steps >= self.total:
             self._last_print = now
-            eta = (self.total - steps) / max((steps - self._done0) / max(now - self._t0, 1e-9), 1e-9)
+            eta = max(0, self.total - steps) / max((steps - self._done0) / max(now - self._t0, 1e-9), 1e-9)
             print(f"[train] {steps:,}/{self.total:,} steps | {stats} | ETA {eta / 60:.1f} min", flush=True)
 
     def stop(self) -> None:

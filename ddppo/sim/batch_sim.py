@@ -94,11 +94,19 @@ class BatchSimulator:
         z = lambda dt=torch.float32: torch.zeros(num_envs, device=self.device, dtype=dt)  # noqa: E731
         self.scene_of = z(torch.long)
         self.x, self.z, self.theta = z(), z(), z()
+        self.goal_x, self.goal_z = z(), z()
         self.fields = torch.full((num_envs, *atlas.geo_shape), math.inf, device=self.device)
 
     # ----------------------------------------------------------------------------------------------- state
-    def place(self, env_ids: torch.Tensor, scene_idx, x, z, theta, fields: list[np.ndarray]):
-        """Put agents at poses and give each its goal's geodesic field."""
+    def place(self, env_ids: torch.Tensor, scene_idx, x, z, theta, fields: list[np.ndarray], goal_x=None,
+              goal_z=None):
+        """Put agents at poses and give each its goal's geodesic field (and the goal, without which distances
+        near it come from the field alone)."""
+        nan = [math.nan] * len(env_ids)
+        self.goal_x[env_ids] = torch.as_tensor(nan if goal_x is None else goal_x, device=self.device,
+                                               dtype=torch.float32)
+        self.goal_z[env_ids] = torch.as_tensor(nan if goal_z is None else goal_z, device=self.device,
+                                               dtype=torch.float32)
         self.scene_of[env_ids] = torch.as_tensor(scene_idx, device=self.device, dtype=torch.long)
         self.x[env_ids] = torch.as_tensor(x, device=self.device, dtype=torch.float32)
         self.z[env_ids] = torch.as_tensor(z, device=self.device, dtype=torch.float32)
@@ -143,6 +151,5 @@ class BatchSimulator:
     def geodesic(self, env_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Geodesic distance from each agent to its goal."""
         idx = torch.arange(self.num_envs, device=self.device) if env_ids is None else env_ids
-        return self.geodesic_lookup(self.fields, idx, self.atlas, self.scene_of[idx], self.x[idx], self.z[idx]).to(
-            self.device
-        )
+        return self.geodesic_lookup(self.fields, idx, self.atlas, self.scene_of[idx], self.x[idx], self.z[idx],
+                                    self.goal_x[idx], self.goal_z[idx]).to(self.device)

@@ -168,7 +168,7 @@ def generate_episodes(nav: NavGrid, n: int, rng: np.random.Generator, *, scene_i
                 break
             for _try in range(10):
                 start = nav.sample_navigable(rng, 1, island=island)[0]
-                geo = float(nav.sample(field_, start[:1], start[1:])[0])
+                geo = float(nav.sample(field_, start[:1], start[1:], goal)[0])
                 euclid = float(np.hypot(*(start - goal)))
                 if not (min_geodesic <= geo <= max_geodesic) or euclid <= 0:
                     continue

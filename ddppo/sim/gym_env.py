@@ -63,21 +63,15 @@ class PointNavEnv(gym.Env):
         self.render_mode = render_mode
         self._path: list[tuple[float, float]] = []
         self._started = False
+        self._episode_over = False
 
-    def _info(self, extra=None) -> dict:
-        sim, env = self.env.sim, self.env
-        theta = float(sim.theta[0])
-        info = {
-            "agent_position": np.array([float(sim.x[0]), 0.0, float(sim.z[0])], np.float32),
+    @staticmethod
+    def _pose_info(x: float, z: float, theta: float, goal_x: float, goal_z: float) -> dict:
+        return {
+            "agent_position": np.array([x, 0.0, z], np.float32),
             "agent_rotation": np.array([0.0, math.sin(theta / 2), 0.0, math.cos(theta / 2)], np.float32),
-            "goal_position": np.array([float(env.goal_x[0]), 0.0, float(env.goal_z[0])], np.float32),
-            "distance_to_goal": float(sim.geodesic()[0]),
-            "success": 0.0,
-            "spl": 0.0,
+            "goal_position": np.array([goal_x, 0.0, goal_z], np.float32),
         }
-        if extra:
-            info.update(extra)
-        return info
 
     def reset(self, *, seed: int | None = None, options=None):
         super().reset(seed=seed)
@@ -85,27 +79,34 @@ class PointNavEnv(gym.Env):
             self.env.iterators = [type(it)(it.n, self._seed if seed is None else seed, 0) for it in self.env.iterators]
             obs = self.env.reset()
             self._started = True
+        elif self._episode_over:
+            obs = self.env.observe()  # the vector env began the next episode when the last one ended
         else:
-            obs = self.env.observe()  # the vector env already began the next episode when the last one ended
-        self._path = [(float(self.env.sim.x[0]), float(self.env.sim.z[0]))]
-        return _numpy(obs, 0), self._info()
+            obs = self.env.restart([0])  # reset mid-episode (e.g. by a TimeLimit wrapper): next episode
+        self._episode_over = False
+        sim = self.env.sim
+        self._path = [(float(sim.x[0]), float(sim.z[0]))]
+        info = self._pose_info(float(sim.x[0]), float(sim.z[0]), float(sim.theta[0]), float(sim.goal_x[0]),
+                               float(sim.goal_z[0]))
+        info.update(distance_to_goal=float(sim.geodesic()[0]), success=0.0, spl=0.0)
+        return _numpy(obs, 0), info
 
     def step(self, action):
         r = self.env.step(torch.tensor([int(action)]))
         done = bool(r.done[0])
-        obs = r.final_obs if done else r.obs
+        i = r.info
+        x, z = float(i["agent_x"][0]), float(i["agent_z"][0])
+        self._path.append((x, z))
+        info = self._pose_info(x, z, float(i["agent_theta"][0]), float(i["goal_x"][0]), float(i["goal_z"][0]))
+        info["collided"] = bool(i["collided"][0])
+        info["distance_to_goal"] = float(i["distance_to_goal"][0])
         if done:
-            extra = {k: float(r.info[k][0]) for k in ("success", "spl", "softspl", "distance_to_goal", "collisions")}
-            info = {**self._last_pose(), **extra}
+            info.update({k: float(i[k][0]) for k in ("success", "spl", "softspl", "collisions")})
+            self._episode_over = True
         else:
-            self._path.append((float(self.env.sim.x[0]), float(self.env.sim.z[0])))
-            info = self._info({"collided": bool(r.info["collided"][0])})
+            info.update(success=0.0, spl=0.0)
+        obs = r.final_obs if done else r.obs
         return _numpy(obs, 0), float(r.reward[0]), bool(r.terminated[0]), bool(r.truncated[0]), info
-
-    def _last_pose(self):
-        # after the automatic reset the simulator already holds the next episode; report the ended one's pose
-        x, z = self._path[-1]
-        return {"agent_position": np.array([x, 0.0, z], np.float32)}
 
     def render(self):
         env = self.env

@@ -23,6 +23,8 @@ from ddppo.sim.scene import FREE, Scene
 AGENT_RADIUS = 0.1
 AGENT_HEIGHT = 1.5
 SENSOR_HEIGHT = 1.25
+NEAR_GOAL = 0.3
+"""Metres: closer than this to its goal, an agent's geodesic distance is the straight-line distance."""
 
 
 @dataclass
@@ -37,9 +39,13 @@ class NavGrid:
 
     def __post_init__(self):
         free = self.scene.occupancy == FREE
-        # distance from a cell centre to the nearest occupied cell centre, less half a cell: the distance to that
-        # cell's nearest edge along the axis, which is the conservative clearance for axis-aligned geometry
-        clearance = (ndimage.distance_transform_edt(free) - 0.5) * self.scene.cell_size
+        # exact distance from each cell centre to the square of its nearest occupied cell (nearest by centre;
+        # measuring to the square's edge rather than subtracting half a cell keeps diagonal corners honest)
+        _, (nj, ni) = ndimage.distance_transform_edt(free, return_indices=True)
+        jj, ii = np.indices(free.shape)
+        dj = np.maximum(np.abs(nj - jj) - 0.5, 0.0)
+        di = np.maximum(np.abs(ni - ii) - 0.5, 0.0)
+        clearance = np.hypot(dj, di) * self.scene.cell_size
         self.navigable = free & (clearance >= self.agent_radius - 1e-6)
         labels, n = ndimage.label(self.navigable)
         self.island = labels.astype(np.int32) - 1
@@ -88,8 +94,9 @@ class NavGrid:
         xs = scene.origin[0] + (np.arange(w) + 0.5) * c
         zs = scene.origin[1] + (np.arange(h) + 0.5) * c
         euclid = np.hypot(xs[None, :] - goal_x, zs[:, None] - goal_z)
-        # zero level set = a circle round the exact goal point; FMM then measures from the point itself
-        r0 = 0.75 * c
+        # Within NEAR_GOAL of the goal the distance is Euclidean (no obstacle fits between two navigable points
+        # that close); FMM starts from that circle, which spans several cells and so is well resolved.
+        r0 = NEAR_GOAL
         phi = np.ma.MaskedArray(euclid - r0, ~self.coarse_navigable)
         dist = skfmm.distance(phi, dx=c, order=2)
         out = np.full((h, w), np.inf, np.float32)
@@ -101,14 +108,15 @@ class NavGrid:
 
     def geodesic_distance(self, start_xz, goal_xz) -> float:
         field_ = self.geodesic_field(*goal_xz)
-        return float(self.sample(field_, np.asarray([start_xz[0]]), np.asarray([start_xz[1]]))[0])
+        return float(self.sample(field_, np.asarray([start_xz[0]]), np.asarray([start_xz[1]]), goal_xz)[0])
 
-    def sample(self, field_: np.ndarray, x, z) -> np.ndarray:
-        return sample_field(field_, self.scene.origin, self.geodesic_cell, x, z)
+    def sample(self, field_: np.ndarray, x, z, goal=None) -> np.ndarray:
+        return sample_field(field_, self.scene.origin, self.geodesic_cell, x, z, goal)
 
 
-def sample_field(field_: np.ndarray, origin, cell: float, x, z) -> np.ndarray:
-    """Bilinear interpolation over the finite neighbours (numpy twin of the simulator's torch lookup)."""
+def sample_field(field_: np.ndarray, origin, cell: float, x, z, goal=None) -> np.ndarray:
+    """Bilinear interpolation over the finite neighbours, Euclidean within NEAR_GOAL of ``goal`` (numpy twin of
+    the simulator's lookups in ddppo.sim.physics)."""
     gx = (np.asarray(x, np.float64) - origin[0]) / cell - 0.5
     gz = (np.asarray(z, np.float64) - origin[1]) / cell - 0.5
     i0, j0 = np.floor(gx).astype(np.int64), np.floor(gz).astype(np.int64)
@@ -122,7 +130,11 @@ def sample_field(field_: np.ndarray, origin, cell: float, x, z) -> np.ndarray:
         ok = np.isfinite(v)
         num += np.where(ok, v * wt, 0.0)
         den += np.where(ok, wt, 0.0)
-    return np.where(den > 1e-9, num / np.maximum(den, 1e-9), np.inf)
+    out = np.where(den > 1e-9, num / np.maximum(den, 1e-9), np.inf)
+    if goal is not None:
+        euclid = np.hypot(np.asarray(x, np.float64) - goal[0], np.asarray(z, np.float64) - goal[1])
+        out = np.where(euclid < NEAR_GOAL, euclid, out)
+    return out
 
 
 class GeodesicCache:

@@ -34,7 +34,8 @@ class ShortestPathFollower:
         cand_z = (sim.z[:, None] - torch.cos(angles)[None] * self.lookahead).reshape(-1)
         rows = torch.arange(n, device=dev).repeat_interleave(self.headings)
         scene_of = sim.scene_of[rows]
-        geo = sim.geodesic_lookup(sim.fields, rows, sim.atlas, scene_of, cand_x, cand_z).to(dev)
+        geo = sim.geodesic_lookup(sim.fields, rows, sim.atlas, scene_of, cand_x, cand_z, sim.goal_x[rows],
+                                  sim.goal_z[rows]).to(dev)
         nav = navigable_torch(sim.atlas, scene_of, cand_x, cand_z)
         geo = torch.where(nav, geo, math.inf).view(n, self.headings)
         best = angles[geo.argmin(dim=1)]

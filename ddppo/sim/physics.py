@@ -13,6 +13,8 @@ import numba
 import numpy as np
 import torch
 
+from ddppo.sim.navmesh import NEAR_GOAL
+
 
 @numba.njit(cache=True, inline="always")
 def _nav(nav, s, origin, cell, x, z):
@@ -84,7 +86,7 @@ def move_torch(atlas, scene_of, x, z, dx, dz, substeps):
 
 
 @numba.njit(cache=True)
-def _geodesic_numba(fields, rows, origin, cell, scene_of, x, z, out):
+def _geodesic_numba(fields, rows, origin, cell, scene_of, x, z, goal_x, goal_z, near, out):
     gh, gw = fields.shape[1], fields.shape[2]
     for n in range(x.shape[0]):
         s = scene_of[n]
@@ -105,17 +107,21 @@ def _geodesic_numba(fields, rows, origin, cell, scene_of, x, z, out):
                     num += v * w
                     den += w
         out[n] = num / den if den > 1e-9 else np.inf
+        euclid = math.hypot(x[n] - goal_x[n], z[n] - goal_z[n])
+        if euclid < near:
+            out[n] = euclid
 
 
-def geodesic_numba(fields, rows, atlas, scene_of, x, z):
+def geodesic_numba(fields, rows, atlas, scene_of, x, z, goal_x, goal_z):
     out = np.empty(x.shape[0], np.float32)
     _geodesic_numba(fields.numpy(), rows.numpy(), atlas.origin.numpy(), atlas.geo_cell.numpy(), scene_of.numpy(),
-                    x.numpy(), z.numpy(), out)
+                    x.numpy(), z.numpy(), goal_x.numpy(), goal_z.numpy(), NEAR_GOAL, out)
     return torch.from_numpy(out)
 
 
-def geodesic_torch(fields, rows, atlas, scene_of, x, z):
-    """Bilinear interpolation over the finite neighbours of each agent's FMM grid (``fields[rows]``)."""
+def geodesic_torch(fields, rows, atlas, scene_of, x, z, goal_x, goal_z):
+    """Bilinear interpolation over the finite neighbours of each agent's FMM grid (``fields[rows]``); the
+    straight-line distance within NEAR_GOAL of the goal, where interpolation would blunt the distance cone."""
     c = atlas.geo_cell[scene_of]
     gx = (x - atlas.origin[scene_of, 0]) / c - 0.5
     gz = (z - atlas.origin[scene_of, 1]) / c - 0.5
@@ -130,7 +136,9 @@ def geodesic_torch(fields, rows, atlas, scene_of, x, z):
         ok = torch.isfinite(v)
         num += torch.where(ok, v * wt, 0.0)
         den += torch.where(ok, wt, 0.0)
-    return torch.where(den > 1e-9, num / den.clamp(min=1e-9), math.inf)
+    out = torch.where(den > 1e-9, num / den.clamp(min=1e-9), math.inf)
+    euclid = torch.hypot(x - goal_x, z - goal_z)
+    return torch.where(euclid < NEAR_GOAL, euclid, out)
 
 
 MOVERS = {"numba": move_numba, "torch": move_torch}

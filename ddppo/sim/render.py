@@ -177,6 +177,9 @@ def cast_rays_torch(atlas, scene_of, px, pz, dx, dz):
         t_jump = ta + (k - 1).clamp(min=0) * cs / speed
         t_next_i = ((ia + (dxa > 0).long()).to(ta.dtype) - gxa) * cs * ida
         t_next_j = ((ja + (dza > 0).long()).to(ta.dtype) - gza) * cs * inv_da
+        # a ray parallel to an axis never crosses that axis' cell boundaries
+        t_next_i = torch.where(dxa == 0, math.inf, t_next_i)
+        t_next_j = torch.where(dza == 0, math.inf, t_next_j)
         cross_i = t_next_i < t_next_j
         t_step = torch.where(cross_i, t_next_i, t_next_j)
         jump = k >= 2

@@ -106,7 +106,7 @@ class PointNavVectorEnv:
         shares = num_shares or num_envs
         self.iterators = [EpisodeIterator(len(episodes), seed, env_offset + e, order, shares) for e in range(num_envs)]
         z = lambda dt=torch.float32: torch.zeros(num_envs, device=self.device, dtype=dt)  # noqa: E731
-        self.goal_x, self.goal_z, self.start_x, self.start_z, self.start_theta = z(), z(), z(), z(), z()
+        self.start_x, self.start_z, self.start_theta = z(), z(), z()
         self.start_distance, self.prev_distance, self.path_length = z(), z(), z()
         self.steps, self.collisions = z(torch.long), z(torch.long)
         self.episode_index = z(torch.long)
@@ -139,7 +139,7 @@ class PointNavVectorEnv:
             self.reset_seconds += time.perf_counter() - t0
 
     def _start_episodes_untimed(self, env_ids: list[int]) -> list[int]:
-        started, scene_idx, xs, zs, ths, fields = [], [], [], [], [], []
+        started, scene_idx, xs, zs, ths, gxs, gzs, fields = [], [], [], [], [], [], [], []
         for e in env_ids:
             k = self.iterators[e].next() if self.active[e] else None
             if k is None:
@@ -155,13 +155,14 @@ class PointNavVectorEnv:
             xs.append(ep.start_position[0])
             zs.append(ep.start_position[2])
             ths.append(ep.start_heading)
+            gxs.append(ep.goal_position[0])
+            gzs.append(ep.goal_position[2])
             fields.append(self.cache.get(nav, ep.goal_position[0], ep.goal_position[2]))
             self.episode_index[e] = k
-            self.goal_x[e], self.goal_z[e] = ep.goal_position[0], ep.goal_position[2]
         if not started:
             return started
         ids = torch.tensor(started, device=self.device)
-        self.sim.place(ids, scene_idx, xs, zs, ths, fields)
+        self.sim.place(ids, scene_idx, xs, zs, ths, fields, gxs, gzs)
         self.start_x[ids], self.start_z[ids] = self.sim.x[ids], self.sim.z[ids]
         self.start_theta[ids] = self.sim.theta[ids]
         d0 = self.sim.geodesic(ids)
@@ -215,6 +216,9 @@ class PointNavVectorEnv:
             "geodesic_distance": self.start_distance.clone(),
             "episode_index": self.episode_index.clone(),
             "collided": collided,
+            # the pose reached by this step and the goal, before any automatic reset replaces them
+            "agent_x": self.sim.x.clone(), "agent_z": self.sim.z.clone(), "agent_theta": self.sim.theta.clone(),
+            "goal_x": self.goal_x.clone(), "goal_z": self.goal_z.clone(),
         }
         obs = self._observe()
         final_obs = obs
@@ -229,11 +233,24 @@ class PointNavVectorEnv:
         info["active"] = self.active.clone()
         return StepResult(obs, reward, terminated, truncated, info, final_obs)
 
+    @property
+    def goal_x(self) -> torch.Tensor:
+        return self.sim.goal_x
+
+    @property
+    def goal_z(self) -> torch.Tensor:
+        return self.sim.goal_z
+
+    def restart(self, env_ids: list[int]) -> dict[str, torch.Tensor]:
+        """Abandon the current episodes of ``env_ids`` and start their next ones; returns all observations."""
+        self._start_episodes(env_ids)
+        return self._observe()
+
     def current_episodes(self) -> list[Episode | None]:
         return [self.episodes[int(k)] if a else None for k, a in zip(self.episode_index, self.active)]
 
-    _STATE = ("goal_x", "goal_z", "start_x", "start_z", "start_theta", "start_distance", "prev_distance",
-              "path_length", "steps", "collisions", "episode_index", "active")
+    _STATE = ("start_x", "start_z", "start_theta", "start_distance", "prev_distance", "path_length", "steps",
+              "collisions", "episode_index", "active")
 
     def state_dict(self) -> dict:
         """Everything needed to continue mid-episode: iterator positions, agent poses, episode counters."""
@@ -256,7 +273,7 @@ class PointNavVectorEnv:
         navs = [self.navs[self.atlas.index[scene_name(ep.scene_id)]] for ep in eps]
         fields = [self.cache.get(nav, ep.goal_position[0], ep.goal_position[2]) for nav, ep in zip(navs, eps)]
         self.sim.place(ids, [self.atlas.index[n.scene.name] for n in navs], state["x"], state["z"], state["theta"],
-                       fields)
+                       fields, [ep.goal_position[0] for ep in eps], [ep.goal_position[2] for ep in eps])
 
     def observe(self) -> dict[str, torch.Tensor]:
         """Observations of the current state (after ``load_state_dict``)."""

@@ -1,0 +1,47 @@
+"""Shared fixtures of the simulator tests: hand-built scenes and one small generated dataset per session."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ddppo.config import DatasetConfig
+from ddppo.sim.data import generate_dataset
+from ddppo.sim.scene import WALL, Scene
+
+SMALL_DATASET = DatasetConfig(scenes={"train": 3, "val": 3}, episodes_per_scene={"train": 20, "val": 10},
+                              max_extent=12.0)
+
+
+def _make_scene(occupancy, material=None, room_colors=None, object_colors=None, name="hand",
+                ceiling_height=2.6, border=2) -> Scene:
+    """A hand-built scene: 0.05 m cells, origin (0, 0), closed by a wall ``border`` cells thick."""
+    occ = np.array(occupancy, dtype=np.uint8)
+    if border:
+        occ[:border] = occ[-border:] = WALL
+        occ[:, :border] = occ[:, -border:] = WALL
+    if material is None:
+        material = np.zeros(occ.shape, np.int32)
+    if room_colors is None:
+        room_colors = np.array([[[120, 120, 120], [200, 60, 60]]], np.uint8)
+    if object_colors is None:
+        object_colors = np.zeros((0, 3), np.uint8)
+    scene = Scene(name=name, cell_size=0.05, origin=(0.0, 0.0), occupancy=occ,
+                  material=np.asarray(material, np.int32), room_colors=np.asarray(room_colors, np.uint8),
+                  object_colors=np.asarray(object_colors, np.uint8), ceiling_height=ceiling_height)
+    scene.validate(name)
+    return scene
+
+
+@pytest.fixture(scope="session")
+def make_scene():
+    """Factory: ``make_scene(occupancy, material=None, room_colors=None, object_colors=None, ...)``."""
+    return _make_scene
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+    """3 train + 3 val generated scenes (<= 12 m), 20 / 10 episodes each; generated once per session."""
+    out = tmp_path_factory.mktemp("pointnav") / "data"
+    generate_dataset(out, SMALL_DATASET, log=lambda *_: None)
+    return out
