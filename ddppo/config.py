@@ -207,6 +207,10 @@ def check(cfg) -> None:
     need(cfg.total_steps >= 1, f"total_steps={cfg.total_steps} must be >= 1")
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints={cfg.keep_checkpoints} must be >= 1")
     need(cfg.policy.rnn_type in ("lstm", "gru"), f"policy.rnn_type={cfg.policy.rnn_type!r}: use lstm or gru")
+    from ddppo.policy.encoders import ENCODERS
+
+    need(cfg.policy.encoder in ENCODERS,
+         f"policy.encoder={cfg.policy.encoder!r}: use one of {', '.join(sorted(ENCODERS))}")
     need(cfg.policy.avgpool >= 1, f"policy.avgpool={cfg.policy.avgpool} must be >= 1")
     need(sim.resolution // cfg.policy.avgpool >= 16 or not sim.sensors,
          f"sim.resolution={sim.resolution} / policy.avgpool={cfg.policy.avgpool} leaves < 16 pixels")

@@ -10,8 +10,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 
 class TBWriter:
-    def __init__(self, log_dir: str | Path):
-        self.writer = SummaryWriter(str(log_dir))
+    def __init__(self, log_dir: str | Path, purge_step: int | None = None):
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for k, v in values.items():

@@ -12,6 +12,7 @@ resumes the run from its directory; --fresh starts over.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -68,9 +69,8 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
     if main:
         ensure_dataset(cfg.task, cfg.dataset, log=log)
         run_dir.mkdir(parents=True, exist_ok=True)
-        if fresh:  # a crash before the first save must not resume the old run
-            for old in [run_dir / "resume.pt", *run_dir.glob("resume_rank*.pt")]:
-                old.unlink(missing_ok=True)
+        if fresh:
+            set_aside_previous_run(run_dir, log)
         save_config(cfg, run_dir / "config.yaml")
     if info.enabled:
         dist.barrier()
@@ -95,6 +95,9 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
     counter = RolloutCounter(info)
     state = {"update": 0, "env_steps": 0, "episodes": 0, "wall_time": 0.0}
 
+    window = torch.zeros(len(EPISODE_STATS) + 1, dtype=torch.float64)  # episodes ended since the last log, sums
+    dd_window = torch.zeros(3, dtype=torch.float64)  # preempted ranks, rollout fraction, updates since the last log
+    episode_return = torch.zeros(n_envs, device=sim_device)
     resumed_from = 0
     resume_path = run_dir / "resume.pt"
     if resume_path.is_file():
@@ -109,138 +112,137 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
         first_obs = envs.observe()
         storage.set_first_observation(first_obs, mine["hidden"].to(info.device), mine["masks"].to(info.device))
         storage.prev_actions[0].copy_(mine["prev_actions"])
+        window.copy_(mine["window"])
+        dd_window.copy_(mine["dd_window"])
+        episode_return.copy_(mine["episode_return"])
         counter.round = state["update"]
         resumed_from = state["update"]
         log(f"resumed {run_dir} at update {state['update']}, {state['env_steps']} env steps")
     else:
         storage.set_first_observation(envs.reset())
 
-    stop_signal = {"sig": None}
-
-    def on_signal(signum, _frame):
-        stop_signal["sig"] = signum  # acted on at the next update boundary, where the state is consistent
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, on_signal)
-
-    writer = TBWriter(run_dir / "tb") if main else None
+    # a resumed run may repeat steps logged after its resume state was saved: drop those points
+    writer = TBWriter(run_dir / "tb", purge_step=state["env_steps"] + 1 if resumed_from else None) if main else None
     display = ProgressDisplay(cfg.total_steps, enabled=main)
     display.start(state["env_steps"])
-    window = torch.zeros(len(EPISODE_STATS) + 1, dtype=torch.float64)  # count, then sums
-    episode_return = torch.zeros(n_envs, device=sim_device)
     t_start = time.perf_counter() - state["wall_time"]
     metrics: dict[str, float] = {}
     progress: list[tuple[float, int]] = []  # (wall clock, env steps) after each update, for benchmarks
 
     # ------------------------------------------------------------------------------------------- loop
-    while state["env_steps"] < cfg.total_steps:
-        # ---- rollout
-        policy.eval()
-        t0 = time.perf_counter()
-        t_sim = t_act = 0.0
-        for t in range(cfg.ppo.num_steps):
-            ta = time.perf_counter()
-            with torch.no_grad():
-                obs_t = {k: v[t] for k, v in storage.obs.items()}
-                actions, log_probs, values, hidden = policy.act(
-                    obs_t, storage.prev_actions[t], storage.masks[t], storage.hidden[t]
-                )
-            tb = time.perf_counter()
-            result = envs.step(actions.to(sim_device))
-            if cfg.ddppo.slowdown > 0 and info.rank == cfg.ddppo.slow_rank:
-                time.sleep(cfg.ddppo.slowdown)
-            tc = time.perf_counter()
-            t_act += tb - ta
-            t_sim += tc - tb
-            rewards = result.reward.to(info.device)
-            if result.truncated.any():  # a time limit is not a terminal state: bootstrap from V(final obs)
+    with stop_requests() as stop_signal:
+        while state["env_steps"] < cfg.total_steps:
+            # ---- rollout
+            policy.eval()
+            t0 = time.perf_counter()
+            t_sim = t_act = 0.0
+            for t in range(cfg.ppo.num_steps):
+                ta = time.perf_counter()
                 with torch.no_grad():
-                    final_obs = {k: v.to(info.device) for k, v in result.final_obs.items()}
-                    _, final_values, _ = policy(final_obs, actions, torch.ones_like(rewards), hidden)
-                rewards = bootstrap_truncated(rewards, result.truncated.to(info.device), final_values,
-                                              cfg.ppo.gamma)
-            done = result.done.to(info.device)
-            storage.insert(
-                {k: v.to(info.device) for k, v in result.obs.items()}, hidden, actions, log_probs, values,
-                rewards, (~done).float(), (~done).float(),
-            )
-            episode_return += result.reward
-            ended = result.done.nonzero().flatten()
-            if len(ended):
-                window[0] += len(ended)
-                window[1] += episode_return[ended].sum().item()
-                for k, name in enumerate(EPISODE_STATS[1:], start=2):
-                    window[k] += result.info[name][ended].double().sum().item()
-                episode_return[ended] = 0
-            # straggler preemption: enough of the others are done and we have the minimum share of steps
-            if (info.enabled and cfg.ddppo.preemption and t + 1 < cfg.ppo.num_steps
-                    and t + 1 >= cfg.ddppo.min_rollout_frac * cfg.ppo.num_steps
-                    and counter.count() >= cfg.ddppo.sync_frac * info.world_size):
-                break
-        counter.finished()
-        rollout_steps = storage.step
-        t_rollout = time.perf_counter() - t0
+                    obs_t = {k: v[t] for k, v in storage.obs.items()}
+                    actions, log_probs, values, hidden = policy.act(
+                        obs_t, storage.prev_actions[t], storage.masks[t], storage.hidden[t]
+                    )
+                tb = time.perf_counter()
+                result = envs.step(actions.to(sim_device))
+                if cfg.ddppo.slowdown > 0 and info.rank == cfg.ddppo.slow_rank:
+                    time.sleep(cfg.ddppo.slowdown)
+                tc = time.perf_counter()
+                t_act += tb - ta
+                t_sim += tc - tb
+                rewards = result.reward.to(info.device)
+                if result.truncated.any():  # a time limit is not a terminal state: bootstrap from V(final obs)
+                    with torch.no_grad():
+                        final_obs = {k: v.to(info.device) for k, v in result.final_obs.items()}
+                        _, final_values, _ = policy(final_obs, actions, torch.ones_like(rewards), hidden)
+                    rewards = bootstrap_truncated(rewards, result.truncated.to(info.device), final_values,
+                                                  cfg.ppo.gamma)
+                done = result.done.to(info.device)
+                storage.insert(
+                    {k: v.to(info.device) for k, v in result.obs.items()}, hidden, actions, log_probs, values,
+                    rewards, (~done).float(), (~done).float(),
+                )
+                episode_return += result.reward
+                ended = result.done.nonzero().flatten()
+                if len(ended):
+                    window[0] += len(ended)
+                    window[1] += episode_return[ended].sum().item()
+                    for k, name in enumerate(EPISODE_STATS[1:], start=2):
+                        window[k] += result.info[name][ended].double().sum().item()
+                    episode_return[ended] = 0
+                # straggler preemption: enough of the others are done and we have the minimum share of steps
+                if (info.enabled and cfg.ddppo.preemption and t + 1 < cfg.ppo.num_steps
+                        and t + 1 >= cfg.ddppo.min_rollout_frac * cfg.ppo.num_steps
+                        and counter.count() >= cfg.ddppo.sync_frac * info.world_size):
+                    break
+            counter.finished()
+            rollout_steps = storage.step
+            t_rollout = time.perf_counter() - t0
 
-        # ---- update
-        t1 = time.perf_counter()
-        with torch.no_grad():  # bootstrap from where the rollout stopped (full or preempted)
-            last = {k: v[storage.step] for k, v in storage.obs.items()}
-            _, next_value, _ = policy(last, storage.prev_actions[storage.step], storage.masks[storage.step],
-                                      storage.hidden[storage.step])
-        storage.compute_returns(next_value, cfg.ppo.gamma, cfg.ppo.tau)
-        policy.train()  # from here on the visual normaliser updates (a collective: same count on every rank)
-        totals = all_reduce_sum([storage.num_samples, float(rollout_steps < cfg.ppo.num_steps),
-                                 rollout_steps / cfg.ppo.num_steps], info)
-        global_samples = int(totals[0])
-        losses = ppo_update(policy, optimizer, params, storage, cfg.ppo, info)
-        scheduler.step()
-        storage.after_update()
-        counter.next_round()
-        t_learn = time.perf_counter() - t1
+            # ---- update
+            t1 = time.perf_counter()
+            with torch.no_grad():  # bootstrap from where the rollout stopped (full or preempted)
+                last = {k: v[storage.step] for k, v in storage.obs.items()}
+                _, next_value, _ = policy(last, storage.prev_actions[storage.step], storage.masks[storage.step],
+                                          storage.hidden[storage.step])
+            storage.compute_returns(next_value, cfg.ppo.gamma, cfg.ppo.tau)
+            policy.train()  # from here on the visual normaliser updates (a collective: same count on every rank)
+            totals = all_reduce_sum([storage.num_samples, float(rollout_steps < cfg.ppo.num_steps),
+                                     rollout_steps / cfg.ppo.num_steps], info)
+            global_samples = int(totals[0])
+            losses = ppo_update(policy, optimizer, params, storage, cfg.ppo, info)
+            scheduler.step()
+            storage.after_update()
+            counter.next_round()
+            t_learn = time.perf_counter() - t1
 
-        state["update"] += 1
-        state["env_steps"] += global_samples
-        state["wall_time"] = time.perf_counter() - t_start
-        progress.append((time.perf_counter(), state["env_steps"]))
+            state["update"] += 1
+            state["env_steps"] += global_samples
+            state["wall_time"] = time.perf_counter() - t_start
+            progress.append((time.perf_counter(), state["env_steps"]))
 
-        # ---- logging (metrics all-reduced, written by rank 0)
-        timing = all_reduce_sum([t_rollout, t_learn, t_sim, t_act], info) / info.world_size
-        display.update(state["env_steps"], metrics)
-        if state["update"] % cfg.log_interval == 0 or state["env_steps"] >= cfg.total_steps:
-            ep = all_reduce_sum(window.tolist(), info)
-            window.zero_()
-            state["episodes"] += int(ep[0])
-            metrics = {f"episode/{name}": (ep[k + 1] / ep[0]).item() for k, name in enumerate(EPISODE_STATS)} if ep[
-                0] > 0 else {}
-            fps = state["env_steps"] / max(state["wall_time"], 1e-9)
-            metrics.update({
-                "perf/fps": fps,
-                "perf/env_fps": global_samples / max(timing[0].item(), 1e-9),
-                "perf/learner_fps": global_samples / max(timing[1].item(), 1e-9),
-                "perf/sim_time_frac": timing[2].item() / max(timing[0].item() + timing[1].item(), 1e-9),
-                "loss/policy": losses[0].item(), "loss/value": losses[1].item(), "loss/entropy": losses[2].item(),
-                "loss/approx_kl": losses[3].item(), "loss/clip_fraction": losses[4].item(),
-                "loss/grad_norm": losses[5].item(), "lr": scheduler.get_last_lr()[0],
-                "ddppo/preempted_ranks": totals[1].item(), "ddppo/rollout_fraction": totals[2].item() / info.world_size,
-                "ddppo/episodes": state["episodes"],
-            })
-            if writer:
-                writer.scalars(metrics, state["env_steps"])
+            # ---- logging (metrics all-reduced, written by rank 0)
+            timing = all_reduce_sum([t_rollout, t_learn, t_sim, t_act], info) / info.world_size
+            dd_window += torch.tensor([totals[1].item(), totals[2].item() / info.world_size, 1.0], dtype=torch.float64)
             display.update(state["env_steps"], metrics)
+            if state["update"] % cfg.log_interval == 0 or state["env_steps"] >= cfg.total_steps:
+                ep = all_reduce_sum(window.tolist(), info)
+                window.zero_()
+                state["episodes"] += int(ep[0])
+                metrics = {f"episode/{name}": (ep[k + 1] / ep[0]).item() for k, name in enumerate(EPISODE_STATS)} if ep[
+                    0] > 0 else {}
+                fps = state["env_steps"] / max(state["wall_time"], 1e-9)
+                metrics.update({
+                    "perf/fps": fps,
+                    "perf/env_fps": global_samples / max(timing[0].item(), 1e-9),
+                    "perf/learner_fps": global_samples / max(timing[1].item(), 1e-9),
+                    "perf/sim_time_frac": timing[2].item() / max(timing[0].item() + timing[1].item(), 1e-9),
+                    "loss/policy": losses[0].item(), "loss/value": losses[1].item(), "loss/entropy": losses[2].item(),
+                    "loss/approx_kl": losses[3].item(), "loss/clip_fraction": losses[4].item(),
+                    "loss/grad_norm": losses[5].item(), "lr": scheduler.get_last_lr()[0],
+                    "ddppo/preempted_ranks": (dd_window[0] / dd_window[2]).item(),
+                    "ddppo/rollout_fraction": (dd_window[1] / dd_window[2]).item(),
+                    "ddppo/episodes": state["episodes"],
+                })
+                dd_window.zero_()
+                if writer:
+                    writer.scalars(metrics, state["env_steps"])
+                display.update(state["env_steps"], metrics)
 
-        # ---- checkpoint / resume state (on schedule, at the end, or when asked to stop by a signal)
-        # every rank must stop at the same update: agree on whether (and which) signal arrived anywhere
-        usr1, term = all_reduce_sum([float(stop_signal["sig"] == signal.SIGUSR1),
-                                     float(stop_signal["sig"] == signal.SIGTERM)], info).tolist()
-        flag = usr1 > 0 or term > 0
-        if flag:
-            stop_signal["sig"] = signal.SIGUSR1 if usr1 > 0 else signal.SIGTERM
-        finished = state["env_steps"] >= cfg.total_steps
-        if state["update"] % cfg.checkpoint_interval == 0 or finished or flag:
-            save_resume(run_dir, info, policy, optimizer, scheduler, state, envs, storage, cfg)
-        if flag:
-            log(f"signal {stop_signal['sig']} received: saved resume state at update {state['update']}; exiting")
-            break
+            # ---- checkpoint / resume state (on schedule, at the end, or when asked to stop by a signal)
+            # every rank must stop at the same update: agree on whether (and which) signal arrived anywhere
+            usr1, term = all_reduce_sum([float(stop_signal["sig"] == signal.SIGUSR1),
+                                         float(stop_signal["sig"] == signal.SIGTERM)], info).tolist()
+            flag = usr1 > 0 or term > 0
+            if flag:
+                stop_signal["sig"] = signal.SIGUSR1 if usr1 > 0 else signal.SIGTERM
+            finished = state["env_steps"] >= cfg.total_steps
+            if state["update"] % cfg.checkpoint_interval == 0 or finished or flag:
+                save_resume(run_dir, info, policy, optimizer, scheduler, state, envs, storage, cfg,
+                            {"window": window, "dd_window": dd_window, "episode_return": episode_return.cpu()})
+            if flag:
+                log(f"signal {stop_signal['sig']} received: saved resume state at update {state['update']}; exiting")
+                break
 
     display.stop()
     if writer:
@@ -259,8 +261,7 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
             w.scalars({f"eval/{k}": v for k, v in result["eval"].items() if isinstance(v, float)}, state["env_steps"])
             w.close()
     if info.enabled:
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # no barrier: the other ranks need not wait for rank 0's evaluation
     return result
 
 
@@ -297,17 +298,48 @@ def ppo_update(policy, optimizer, params, storage: RolloutStorage, ppo, info) ->
     return all_reduce_sum(sums.tolist(), info) / n_minibatches
 
 
+@contextlib.contextmanager
+def stop_requests(signals=(signal.SIGTERM, signal.SIGUSR1)):
+    """Turn SIGTERM / SIGUSR1 into a request acted on at the next update boundary, where the state is consistent;
+    the previous handlers come back afterwards."""
+    request = {"sig": None}
+
+    def on_signal(signum, _frame):
+        request["sig"] = signum
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
+    try:
+        yield request
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def set_aside_previous_run(run_dir: Path, log) -> None:
+    """--fresh: the old resume state goes (so a crash before the first save cannot resume it); the old
+    checkpoints and TensorBoard logs move to a dated folder instead of mixing with the new run's."""
+    for old in [run_dir / "resume.pt", *run_dir.glob("resume_rank*.pt")]:
+        old.unlink(missing_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in ("checkpoints", "tb"):
+        if (run_dir / name).exists():
+            target = run_dir / f"previous-{stamp}" / name
+            target.parent.mkdir(exist_ok=True)
+            (run_dir / name).rename(target)
+            log(f"--fresh: moved the previous {name}/ to {target}")
+
+
 def rank_state_path(run_dir: Path, rank: int, update: int) -> Path:
     return run_dir / f"resume_rank{rank}.u{update:07d}.pt"
 
 
-def save_resume(run_dir, info, policy, optimizer, scheduler, state, envs, storage, cfg) -> None:
+def save_resume(run_dir, info, policy, optimizer, scheduler, state, envs, storage, cfg, counters: dict) -> None:
     """Each rank writes its own RNG and environment state, tagged with the update; then rank 0 writes the shared
     model and optimiser, which name that update. A crash at any point leaves the previous complete set usable."""
     update = state["update"]
     checkpoint.save({"torch_rng": torch.get_rng_state(), "envs": envs.state_dict(),
                      "hidden": storage.hidden[0].cpu(), "masks": storage.masks[0].cpu(),
-                     "prev_actions": storage.prev_actions[0].cpu(), "update": update},
+                     "prev_actions": storage.prev_actions[0].cpu(), "update": update, **counters},
                     rank_state_path(run_dir, info.rank, update))
     if info.enabled:
         dist.barrier()
