@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 
@@ -18,29 +19,36 @@ def machine() -> str:
 
 
 def bench_sim(num_envs: int = 64, resolution: int = 64, sensors=("depth",), device: str = "cpu", steps: int = 300,
-              data_dir: str = "data/pointnav", split: str = "train", seed: int = 0) -> dict:
-    """Env-steps/s of the batched simulator under uniformly random actions (STOP included, so resets count)."""
-    task = TaskConfig(data_dir=data_dir, split=split)
+              data_dir: str = "data/pointnav", split: str = "train", seed: int = 0, warmup: int = 300,
+              episode_steps: int = 100, stop: bool = False) -> dict:
+    """Env-steps/s of the batched simulator under random actions.
+
+    By default the actions are the three movements and episodes end after ``episode_steps`` steps, the length of
+    a trained agent's episodes; ``stop=True`` draws STOP too (episodes then last ~4 steps: a reset benchmark).
+    A warm-up of ``warmup`` steps first compiles the kernels and fills the geodesic cache as a long run would;
+    the timed window reports its own reset share and cache hit rate."""
+    task = TaskConfig(data_dir=data_dir, split=split, max_episode_steps=episode_steps)
     ensure_dataset(task, DatasetConfig(), log=lambda *_: None)
     episodes, navs = load_split(data_dir, split)
     sim = SimConfig(resolution=resolution, sensors=list(sensors), device=device)
     env = PointNavVectorEnv(episodes, navs, num_envs, sim, task, seed=seed, device=device)
     env.reset()
     g = torch.Generator().manual_seed(seed)
-    actions = [torch.randint(0, 4, (num_envs,), generator=g) for _ in range(steps)]
-    # warm-up: compile kernels and fill the geodesic cache as a long run would have
-    for a in actions[: min(50, steps)]:
-        env.step(a)
+    low = 0 if stop else 1
+    for _ in range(warmup):
+        env.step(torch.randint(low, 4, (num_envs,), generator=g))
+    actions = [torch.randint(low, 4, (num_envs,), generator=g) for _ in range(steps)]
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+    hits0, misses0, reset_s0 = env.cache.hits, env.cache.misses, env.reset_seconds
     t0 = time.perf_counter()
-    reset_s0 = env.reset_seconds
     resets = 0
     for a in actions:
         resets += int(env.step(a).done.sum())
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    hits, misses = env.cache.hits - hits0, env.cache.misses - misses0
     return {
         "bench": "sim",
         "env_steps_per_s": num_envs * steps / dt,
@@ -48,9 +56,11 @@ def bench_sim(num_envs: int = 64, resolution: int = 64, sensors=("depth",), devi
         "resolution": resolution,
         "sensors": list(sensors),
         "device": device,
+        "actions": "all" if stop else "movement",
+        "episode_steps": episode_steps,
         "episodes_ended": resets,
         "reset_time_fraction": (env.reset_seconds - reset_s0) / dt,
-        "geodesic_cache_hit_rate": env.cache.hits / max(1, env.cache.hits + env.cache.misses),
+        "geodesic_cache_hit_rate": hits / max(1, hits + misses),
         "machine": machine(),
     }
 
@@ -127,6 +137,57 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
         "t_learn_us_per_step": 1e6 * t_learn / (T * n),
         "num_envs": n,
         "num_steps": T,
+        "updates_timed": updates,
+        "config": config_file,
+        "overrides": overrides,
+        "machine": machine(),
+    }
+
+
+def bench_scaling(overrides: list[str], updates: int = 12, config_file: str | None = None,
+                  port: int = 29611) -> dict:
+    """1 vs 2 Gloo ranks (torchrun, one thread each), and 2 ranks with rank 1's environments made 2x slower,
+    with and without straggler preemption. With 2 ranks, preemption needs sync_frac <= 0.5 (one finished
+    worker out of two), which the preemption runs use."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from ddppo.config import load_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = load_config(config_file, overrides)
+        per_update = base.ppo.num_steps * base.ppo.num_envs
+        # the slow rank sleeps one simulator step per environment step: its environments take twice as long
+        sim_step_s = bench_sim(base.ppo.num_envs, base.sim.resolution, tuple(base.sim.sensors), "cpu", 100,
+                               base.task.data_dir, base.task.split)
+        slowdown = base.ppo.num_envs / sim_step_s["env_steps_per_s"]
+
+        def run(name: str, ranks: int, extra: list[str]) -> float:
+            total = per_update * ranks * (updates + 1)
+            args = [*overrides, f"run_dir={tmp}", f"name={name}", f"total_steps={total}", "eval_episodes=0",
+                    "log_interval=1000", "checkpoint_interval=1000000", *extra]
+            cfg_args = ["--config", config_file] if config_file else []
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
+                   f"--master-port={port}", str(Path(__file__).with_name("train.py")), *cfg_args, "--fresh", *args]
+            subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            return json.loads((Path(tmp) / name / "summary.json").read_text())["steady_fps"]
+
+        one = run("one", 1, [])
+        two = run("two", 2, [])
+        slow = [f"ddppo.slowdown={slowdown}", "ddppo.slow_rank=1", "ddppo.sync_frac=0.5"]
+        slow_off = run("slow_off", 2, [*slow, "ddppo.preemption=false"])
+        slow_on = run("slow_on", 2, [*slow, "ddppo.preemption=true"])
+    return {
+        "bench": "scaling",
+        "fps_1_rank": one,
+        "fps_2_ranks": two,
+        "scaling_efficiency": two / (2 * one),
+        "fps_2_ranks_straggler_no_preemption": slow_off,
+        "fps_2_ranks_straggler_preemption": slow_on,
+        "preemption_speedup": slow_on / slow_off,
+        "straggler_sleep_s_per_step": slowdown,
         "updates_timed": updates,
         "config": config_file,
         "overrides": overrides,

@@ -21,7 +21,7 @@ def _bench_sim(args) -> int:
     from ddppo.bench import bench_sim, print_json
 
     print_json(bench_sim(args.num_envs, args.resolution, args.sensors.split(","), args.device, args.steps,
-                         args.data_dir))
+                         args.data_dir, warmup=args.warmup, episode_steps=args.episode_steps, stop=args.stop))
     return 0
 
 
@@ -48,37 +48,24 @@ def _slurm_train(args) -> int:
     return 0
 
 
+def _bench_scaling(args) -> int:
+    from ddppo.bench import bench_scaling, print_json
+
+    print_json(bench_scaling(args.overrides, args.updates, args.config or default_config()))
+    return 0
+
+
 def _eval(args) -> int:
-    import json
+    from ddppo.evaluation_cli import run_eval
 
-    from omegaconf import OmegaConf
+    return run_eval(args)
 
-    from ddppo import checkpoint
-    from ddppo.config import TrainConfig, load_config
-    from ddppo.evaluation import evaluate_policy
-    from ddppo.policy import build_policy
-    from ddppo.sim.vector_env import PointNavVectorEnv  # noqa: F401
 
-    ckpt = checkpoint.load(args.checkpoint)
-    if "policy" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"checkpoint {args.checkpoint}: missing field 'policy' or 'config' (not a ddppo checkpoint)")
-    base = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"])
-    cfg = load_config(None, args.overrides, schema=TrainConfig)
-    cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(list(args.overrides)))
-    from ddppo.sim.data import ensure_dataset, load_split
+def _plot(args) -> int:
+    from ddppo.plot import plot_runs
 
-    ensure_dataset(OmegaConf.merge(cfg.task, {"split": args.split}), cfg.dataset)
-    episodes, navs = load_split(cfg.task.data_dir, args.split)
-    spaces = PointNavVectorEnv(episodes[:1], navs, 1, cfg.sim, cfg.task).obs_spaces
-    policy = build_policy(cfg.policy, spaces)
-    try:
-        policy.load_state_dict(ckpt["policy"])
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {args.checkpoint}: does not fit the configured policy "
-                         f"({str(e).splitlines()[0]})") from None
-    result = evaluate_policy(policy, cfg, split=args.split, num_episodes=args.episodes,
-                             deterministic=not args.sample)
-    print(json.dumps(result))
+    out = plot_runs(args.runs, args.out, tuple(args.metrics.split(",")), args.smooth)
+    print(f"wrote {out}")
     return 0
 
 
@@ -110,13 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint on a split")
+    e = sub.add_parser("eval", help="evaluate a checkpoint on a split (also under torchrun)")
     e.add_argument("checkpoint")
     e.add_argument("--split", default="val", choices=["train", "val", "test"])
-    e.add_argument("--episodes", type=int, default=100)
-    e.add_argument("--sample", action="store_true", help="sample actions instead of taking the most likely")
-    e.add_argument("overrides", nargs="*")
-    e.set_defaults(func=_eval)
+    e.add_argument("--episodes", type=int, default=100, help="the first N episodes of the split (0 = all)")
+    mode = e.add_mutually_exclusive_group()
+    mode.add_argument("--deterministic", dest="sample", action="store_false", help="most likely action (default)")
+    mode.add_argument("--sample", dest="sample", action="store_true", help="sample actions from the policy")
+    e.add_argument("--agents", default="oracle,random,forward,untrained",
+                   help="reference agents evaluated beside the checkpoint ('' for none)")
+    e.add_argument("--num-envs", type=int, default=8, help="environments per process")
+    e.add_argument("--out", default=None, help="output directory (default: <run>/eval/<split>)")
+    e.add_argument("--video", type=int, default=0, help="record videos of the first N episodes")
+    e.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config")
+    e.set_defaults(func=_eval, sample=False)
+
+    pl = sub.add_parser("plot", help="learning curves of runs as a PNG")
+    pl.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
+    pl.add_argument("--out", default="curves.png")
+    pl.add_argument("--metrics", default="episode/success,episode/spl")
+    pl.add_argument("--smooth", type=int, default=1, help="moving average over this many points")
+    pl.set_defaults(func=_plot)
 
     d = sub.add_parser("dataset", help="datasets of the embedded simulator")
     dsub = d.add_subparsers(dest="dataset_command", required=True)
@@ -136,7 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--steps", type=int, default=300)
     s.add_argument("--data-dir", default="data/pointnav")
+    s.add_argument("--warmup", type=int, default=300, help="untimed steps first (kernels, geodesic cache)")
+    s.add_argument("--episode-steps", type=int, default=100, help="episode length limit (a trained agent's)")
+    s.add_argument("--stop", action="store_true", help="draw STOP too (episodes of ~4 steps: a reset benchmark)")
     s.set_defaults(func=_bench_sim)
+    sc = bsub.add_parser("scaling", help="1 vs 2 Gloo ranks, and a 2x straggler with and without preemption")
+    sc.add_argument("--config", default=None, help="YAML (default: the quickstart config)")
+    sc.add_argument("--updates", type=int, default=12)
+    sc.add_argument("overrides", nargs="*")
+    sc.set_defaults(func=_bench_scaling)
+
     sl = sub.add_parser("slurm", help="submit to SLURM through submitit")
     slsub = sl.add_subparsers(dest="slurm_command", required=True)
     st = slsub.add_parser("train", help="one run, a multi-node run, or an array sweep (--sweep)")
@@ -166,7 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may follow options (`ddppo eval CKPT --episodes 10 policy.x=1`), which argparse's
+    # positional matching does not allow: collect them here
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

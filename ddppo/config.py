@@ -131,7 +131,9 @@ class TrainConfig:
     log_interval: int = 5
     """Updates between TensorBoard writes."""
     eval_episodes: int = 100
-    """Deterministic val episodes evaluated at the end of training (0 = none)."""
+    """Deterministic val episodes evaluated at the end of training and at every eval_interval (0 = none)."""
+    eval_interval: int = 0
+    """Updates between evaluations on the val split during training, logged as eval/* (0 = only at the end)."""
     sim: SimConfig = field(default_factory=SimConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)

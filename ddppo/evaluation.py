@@ -1,64 +1,190 @@
-"""Deterministic evaluation of a policy on a split: each episode exactly once, metrics per episode and mean."""
+"""Evaluation: every episode of a split exactly once (partitioned across ranks and environments), per-episode
+records with the path walked, means with 95% confidence intervals, and the reference agents that give every
+number its floor and ceiling (shortest-path oracle, random, always-forward, untrained weights)."""
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from ddppo.atomic import atomic_open
+from ddppo.distributed import DistInfo
 from ddppo.sim.data import ensure_dataset, load_split
+from ddppo.sim.geometry import MOVE_FORWARD
+from ddppo.sim.oracle import ShortestPathFollower
 from ddppo.sim.task import METRICS
 from ddppo.sim.vector_env import PointNavVectorEnv
 
+REFERENCE_AGENTS = ("oracle", "random", "forward", "untrained")
+
+
+class PolicyAgent:
+    """A policy with its recurrent state; ``masks`` 0 marks an episode start (state and previous action reset)."""
+
+    def __init__(self, policy, num_envs: int, device, deterministic: bool = True):
+        self.policy, self.device, self.deterministic = policy, torch.device(device), deterministic
+        self.hidden = policy.initial_hidden(num_envs, self.device)
+
+    @torch.no_grad()
+    def act(self, obs, prev_actions, masks):
+        obs = {k: v.to(self.device) for k, v in obs.items()}
+        actions, _, _, self.hidden = self.policy.act(obs, prev_actions.to(self.device), masks.to(self.device),
+                                                     self.hidden, deterministic=self.deterministic)
+        return actions.cpu()
+
+
+class OracleAgent:
+    def __init__(self, envs):
+        self.follower = ShortestPathFollower(envs)
+
+    def act(self, obs, prev_actions, masks):
+        return self.follower.act().cpu()
+
+
+class RandomAgent:
+    """Uniform over the four actions (so it mostly STOPs early: the floor of every metric)."""
+
+    def __init__(self, num_envs: int, seed: int = 0):
+        self.n, self.gen = num_envs, torch.Generator().manual_seed(seed)
+
+    def act(self, obs, prev_actions, masks):
+        return torch.randint(0, 4, (self.n,), generator=self.gen)
+
+
+class ForwardAgent:
+    def __init__(self, num_envs: int):
+        self.n = num_envs
+
+    def act(self, obs, prev_actions, masks):
+        return torch.full((self.n,), MOVE_FORWARD)
+
 
 @torch.no_grad()
-def run_episodes(envs: PointNavVectorEnv, act) -> list[dict]:
-    """Step ``act(obs, prev_actions, masks, hidden) -> (actions, hidden)`` until every env has run its share."""
+def run_episodes(envs: PointNavVectorEnv, agent, on_step=None) -> list[dict]:
+    """Step ``agent`` until every env has run its share of episodes; one record per episode, with its path.
+
+    ``on_step(envs, result)`` is called after every step (videos use it)."""
     n = envs.num_envs
     obs = envs.reset()
-    results = []
-    state = {"prev": torch.zeros(n, dtype=torch.long), "masks": torch.zeros(n), "hidden": None}
+    prev = torch.zeros(n, dtype=torch.long)
+    masks = torch.zeros(n)
+    paths = [[(float(envs.sim.x[e]), float(envs.sim.z[e]))] for e in range(n)]
+    actions_taken: list[list[int]] = [[] for _ in range(n)]
+    records = []
     while envs.active.any():
-        actions, state["hidden"] = act(obs, state["prev"], state["masks"], state["hidden"])
+        actions = agent.act(obs, prev, masks)
         r = envs.step(actions)
+        if on_step is not None:
+            on_step(envs, r)
+        for e in range(n):
+            if r.info["active"][e] or r.done[e]:
+                paths[e].append((float(r.info["agent_x"][e]), float(r.info["agent_z"][e])))
+                actions_taken[e].append(int(actions[e]))
         for e in r.done.nonzero().flatten().tolist():
-            row = {k: float(r.info[k][e]) for k in METRICS}
             ep = envs.episodes[int(r.info["episode_index"][e])]
-            row.update(episode_id=ep.episode_id, scene_id=ep.scene_id)
-            results.append(row)
+            row = {"episode_id": ep.episode_id, "scene_id": ep.scene_id}
+            row.update({k: float(r.info[k][e]) for k in METRICS})
+            row["goal"] = [float(r.info["goal_x"][e]), float(r.info["goal_z"][e])]
+            row["path"] = paths[e]
+            row["actions"] = actions_taken[e]
+            records.append(row)
+            paths[e] = [(float(envs.sim.x[e]), float(envs.sim.z[e]))]
+            actions_taken[e] = []
         obs = r.obs
-        state["prev"] = actions.cpu().long()
-        state["masks"] = (~r.done).float()
-    return results
+        prev = actions.long()
+        masks = (~r.done).float()
+    return records
 
 
-def summarize(results: list[dict]) -> dict:
-    out = {"episodes": len(results)}
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its normal-approximation 95% confidence interval."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    t = torch.tensor(values, dtype=torch.float64)
+    half = 1.96 * t.std(unbiased=True).item() / math.sqrt(n) if n > 1 else math.nan
+    return t.mean().item(), half
+
+
+def summarize(records: list[dict]) -> dict:
+    out: dict = {"episodes": len(records)}
     for k in METRICS:
-        vals = torch.tensor([r[k] for r in results], dtype=torch.float64)
-        out[k] = vals.mean().item() if len(vals) else float("nan")
+        out[k], out[f"{k}_ci95"] = mean_ci95([r[k] for r in records])
     return out
 
 
-def evaluate_policy(policy, cfg, split: str = "val", num_episodes: int = 100, num_envs: int = 8,
-                    deterministic: bool = True, device="cpu") -> dict:
-    """Mean metrics of ``policy`` over the first ``num_episodes`` episodes of ``split``."""
+def split_episodes(cfg, split: str, num_episodes: int | None):
     task = OmegaConf.merge(cfg.task, {"split": split})
     ensure_dataset(task, cfg.dataset, log=lambda *_: None)
     episodes, navs = load_split(task.data_dir, split)
-    episodes = episodes[:num_episodes]
-    envs = PointNavVectorEnv(episodes, navs, min(num_envs, len(episodes)), cfg.sim, task, order="partition",
-                             device="cpu" if cfg.sim.device == "auto" else cfg.sim.device)
+    if num_episodes:
+        episodes = episodes[:num_episodes]
+    return task, episodes, navs
+
+
+def evaluate(cfg, make_agent, split: str = "val", num_episodes: int | None = 100, num_envs: int = 8,
+             info: DistInfo | None = None, on_step=None) -> list[dict]:
+    """Every episode once: rank r of W takes episodes r, r+W, ...; its envs split those again. All ranks return
+    the records of all episodes, in dataset order. ``make_agent(envs) -> agent``."""
+    info = info or DistInfo()
+    task, episodes, navs = split_episodes(cfg, split, num_episodes)
+    mine = list(range(info.rank, len(episodes), info.world_size))
+    records: list[dict] = []
+    if mine:
+        envs = PointNavVectorEnv([episodes[k] for k in mine], navs, min(num_envs, len(mine)), cfg.sim, task,
+                                 order="partition", device="cpu" if cfg.sim.device == "auto" else cfg.sim.device)
+        records = run_episodes(envs, make_agent(envs), on_step)
+    if info.enabled:
+        gathered: list = [None] * info.world_size
+        dist.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+    order = {ep.episode_id: k for k, ep in enumerate(episodes)}
+    return sorted(records, key=lambda r: order[r["episode_id"]])
+
+
+def evaluate_policy(policy, cfg, split: str = "val", num_episodes: int = 100, num_envs: int = 8,
+                    deterministic: bool = True, device="cpu", info: DistInfo | None = None) -> dict:
+    """Mean metrics (with 95% CIs) of ``policy`` over the first ``num_episodes`` episodes of ``split``."""
     was_training = policy.training
     policy.eval()
+    try:
+        records = evaluate(cfg, lambda envs: PolicyAgent(policy, envs.num_envs, device, deterministic), split,
+                           num_episodes, num_envs, info)
+    finally:
+        policy.train(was_training)
+    return summarize(records)
 
-    def act(obs, prev, masks, hidden):
-        if hidden is None:
-            hidden = policy.initial_hidden(envs.num_envs, device)
-        obs = {k: v.to(device) for k, v in obs.items()}
-        actions, _, _, hidden = policy.act(obs, prev.to(device), masks.to(device), hidden,
-                                           deterministic=deterministic)
-        return actions.cpu(), hidden
 
-    results = run_episodes(envs, act)
-    policy.train(was_training)
-    return summarize(results)
+def reference_agent(kind: str, untrained_policy=None, device="cpu", seed: int = 0):
+    """``make_agent`` for a reference agent by name (see REFERENCE_AGENTS)."""
+    makers = {
+        "oracle": lambda envs: OracleAgent(envs),
+        "random": lambda envs: RandomAgent(envs.num_envs, seed),
+        "forward": lambda envs: ForwardAgent(envs.num_envs),
+        "untrained": lambda envs: PolicyAgent(untrained_policy, envs.num_envs, device, deterministic=True),
+    }
+    if kind not in makers:
+        raise ValueError(f"reference agent {kind!r}: use one of {', '.join(REFERENCE_AGENTS)}")
+    return makers[kind]
+
+
+def write_jsonl(records: list[dict], path: str | Path) -> None:
+    with atomic_open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def format_table(summaries: dict[str, dict]) -> str:
+    """Plain-text table: one row per agent, mean ± 95% CI per metric."""
+    cols = ("success", "spl", "softspl", "distance_to_goal", "collisions", "steps")
+    head = f"{'agent':<12}{'episodes':>9}" + "".join(f"{c:>20}" for c in cols)
+    lines = [head, "-" * len(head)]
+    for name, s in summaries.items():
+        cells = "".join(f"{s[c]:>11.3f} ± {s[c + '_ci95']:<6.3f}" for c in cols)
+        lines.append(f"{name:<12}{s['episodes']:>9}{cells}")
+    return "\n".join(lines)

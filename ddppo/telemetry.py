@@ -32,6 +32,7 @@ class ProgressDisplay:
         self.tty = sys.stdout.isatty()
         self._progress = None
         self._last_print = 0.0
+        self._final_printed = False
 
     def start(self, done: int = 0) -> None:
         self._t0, self._done0 = time.perf_counter(), done
@@ -60,8 +61,10 @@ class ProgressDisplay:
             self._progress.update(self._task, completed=min(steps, self.total), stats=stats)
             return
         now = time.perf_counter()
-        if now - self._last_print >= self.every_s or steps >= self.total:
+        final = steps >= self.total and not self._final_printed
+        if now - self._last_print >= self.every_s or final:
             self._last_print = now
+            self._final_printed = self._final_printed or final
             eta = max(0, self.total - steps) / max((steps - self._done0) / max(now - self._t0, 1e-9), 1e-9)
             print(f"[train] {steps:,}/{self.total:,} steps | {stats} | ETA {eta / 60:.1f} min", flush=True)
 

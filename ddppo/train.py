@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import signal
@@ -29,6 +30,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from ddppo import checkpoint  # noqa: E402
+from ddppo.atomic import atomic_write_text  # noqa: E402
 from ddppo.config import load_config, save_config  # noqa: E402
 from ddppo.distributed import (  # noqa: E402
     RolloutCounter,
@@ -93,15 +95,19 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
     storage = RolloutStorage(cfg.ppo.num_steps, n_envs, envs.obs_spaces,
                              (policy.num_hidden_layers, cfg.policy.hidden_size), info.device)
     counter = RolloutCounter(info)
-    state = {"update": 0, "env_steps": 0, "episodes": 0, "wall_time": 0.0}
+    state = {"update": 0, "env_steps": 0, "episodes": 0, "wall_time": 0.0, "world_size": info.world_size}
 
     window = torch.zeros(len(EPISODE_STATS) + 1, dtype=torch.float64)  # episodes ended since the last log, sums
-    dd_window = torch.zeros(3, dtype=torch.float64)  # preempted ranks, rollout fraction, updates since the last log
+    dd_window = torch.zeros(4, dtype=torch.float64)  # preempted ranks, rollout fraction, updates, wait seconds
     episode_return = torch.zeros(n_envs, device=sim_device)
     resumed_from = 0
     resume_path = run_dir / "resume.pt"
     if resume_path.is_file():
         shared = checkpoint.load(resume_path)
+        saved_world = shared["state"].get("world_size", 1)
+        if saved_world != info.world_size:
+            raise ValueError(f"resume state {resume_path} was saved by {saved_world} workers, not {info.world_size}; "
+                             "resume with the same number of workers or start over with --fresh")
         mine = checkpoint.load(rank_state_path(run_dir, info.rank, shared["state"]["update"]))
         policy.load_state_dict(shared["policy"])
         optimizer.load_state_dict(shared["optimizer"])
@@ -187,8 +193,10 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
                                           storage.hidden[storage.step])
             storage.compute_returns(next_value, cfg.ppo.gamma, cfg.ppo.tau)
             policy.train()  # from here on the visual normaliser updates (a collective: same count on every rank)
+            t_wait = time.perf_counter()  # the first collective after the rollout: a fast rank waits here
             totals = all_reduce_sum([storage.num_samples, float(rollout_steps < cfg.ppo.num_steps),
                                      rollout_steps / cfg.ppo.num_steps], info)
+            t_wait = time.perf_counter() - t_wait
             global_samples = int(totals[0])
             losses = ppo_update(policy, optimizer, params, storage, cfg.ppo, info)
             scheduler.step()
@@ -202,8 +210,9 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
             progress.append((time.perf_counter(), state["env_steps"]))
 
             # ---- logging (metrics all-reduced, written by rank 0)
-            timing = all_reduce_sum([t_rollout, t_learn, t_sim, t_act], info) / info.world_size
-            dd_window += torch.tensor([totals[1].item(), totals[2].item() / info.world_size, 1.0], dtype=torch.float64)
+            timing = all_reduce_sum([t_rollout, t_learn, t_sim, t_act, t_wait], info) / info.world_size
+            dd_window += torch.tensor([totals[1].item(), totals[2].item() / info.world_size, 1.0, timing[4].item()],
+                                      dtype=torch.float64)
             display.update(state["env_steps"], metrics)
             if state["update"] % cfg.log_interval == 0 or state["env_steps"] >= cfg.total_steps:
                 ep = all_reduce_sum(window.tolist(), info)
@@ -222,12 +231,20 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
                     "loss/grad_norm": losses[5].item(), "lr": scheduler.get_last_lr()[0],
                     "ddppo/preempted_ranks": (dd_window[0] / dd_window[2]).item(),
                     "ddppo/rollout_fraction": (dd_window[1] / dd_window[2]).item(),
+                    "ddppo/wait_s": (dd_window[3] / dd_window[2]).item(),
                     "ddppo/episodes": state["episodes"],
                 })
                 dd_window.zero_()
                 if writer:
                     writer.scalars(metrics, state["env_steps"])
                 display.update(state["env_steps"], metrics)
+
+            # ---- periodic evaluation on val, shared by all ranks (each runs its share of the episodes)
+            if cfg.eval_interval and cfg.eval_episodes and state["update"] % cfg.eval_interval == 0:
+                evaluation = evaluate_policy(policy, cfg, "val", cfg.eval_episodes, device=info.device, info=info)
+                if writer:
+                    writer.scalars({f"eval/{k}": v for k, v in evaluation.items() if not k.endswith("_ci95")},
+                                   state["env_steps"])
 
             # ---- checkpoint / resume state (on schedule, at the end, or when asked to stop by a signal)
             # every rank must stop at the same update: agree on whether (and which) signal arrived anywhere
@@ -252,14 +269,23 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
     result = {"env_steps": state["env_steps"], "updates": state["update"], "run_dir": str(run_dir),
               "resumed_from_update": resumed_from, "signal": stop_signal["sig"], "param_checksum": checksum,
               "progress": progress, **metrics}
-    if main and cfg.eval_episodes > 0 and state["env_steps"] >= cfg.total_steps:
+    if len(progress) > 1:  # throughput after the first update (start-up, compilation and cache fills excluded)
+        (t_a, s_a), (t_b, s_b) = progress[0], progress[-1]
+        result["steady_fps"] = (s_b - s_a) / max(t_b - t_a, 1e-9)
+    if cfg.eval_episodes > 0 and state["env_steps"] >= cfg.total_steps:
         result["eval"] = evaluate_policy(policy, cfg, split="val", num_episodes=cfg.eval_episodes,
-                                         device=info.device)
-        log("val: " + ", ".join(f"{k} {v:.3f}" for k, v in result["eval"].items() if isinstance(v, float)))
-        if writer is not None:
+                                         device=info.device, info=info)
+        ev = result["eval"]
+        log(f"val ({ev['episodes']} episodes): success {ev['success']:.3f} ± {ev['success_ci95']:.3f}, "
+            f"SPL {ev['spl']:.3f} ± {ev['spl_ci95']:.3f}, SoftSPL {ev['softspl']:.3f}, "
+            f"distance to goal {ev['distance_to_goal']:.2f} m")
+        if main:
             w = TBWriter(run_dir / "tb")
-            w.scalars({f"eval/{k}": v for k, v in result["eval"].items() if isinstance(v, float)}, state["env_steps"])
+            w.scalars({f"eval/{k}": v for k, v in ev.items() if not k.endswith("_ci95")}, state["env_steps"])
             w.close()
+    if main:
+        summary = {k: v for k, v in result.items() if k != "progress"}
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, default=float))
     if info.enabled:
         dist.destroy_process_group()  # no barrier: the other ranks need not wait for rank 0's evaluation
     return result
@@ -370,8 +396,12 @@ EXIT_REQUEUE = 3
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    result = train(cfg, fresh=args.fresh)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = train(cfg, fresh=args.fresh)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one line, no traceback
+        print(f"ddppo train: error: {e}", file=sys.stderr)
+        return 2
     return EXIT_REQUEUE if result["signal"] == signal.SIGUSR1 else 0
 
 

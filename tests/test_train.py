@@ -201,6 +201,26 @@ def test_truncated_resume_state_fails_clearly(data_dir, tmp_path):
     assert run(more, fresh=True)["updates"] == 2  # --fresh ignores the damaged state
 
 
+def test_resume_with_another_number_of_workers_is_refused(data_dir, tmp_path):
+    ov = overrides(data_dir, tmp_path, "world", 1)
+    run(ov)
+    resume = tmp_path / "world" / "resume.pt"
+    state = checkpoint.load(resume)
+    state["state"]["world_size"] = 2  # as if 2 workers had saved it
+    checkpoint.save(state, resume)
+    with pytest.raises(ValueError, match="saved by 2 workers, not 1"):
+        run(overrides(data_dir, tmp_path, "world", 2))
+
+
+def test_summary_json_reports_steady_throughput(tiny_run):
+    import json
+
+    run_dir, result, _ = tiny_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["env_steps"] == result["env_steps"] and summary["steady_fps"] > 0
+    assert summary["eval"]["episodes"] == 2
+
+
 # ---------------------------------------------------------------------------------------------- resume
 K = 3
 
@@ -442,3 +462,11 @@ def test_blind_agent_learns_pointnav_in_empty_rooms(tmp_path):
     assert last_s >= (0.7 if LONG else 0.4), msg
     assert last_s - first_s >= 0.3, msg
     assert last_r - first_r >= 1.0, msg
+
+
+def test_periodic_evaluation_is_logged(data_dir, tmp_path):
+    ov = overrides(data_dir, tmp_path, "periodic", 4, "eval_interval=2", "eval_episodes=2")
+    run(ov)
+    scalars = read_scalars(tmp_path / "periodic")
+    assert sorted(scalars["eval/success"]) == [2 * PER_UPDATE, 4 * PER_UPDATE]  # the last one also is the final
+    assert all(0.0 <= v <= 1.0 for v in scalars["eval/spl"].values())

@@ -1,0 +1,105 @@
+"""``ddppo eval CHECKPOINT``: the checkpoint and the reference agents on one table, per-episode JSONL, videos.
+
+Under torchrun every rank evaluates its share of the episodes and rank 0 writes the results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ddppo import checkpoint
+from ddppo.atomic import atomic_write_text
+from ddppo.config import TrainConfig, check
+from ddppo.distributed import init_distributed
+from ddppo.evaluation import (
+    PolicyAgent,
+    evaluate,
+    format_table,
+    reference_agent,
+    split_episodes,
+    summarize,
+    write_jsonl,
+)
+from ddppo.policy import build_policy
+
+
+def policy_spaces(cfg) -> dict:
+    """The observation spaces a policy for ``cfg`` sees (the simulator's, without building one)."""
+    r = cfg.sim.resolution
+    spaces = {"pointgoal_with_gps_compass": ((2,), torch.float32)}
+    if "rgb" in cfg.sim.sensors:
+        spaces["rgb"] = ((r, r, 3), torch.uint8)
+    if "depth" in cfg.sim.sensors:
+        spaces["depth"] = ((r, r, 1), torch.float32)
+    return spaces
+
+
+def policy_from_checkpoint(path: str | Path, overrides=()):
+    """(policy, config) of a training checkpoint; a file that is not one, or that does not fit the configured
+    architecture, is a one-line ValueError naming it."""
+    ckpt = checkpoint.load(path)
+    if "policy" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"checkpoint {path}: missing field 'policy' or 'config' (not a ddppo checkpoint)")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"],
+                              OmegaConf.from_dotlist(list(overrides)))
+    except Exception as e:
+        raise ValueError(f"checkpoint {path}: config does not load ({str(e).splitlines()[0]})") from None
+    check(cfg)
+    policy = build_policy(cfg.policy, policy_spaces(cfg))
+    try:
+        policy.load_state_dict(ckpt["policy"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = next((line.strip() for line in first[1:] if line.strip()), first[0])
+        raise ValueError(f"checkpoint {path}: weights do not fit the configured policy ({detail[:200]})") from None
+    return policy.eval(), cfg
+
+
+def run_eval(args) -> int:
+    policy, cfg = policy_from_checkpoint(args.checkpoint, args.overrides)
+    info = init_distributed(cfg.device)
+    policy = policy.to(info.device)
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / "eval" / args.split
+    n = args.episodes or None
+    agents = {"checkpoint": lambda envs: PolicyAgent(policy, envs.num_envs, info.device, not args.sample)}
+    names = [a for a in args.agents.split(",") if a]
+    untrained = None
+    if "untrained" in names:
+        torch.manual_seed(cfg.seed)
+        untrained = build_policy(cfg.policy, policy_spaces(cfg)).to(info.device).eval()
+    for name in names:
+        agents[name] = reference_agent(name, untrained, info.device, cfg.seed)
+    summaries = {}
+    for name, make_agent in agents.items():
+        records = evaluate(cfg, make_agent, args.split, n, args.num_envs, info)
+        summaries[name] = summarize(records)
+        if info.is_main:
+            write_jsonl(records, out / f"{name}.jsonl")
+    if info.is_main:
+        atomic_write_text(out / "summary.json", json.dumps(summaries, indent=1))
+        print(format_table(summaries))
+        print(f"per-episode records and summary in {out}")
+        if args.video:
+            _videos(cfg, policy, args, out, info.device)
+    if info.enabled:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _videos(cfg, policy, args, out: Path, device) -> None:
+    from ddppo.telemetry import TBWriter
+    from ddppo.video import add_video_to_tensorboard, record_episodes, write_mp4
+
+    task, episodes, navs = split_episodes(cfg, args.split, args.video)
+    videos = record_episodes(episodes, navs, cfg.sim, task,
+                             lambda envs: PolicyAgent(policy, envs.num_envs, device, not args.sample))
+    writer = TBWriter(out / "tb")
+    for ep, frames in zip(episodes, videos):
+        path = write_mp4(frames, out / "videos" / f"episode_{ep.episode_id}.mp4")
+        add_video_to_tensorboard(writer, f"video/episode_{ep.episode_id}", frames, 0)
+        print(f"video: {path} ({len(frames)} frames)")
+    writer.close()

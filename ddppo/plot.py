@@ -1,0 +1,48 @@
+"""``ddppo plot RUN [RUN ...]``: learning curves (success, SPL, ... against frames) from run directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+DEFAULT_METRICS = ("episode/success", "episode/spl")
+
+
+def read_curves(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]:
+    tb = Path(run_dir) / "tb"
+    if not tb.is_dir():
+        raise FileNotFoundError(f"run {run_dir}: no TensorBoard directory {tb}")
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: ([e.step for e in acc.Scalars(tag)], [e.value for e in acc.Scalars(tag)])
+            for tag in acc.Tags()["scalars"]}
+
+
+def plot_runs(runs: list[str | Path], out: str | Path, metrics=DEFAULT_METRICS, smooth: int = 1) -> Path:
+    """One panel per metric, one line per run (moving average over ``smooth`` points)."""
+    curves = {str(r): read_curves(r) for r in runs}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for name, c in curves.items():
+            if metric not in c:
+                raise ValueError(f"run {name}: no scalar {metric!r} (has {', '.join(sorted(c)[:8])}, ...)")
+            steps, values = c[metric]
+            if smooth > 1:
+                values = [sum(values[max(0, i - smooth + 1): i + 1]) / len(values[max(0, i - smooth + 1): i + 1])
+                          for i in range(len(values))]
+            ax.plot(steps, values, label=Path(name).name)
+        ax.set_xlabel("frames (environment steps)")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,139 @@
+"""Evaluation: exact episode partitioning (also across torchrun ranks), metrics recomputed independently from the
+logged paths, reference agents, videos, plots, and refusing checkpoints that do not fit."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from ddppo.cli import main as cli_main
+from ddppo.config import load_config
+from ddppo.sim.data import generate_dataset, load_split
+from ddppo.sim.geometry import STOP
+from ddppo.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["sim.resolution=16", "policy.encoder=simple_cnn", "policy.hidden_size=16", "policy.base_planes=4",
+        "policy.rnn_type=gru", "policy.num_recurrent_layers=1", "ppo.num_envs=2", "ppo.num_steps=8",
+        "ppo.num_mini_batch=1", "ppo.ppo_epoch=1", "eval_episodes=0"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A checkpoint of a tiny run (2 updates) and its dataset."""
+    root = tmp_path_factory.mktemp("eval")
+    data = root / "data"
+    cfg = load_config(None, ["dataset.scenes={train: 2, val: 2, test: 1}", "dataset.max_extent=8",
+                             "dataset.episodes_per_scene={train: 10, val: 6, test: 4}"]).dataset
+    generate_dataset(data, cfg, log=lambda *_: None)
+    ov = [*TINY, f"task.data_dir={data}", f"run_dir={root / 'runs'}", "name=tiny", "total_steps=32",
+          "log_interval=1"]
+    train(load_config(None, ov), log=lambda *_: None)
+    ckpt = sorted((root / "runs" / "tiny" / "checkpoints").glob("ckpt_*.pt"))[-1]
+    return {"root": root, "data": data, "ckpt": ckpt, "overrides": ov}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def eval_cli(trained, out: Path, *extra: str) -> int:
+    # 150 steps: enough for the oracle in these small scenes, and agents that never stop end sooner
+    return cli_main(["eval", str(trained["ckpt"]), "--episodes", "0", "--num-envs", "3", "--out", str(out),
+                     *extra, "task.max_episode_steps=150"])
+
+
+def test_single_process_eval_writes_records_and_table(trained, tmp_path, capsys):
+    assert eval_cli(trained, tmp_path / "ev") == 0
+    table = capsys.readouterr().out
+    for agent in ("checkpoint", "oracle", "random", "forward", "untrained"):
+        assert agent in table
+        records = read_jsonl(tmp_path / "ev" / f"{agent}.jsonl")
+        assert [r["episode_id"] for r in records] == [str(k) for k in range(12)]  # every val episode, once
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["oracle"]["spl"] >= 0.9 and summary["oracle"]["success"] >= 0.99
+    assert summary["random"]["spl"] <= 0.05 and summary["forward"]["success"] == 0.0
+    assert summary["oracle"]["spl_ci95"] >= 0.0
+
+
+def test_distributed_eval_equals_single_process(trained, tmp_path):
+    assert eval_cli(trained, tmp_path / "single", "--agents", "oracle") == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29655", "-m",
+           "ddppo.cli", "eval", str(trained["ckpt"]), "--episodes", "0", "--num-envs", "3", "--agents", "oracle",
+           "--out", str(tmp_path / "dist"), "task.max_episode_steps=150"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    for agent in ("checkpoint", "oracle"):
+        single = read_jsonl(tmp_path / "single" / f"{agent}.jsonl")
+        both = read_jsonl(tmp_path / "dist" / f"{agent}.jsonl")
+        assert [r["episode_id"] for r in both] == [r["episode_id"] for r in single]
+        for a, b in zip(single, both):
+            assert a["actions"] == b["actions"], a["episode_id"]
+            for k in ("success", "spl", "softspl", "distance_to_goal", "path_length", "collisions"):
+                assert a[k] == pytest.approx(b[k], abs=1e-5), (a["episode_id"], k)
+
+
+def test_summary_equals_recomputation_from_logged_paths(trained, tmp_path):
+    """Success, SPL and path length recomputed from the records' paths with the navmesh alone."""
+    assert eval_cli(trained, tmp_path / "ev", "--agents", "oracle,random") == 0
+    _, navs = load_split(trained["data"], "val")
+    for agent in ("checkpoint", "oracle", "random"):
+        records = read_jsonl(tmp_path / "ev" / f"{agent}.jsonl")
+        summary = json.loads((tmp_path / "ev" / "summary.json").read_text())[agent]
+        spls, successes = [], []
+        for r in records:
+            nav = navs[r["scene_id"]]
+            path = np.array(r["path"])
+            walked = float(np.linalg.norm(np.diff(path, axis=0), axis=1).sum())
+            start_geo = nav.geodesic_distance(path[0], r["goal"])
+            end_geo = nav.geodesic_distance(path[-1], r["goal"])
+            success = float(r["actions"][-1] == STOP and end_geo < 0.2)
+            assert walked == pytest.approx(r["path_length"], abs=1e-3)
+            assert start_geo == pytest.approx(r["geodesic_distance"], rel=1e-3)
+            assert len(r["actions"]) == r["steps"] == len(path) - 1
+            successes.append(success)
+            spls.append(success * start_geo / max(walked, start_geo))
+        assert np.mean(successes) == pytest.approx(summary["success"], abs=1e-6)
+        assert np.mean(spls) == pytest.approx(summary["spl"], abs=1e-3)
+        half = 1.96 * np.std(spls, ddof=1) / math.sqrt(len(spls))
+        assert summary["spl_ci95"] == pytest.approx(half, abs=1e-3)
+
+
+def test_video_decodes_to_one_frame_per_step_and_tensorboard_has_it(trained, tmp_path):
+    assert eval_cli(trained, tmp_path / "ev", "--agents", "", "--video", "1") == 0
+    frames = iio.imread(tmp_path / "ev" / "videos" / "episode_0.mp4")
+    steps = read_jsonl(tmp_path / "ev" / "checkpoint.jsonl")[0]["steps"]
+    assert frames.shape[0] == steps + 1 and frames.shape[-1] == 3
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "ev" / "tb"))
+    acc.Reload()
+    assert "video/episode_0" in acc.Tags()["images"]
+
+
+def test_plot_writes_a_png(trained, tmp_path):
+    out = tmp_path / "curves.png"
+    run = trained["root"] / "runs" / "tiny"
+    assert cli_main(["plot", str(run), str(run), "--out", str(out)]) == 0
+    img = iio.imread(out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and img.shape[0] > 100
+    assert cli_main(["plot", str(run), "--out", str(out), "--metrics", "episode/nothing"]) == 2
+
+
+def test_checkpoint_of_another_architecture_or_damaged_is_a_one_line_error(trained, tmp_path, capsys):
+    assert eval_cli(trained, tmp_path / "a", "policy.hidden_size=32") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "do not fit the configured policy" in err and str(trained["ckpt"]) in err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(trained["ckpt"].read_bytes()[:500])
+    assert cli_main(["eval", str(bad), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(bad) in err
