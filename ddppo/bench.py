@@ -124,7 +124,8 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
         # end to end: the real trainer, timed over its updates after the first (start-up excluded)
         samples = T * n
         cfg.total_steps = samples * (updates + 1)
-        result = train(OmegaConf.create(OmegaConf.to_container(cfg)), fresh=True, log=lambda *_: None)
+        result = train(OmegaConf.create(OmegaConf.to_container(cfg)), fresh=True, log=lambda *_: None,
+                       show_progress=False)
         (t_first, s_first), (t_last, s_last) = result["progress"][0], result["progress"][-1]
         end_to_end = (s_last - s_first) / (t_last - t_first)
     return {
@@ -159,12 +160,8 @@ def bench_scaling(overrides: list[str], updates: int = 12, config_file: str | No
     with tempfile.TemporaryDirectory() as tmp:
         base = load_config(config_file, overrides)
         per_update = base.ppo.num_steps * base.ppo.num_envs
-        # the slow rank sleeps one simulator step per environment step: its environments take twice as long
-        sim_step_s = bench_sim(base.ppo.num_envs, base.sim.resolution, tuple(base.sim.sensors), "cpu", 100,
-                               base.task.data_dir, base.task.split)
-        slowdown = base.ppo.num_envs / sim_step_s["env_steps_per_s"]
 
-        def run(name: str, ranks: int, extra: list[str]) -> float:
+        def run(name: str, ranks: int, extra: list[str]) -> dict:
             total = per_update * ranks * (updates + 1)
             args = [*overrides, f"run_dir={tmp}", f"name={name}", f"total_steps={total}", "eval_episodes=0",
                     "log_interval=1000", "checkpoint_interval=1000000", *extra]
@@ -172,13 +169,16 @@ def bench_scaling(overrides: list[str], updates: int = 12, config_file: str | No
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
                    f"--master-port={port}", str(Path(__file__).with_name("train.py")), *cfg_args, "--fresh", *args]
             subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            return json.loads((Path(tmp) / name / "summary.json").read_text())["steady_fps"]
+            return json.loads((Path(tmp) / name / "summary.json").read_text())
 
-        one = run("one", 1, [])
-        two = run("two", 2, [])
+        single = run("one", 1, [])
+        one = single["steady_fps"]
+        two = run("two", 2, [])["steady_fps"]
+        # the slow rank sleeps, after every step, as long as its simulator took: its environments are 2x slower
+        slowdown = single["sim_s_per_step"]
         slow = [f"ddppo.slowdown={slowdown}", "ddppo.slow_rank=1", "ddppo.sync_frac=0.5"]
-        slow_off = run("slow_off", 2, [*slow, "ddppo.preemption=false"])
-        slow_on = run("slow_on", 2, [*slow, "ddppo.preemption=true"])
+        slow_off = run("slow_off", 2, [*slow, "ddppo.preemption=false"])["steady_fps"]
+        slow_on = run("slow_on", 2, [*slow, "ddppo.preemption=true"])["steady_fps"]
     return {
         "bench": "scaling",
         "fps_1_rank": one,

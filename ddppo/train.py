@@ -58,7 +58,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def train(cfg, fresh: bool = False, log=print) -> dict:
+def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> dict:
     # ------------------------------------------------------------------------------------------- set-up
     info = init_distributed(cfg.device, cfg.ddppo.backend)
     main = info.is_main
@@ -129,7 +129,8 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
 
     # a resumed run may repeat steps logged after its resume state was saved: drop those points
     writer = TBWriter(run_dir / "tb", purge_step=state["env_steps"] + 1 if resumed_from else None) if main else None
-    display = ProgressDisplay(cfg.total_steps, enabled=main)
+    display = ProgressDisplay(cfg.total_steps, enabled=main and show_progress)
+    sim_seconds, rollout_steps_total = 0.0, 0  # this rank's simulator time, for benchmarks
     display.start(state["env_steps"])
     t_start = time.perf_counter() - state["wall_time"]
     metrics: dict[str, float] = {}
@@ -183,6 +184,8 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
                     break
             counter.finished()
             rollout_steps = storage.step
+            sim_seconds += t_sim
+            rollout_steps_total += rollout_steps
             t_rollout = time.perf_counter() - t0
 
             # ---- update
@@ -268,7 +271,7 @@ def train(cfg, fresh: bool = False, log=print) -> dict:
         checksum = sum(float(t.double().sum()) for t in policy.state_dict().values() if t.is_floating_point())
     result = {"env_steps": state["env_steps"], "updates": state["update"], "run_dir": str(run_dir),
               "resumed_from_update": resumed_from, "signal": stop_signal["sig"], "param_checksum": checksum,
-              "progress": progress, **metrics}
+              "progress": progress, "sim_s_per_step": sim_seconds / max(1, rollout_steps_total), **metrics}
     if len(progress) > 1:  # throughput after the first update (start-up, compilation and cache fills excluded)
         (t_a, s_a), (t_b, s_b) = progress[0], progress[-1]
         result["steady_fps"] = (s_b - s_a) / max(t_b - t_a, 1e-9)

@@ -57,7 +57,7 @@ case $action in
     install
     write_conf
     pgrep -x munged >/dev/null || su -s /bin/sh munge -c "/usr/sbin/munged" 2>/dev/null || /usr/sbin/munged --force
-    pgrep -x slurmctld >/dev/null || /usr/sbin/slurmctld
+    pgrep -x slurmctld >/dev/null || /usr/sbin/slurmctld -c  # -c: no jobs left over from an earlier run
     pgrep -x slurmd >/dev/null || /usr/sbin/slurmd
     for _ in $(seq 60); do
       if sinfo -h -o %T 2>/dev/null | grep -qE "idle|mix|alloc"; then
