@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import ddppo  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 
@@ -55,6 +56,20 @@ def _bench_scaling(args) -> int:
     return 0
 
 
+def _slurm_eval(args) -> int:
+    from ddppo.slurm import submit_eval
+
+    if not args.eval_args:
+        raise ValueError("ddppo slurm eval: name the checkpoint (and any `ddppo eval` options) after the options")
+    job = submit_eval(args.eval_args, tasks=args.tasks, cpus_per_task=args.cpus_per_task,
+                      gpus_per_node=args.gpus_per_node, mem=args.mem, time_limit=args.time,
+                      partition=args.partition, account=args.account, log_dir=args.log_dir)
+    if args.wait:
+        job.results()
+        print(Path(str(job.paths.stdout)).read_text())
+    return 0
+
+
 def _eval(args) -> int:
     from ddppo.evaluation_cli import run_eval
 
@@ -71,8 +86,6 @@ def _plot(args) -> int:
 
 def default_config() -> str:
     """configs/quickstart.yaml of the checkout this package runs from (pip install -e .)."""
-    from pathlib import Path
-
     path = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"default config {path} not found; pass --config FILE")
@@ -166,6 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--wait", action="store_true", help="wait for the jobs and print their results")
     st.add_argument("overrides", nargs="*")
     st.set_defaults(func=_slurm_train)
+
+    se = slsub.add_parser("eval", help="ddppo eval as a SLURM job (requeued and rerun when preempted)")
+    se.add_argument("--tasks", type=int, default=1, help="ranks sharing the episodes")
+    se.add_argument("--gpus-per-node", type=int, default=0)
+    se.add_argument("--cpus-per-task", type=int, default=2)
+    se.add_argument("--mem", default=None)
+    se.add_argument("--time", default="4:00:00")
+    se.add_argument("--partition", default=None)
+    se.add_argument("--account", default=None)
+    se.add_argument("--log-dir", default="runs/slurm_logs")
+    se.add_argument("--wait", action="store_true")
+    se.add_argument("eval_args", nargs=argparse.REMAINDER, help="what `ddppo eval` takes: CHECKPOINT [options]")
+    se.set_defaults(func=_slurm_eval)
 
     tr = bsub.add_parser("train", help="end-to-end training env-steps/s and its ratio to the serial limit")
     tr.add_argument("--config", default=None, help="YAML (default: the quickstart config)")

@@ -85,6 +85,54 @@ class TrainJob:
         return summary
 
 
+@dataclass
+class EvalJob:
+    """``ddppo eval`` as a SLURM job. Evaluation is idempotent: on SIGUSR1 (time limit or preemption) rank 0
+    requeues the job and it runs again from the start; SIGTERM ends it with code 0."""
+
+    argv: list[str]
+
+    def __call__(self) -> int:
+        import submitit
+
+        from ddppo.cli import main as cli_main
+
+        env = submitit.JobEnvironment()
+
+        def on_usr1(_signum, _frame):
+            if env.global_rank == 0:
+                subprocess.run(["scontrol", "requeue", str(env.job_id)], check=True, timeout=60)
+            sys.exit(-1)  # no result file: submitit waits for the requeued run
+
+        signal.signal(signal.SIGUSR1, on_usr1)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        code = cli_main(["eval", *self.argv])
+        if code:
+            raise RuntimeError(f"ddppo eval {' '.join(self.argv)} exited with code {code}")
+        return code
+
+
+def submit_eval(argv: list[str], *, tasks: int = 1, cpus_per_task: int = 2, gpus_per_node: int = 0,
+                mem: str | None = None, time_limit: str = "4:00:00", partition: str | None = None,
+                account: str | None = None, log_dir: str = "runs/slurm_logs", log=print):
+    """Submit ``ddppo eval ARGV`` (episodes split over ``tasks`` ranks)."""
+    import submitit
+
+    check_request(partition, 1, tasks, cpus_per_task, gpus_per_node, mem, time_limit, account)
+    executor = submitit.AutoExecutor(folder=str(Path(log_dir) / "%j"), cluster="slurm")
+    hours, minutes = _minutes(time_limit)
+    params = dict(nodes=1, tasks_per_node=tasks, cpus_per_task=cpus_per_task, timeout_min=hours * 60 + minutes,
+                  name="ddppo-eval")
+    for key, value in (("gpus_per_node", gpus_per_node), ("slurm_partition", partition),
+                       ("slurm_account", account), ("slurm_mem", mem)):
+        if value:
+            params[key] = value
+    executor.update_parameters(**params)
+    job = executor.submit(EvalJob(list(argv)))
+    log(f"submitted {job.job_id}: ddppo eval {' '.join(argv)}, logs {job.paths.stdout}")
+    return job
+
+
 def submit_train(config_file: str | None, overrides: list[str], sweep: list[str], *, nodes: int = 1,
                  gpus_per_node: int = 0, tasks_per_node: int | None = None, cpus_per_task: int = 2,
                  mem: str | None = None, time_limit: str = "72:00:00", partition: str | None = None,

@@ -374,3 +374,41 @@ def test_generate_dataset_rejects_unknown_split(tmp_path):
     with pytest.raises(ValueError, match="holdout"):
         generate_dataset(tmp_path / "ds", DatasetConfig(scenes={"holdout": 1}), log=lambda *_: None)
     assert not (tmp_path / "ds").exists()
+
+
+def test_generated_dataset_stores_geodesic_fields_that_match_fmm(small_dataset):
+    import torch
+
+    from ddppo.config import SimConfig, TaskConfig
+    from ddppo.sim.vector_env import PointNavVectorEnv
+
+    episodes, navs = load_split(small_dataset, "val")
+    for ep in episodes[::7]:
+        nav = navs[ep.scene_id]
+        stored = nav.store.get(ep.goal_position[0], ep.goal_position[2])
+        fresh = nav.geodesic_field(ep.goal_position[0], ep.goal_position[2])
+        assert stored is not None and np.array_equal(np.isfinite(stored), np.isfinite(fresh))
+        finite = np.isfinite(fresh)
+        assert np.abs(stored[finite] - fresh[finite]).max() <= 0.0006  # millimetre storage
+    env = PointNavVectorEnv(episodes, navs, 4, SimConfig(resolution=16), TaskConfig(max_episode_steps=5))
+    env.reset()
+    for _ in range(30):
+        env.step(torch.ones(4, dtype=torch.long))
+    assert env.cache.misses > 4 and env.cache.computed == 0  # every field came from the store
+
+
+def test_damaged_geodesic_store_only_costs_speed(small_dataset, tmp_path):
+    from ddppo.sim.data import geodesic_store_path
+
+    copy = tmp_path / "data"
+    shutil.copytree(small_dataset, copy)
+    episodes, navs = load_split(copy, "val")
+    ep = episodes[0]
+    geodesic_store_path(copy, "val", ep.scene_id).write_bytes(b"not a zip")
+    episodes, navs = load_split(copy, "val")
+    assert navs[ep.scene_id].store.get(ep.goal_position[0], ep.goal_position[2]) is None
+    from ddppo.sim.navmesh import GeodesicCache
+
+    cache = GeodesicCache()
+    assert np.isfinite(cache.get(navs[ep.scene_id], ep.goal_position[0], ep.goal_position[2])).any()
+    assert cache.computed == 1

@@ -184,3 +184,20 @@ def test_sbatch_templates_train_on_cpu_workers(tmp_path, data, template):
     for name in names:
         state = checkpoint.load(tmp_path / "runs" / name / "resume.pt")["state"]
         assert state["env_steps"] >= 64, (tmp_path / "runs" / "slurm_logs").glob("*.out")
+
+
+@needs_slurm
+def test_slurm_eval_job_writes_the_summary(tmp_path, data):
+    from ddppo.config import load_config
+    from ddppo.slurm import submit_eval
+    from ddppo.train import train
+
+    train(load_config(None, tiny(tmp_path, data, 32, name="to_eval")), log=lambda *_: None, show_progress=False)
+    ckpt = sorted((tmp_path / "runs" / "to_eval" / "checkpoints").glob("ckpt_*.pt"))[-1]
+    out = tmp_path / "eval_out"
+    job = submit_eval([str(ckpt), "--episodes", "4", "--agents", "oracle", "--out", str(out),
+                       "task.max_episode_steps=100"], tasks=2, cpus_per_task=1, time_limit="10",
+                      log_dir=str(tmp_path / "logs"), log=lambda *_: None)
+    job.results()
+    summary = __import__("json").loads((out / "summary.json").read_text())
+    assert summary["checkpoint"]["episodes"] == 4 and summary["oracle"]["success"] == 1.0

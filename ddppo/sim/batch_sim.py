@@ -111,9 +111,17 @@ class BatchSimulator:
         self.x[env_ids] = torch.as_tensor(x, device=self.device, dtype=torch.float32)
         self.z[env_ids] = torch.as_tensor(z, device=self.device, dtype=torch.float32)
         self.theta[env_ids] = torch.as_tensor(theta, device=self.device, dtype=torch.float32)
-        for k, f in zip(env_ids.tolist(), fields):
-            self.fields[k].fill_(math.inf)
-            self.fields[k, : f.shape[0], : f.shape[1]] = torch.from_numpy(f).to(self.device)
+        if self.device.type == "cpu":
+            # numpy on CPU: torch would hand these large copies to its (passively waiting) thread pool
+            target = self.fields.numpy()
+            for k, f in zip(env_ids.tolist(), fields):
+                target[k, : f.shape[0], : f.shape[1]] = f
+                target[k, f.shape[0]:, :] = math.inf
+                target[k, : f.shape[0], f.shape[1]:] = math.inf
+        else:
+            for k, f in zip(env_ids.tolist(), fields):
+                self.fields[k].fill_(math.inf)
+                self.fields[k, : f.shape[0], : f.shape[1]] = torch.from_numpy(f).to(self.device)
 
     # -------------------------------------------------------------------------------------------- dynamics
     def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ddppo.sim.dataset import Episode, generate_episodes, load_episodes, save_episodes, scene_name
 from ddppo.sim.floorplan import FloorPlanConfig, generate_floor_plan, scene_seed
-from ddppo.sim.navmesh import GeodesicCache, NavGrid
+from ddppo.sim.navmesh import GeodesicCache, GeodesicStore, NavGrid, goal_key
 from ddppo.sim.scene import load_scene, save_scene
 
 SPLITS = ("train", "val", "test")
@@ -23,6 +23,10 @@ SPLITS = ("train", "val", "test")
 
 def episodes_path(data_dir: str | Path, split: str) -> Path:
     return Path(data_dir) / split / f"{split}.json.gz"
+
+
+def geodesic_store_path(data_dir: str | Path, split: str, scene: str) -> Path:
+    return Path(data_dir) / "geodesic" / split / f"{scene}.npz"
 
 
 def has_dataset(data_dir: str | Path, split: str) -> bool:
@@ -53,11 +57,16 @@ def generate_dataset(out_dir: str | Path, cfg, force: bool = False, log=print) -
                 save_scene(scene, tmp / "scenes" / f"{name}.npz")
                 nav = NavGrid(scene)
                 rng = np.random.default_rng(seed.spawn(1)[0])
-                episodes += generate_episodes(
+                cache = GeodesicCache(max_bytes=2**40)  # keep every field: they are saved below
+                new = generate_episodes(
                     nav, n_eps, rng, scene_id=name, first_id=len(episodes),
                     episodes_per_goal=cfg.episodes_per_goal, min_geodesic=cfg.min_geodesic,
-                    max_geodesic=cfg.max_geodesic, cache=GeodesicCache(64 * 2**20),
+                    max_geodesic=cfg.max_geodesic, cache=cache,
                 )
+                used = {(e.goal_position[0], e.goal_position[2]) for e in new}
+                fields = {goal_key(*g): cache.get(nav, *g) for g in used}
+                GeodesicStore.write(geodesic_store_path(tmp, split, name), fields)
+                episodes += new
             save_episodes(episodes, episodes_path(tmp, split))
             log(f"dataset: {split}: {n_scenes} scenes, {len(episodes)} episodes ({time.perf_counter() - t0:.1f} s)")
         if out.exists():
@@ -75,7 +84,8 @@ def load_split(data_dir: str | Path, split: str, scenes_dir: str | Path | None =
     scenes_dir = Path(scenes_dir) if scenes_dir else Path(data_dir) / "scenes"
     navs = {}
     for name in sorted({scene_name(e.scene_id) for e in episodes}):
-        navs[name] = NavGrid(load_scene(scenes_dir / f"{name}.npz"))
+        navs[name] = NavGrid(load_scene(scenes_dir / f"{name}.npz"),
+                             store=GeodesicStore(geodesic_store_path(data_dir, split, name)))
     return episodes, navs
 
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import skfmm
 from scipy import ndimage
 
+from ddppo.atomic import atomic_open
 from ddppo.sim.scene import FREE, Scene
 
 AGENT_RADIUS = 0.1
@@ -33,6 +35,8 @@ class NavGrid:
     agent_radius: float = AGENT_RADIUS
     factor: int = 2
     """Geodesic grid cell = factor * scene cell."""
+    store: GeodesicStore | None = None
+    """Precomputed fields of this scene's goals, when the dataset has them."""
     navigable: np.ndarray = field(init=False)  # bool [H, W]
     island: np.ndarray = field(init=False)  # int32 [H, W]; -1 off the navigable set
     island_sizes: np.ndarray = field(init=False)  # cells per island
@@ -137,8 +141,52 @@ def sample_field(field_: np.ndarray, origin, cell: float, x, z, goal=None) -> np
     return out
 
 
+def goal_key(goal_x: float, goal_z: float) -> tuple[float, float]:
+    return round(float(goal_x), 4), round(float(goal_z), 4)
+
+
+class GeodesicStore:
+    """Geodesic fields precomputed by ``ddppo dataset generate``: one ``.npz`` per scene, distances in millimetres
+    as uint16 (65535 = unreachable), so starting an episode reads a field instead of running FMM."""
+
+    UNREACHABLE = 65535
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._npz = None
+        self._index: dict[tuple[float, float], str] | None = None
+
+    @classmethod
+    def write(cls, path: Path, fields: dict[tuple[float, float], np.ndarray]) -> None:
+        arrays = {"goals": np.array(sorted(fields), np.float64).reshape(-1, 2)}
+        for k, goal in enumerate(sorted(fields)):
+            mm = np.where(np.isfinite(fields[goal]), np.round(fields[goal] * 1000.0), cls.UNREACHABLE)
+            arrays[f"g{k}"] = np.minimum(mm, cls.UNREACHABLE).astype(np.uint16)
+        with atomic_open(path) as f:
+            np.savez_compressed(f, **arrays)
+
+    def get(self, goal_x: float, goal_z: float) -> np.ndarray | None:
+        if self._index is None:
+            if not self.path.is_file():
+                self._index = {}
+                return None
+            try:
+                self._npz = np.load(self.path, allow_pickle=False)
+                goals = self._npz["goals"]
+            except Exception:  # an unreadable store only costs speed: fields are then computed
+                self._index = {}
+                return None
+            self._index = {goal_key(x, z): f"g{k}" for k, (x, z) in enumerate(goals)}
+        name = self._index.get(goal_key(goal_x, goal_z))
+        if name is None:
+            return None
+        mm = self._npz[name]
+        return np.where(mm == self.UNREACHABLE, np.inf, mm.astype(np.float32) / 1000.0).astype(np.float32)
+
+
 class GeodesicCache:
-    """LRU of geodesic fields keyed by (scene, goal): episodes that share a goal pay for one FMM."""
+    """LRU of geodesic fields keyed by (scene, goal): episodes that share a goal pay for one field. A field comes
+    from the scene's GeodesicStore when the dataset has one (``nav.store``), else from FMM."""
 
     def __init__(self, max_bytes: int = 512 * 2**20):
         self.max_bytes = max_bytes
@@ -146,19 +194,26 @@ class GeodesicCache:
         self._bytes = 0
         self.misses = 0
         self.hits = 0
+        self.computed = 0
 
     def get(self, nav: NavGrid, goal_x: float, goal_z: float) -> np.ndarray:
-        key = (nav.scene.name, round(float(goal_x), 4), round(float(goal_z), 4))
+        key = (nav.scene.name, *goal_key(goal_x, goal_z))
         hit = self._fields.get(key)
         if hit is not None:
             self.hits += 1
             self._fields.move_to_end(key)
             return hit
         self.misses += 1
-        f = nav.geodesic_field(goal_x, goal_z)
+        f = nav.store.get(goal_x, goal_z) if nav.store is not None else None
+        if f is None:
+            f = nav.geodesic_field(goal_x, goal_z)
+            self.computed += 1
         self._fields[key] = f
         self._bytes += f.nbytes
         while self._bytes > self.max_bytes and len(self._fields) > 1:
             _, old = self._fields.popitem(last=False)
             self._bytes -= old.nbytes
         return f
+
+    def items(self):
+        return self._fields.items()
