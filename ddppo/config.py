@@ -170,7 +170,7 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | tu
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as e:
         raise ConfigError(f"override: {_one_line(e)}") from None
-    check(cfg)
+    (check if schema is TrainConfig else check_dataset)(cfg)
     return cfg
 
 
@@ -189,6 +189,7 @@ def check(cfg) -> None:
             raise ConfigError(msg)
 
     sim, ppo, task, dd = cfg.sim, cfg.ppo, cfg.task, cfg.ddppo
+    check_dataset(cfg.dataset, "dataset.")
     bad = [s for s in sim.sensors if s not in ("depth", "rgb")]
     need(not bad, f"sim.sensors: unknown sensor(s) {bad}; choose from depth, rgb")
     need(8 <= sim.resolution <= 1024, f"sim.resolution={sim.resolution} must be in [8, 1024]")
@@ -216,6 +217,26 @@ def check(cfg) -> None:
     need(cfg.policy.avgpool >= 1, f"policy.avgpool={cfg.policy.avgpool} must be >= 1")
     need(sim.resolution // cfg.policy.avgpool >= 16 or not sim.sensors,
          f"sim.resolution={sim.resolution} / policy.avgpool={cfg.policy.avgpool} leaves < 16 pixels")
+
+
+def check_dataset(ds, prefix: str = "") -> None:
+    """Constraints of a DatasetConfig (``prefix`` names it inside a TrainConfig)."""
+
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ConfigError(prefix + msg)
+
+    bad = sorted(set(ds.scenes) - {"train", "val", "test"})
+    need(not bad, f"scenes: unknown split(s) {bad}; use train, val, test")
+    need(all(n >= 0 for n in ds.scenes.values()), "scenes: counts must be >= 0")
+    need(all(n >= 1 for k, n in ds.episodes_per_scene.items() if ds.scenes.get(k, 0) > 0),
+         "episodes_per_scene: every split with scenes needs >= 1 episode per scene")
+    need(ds.episodes_per_goal >= 1, f"episodes_per_goal={ds.episodes_per_goal} must be >= 1")
+    need(2.0 <= ds.min_extent <= ds.max_extent <= 200.0,
+         f"min_extent={ds.min_extent}, max_extent={ds.max_extent}: need 2 <= min_extent <= max_extent <= 200")
+    need(0 < ds.min_geodesic < ds.max_geodesic,
+         f"min_geodesic={ds.min_geodesic}, max_geodesic={ds.max_geodesic}: need 0 < min < max")
+    need(ds.max_rooms >= 1 and ds.max_objects_per_room >= 0, "max_rooms must be >= 1, max_objects_per_room >= 0")
 
 
 def save_config(cfg, path: str | Path) -> None:

@@ -412,3 +412,18 @@ def test_damaged_geodesic_store_only_costs_speed(small_dataset, tmp_path):
     cache = GeodesicCache()
     assert np.isfinite(cache.get(navs[ep.scene_id], ep.goal_position[0], ep.goal_position[2])).any()
     assert cache.computed == 1
+
+
+def test_dataset_generate_command(tmp_path, capsys):
+    from ddppo.cli import main as cli_main
+
+    out = tmp_path / "gen"
+    args = ["dataset", "generate", "--out", str(out), "scenes={train: 1, val: 1}", "max_extent=6",
+            "episodes_per_scene={train: 4, val: 2}"]
+    assert cli_main(args) == 0
+    assert len(load_split(out, "train")[0]) == 4 and len(load_split(out, "val")[0]) == 2
+    assert cli_main(args) == 2 and "exists" in capsys.readouterr().err  # refuses to overwrite
+    assert cli_main([*args, "--force"]) == 0
+    assert cli_main(["dataset", "generate", "--out", str(tmp_path / "x"), "max_extent=1"]) == 2
+    assert "max_extent" in capsys.readouterr().err
+    assert cli_main(["dataset", "generate", "--out", str(tmp_path / "x"), "scenes={bogus: 1}"]) == 2
