@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 # Habitat-baselines compresses the last feature map to roughly this many flat features before the FC.
 COMPRESSED_FLAT_SIZE = 2048
@@ -65,3 +66,29 @@ def init_conv_weights(module: nn.Module) -> None:
         elif isinstance(m, nn.GroupNorm) and m.affine:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+class StagedEncoder(nn.Module):
+    """An encoder made of ``stem``, ``layers`` (a ModuleList of stages) and ``compression``, each a stage of
+    ``stages()`` for representation analysis; ``forward`` flattens the compressed map."""
+
+    def finish(self, backbone_channels: int, out_hw: tuple[int, int], ngroups: int) -> None:
+        """Add the compression head for a backbone ending in ``backbone_channels`` x ``out_hw``."""
+        channels = compression_channels(out_hw)
+        self.compression = compression_block(backbone_channels, channels, ngroups)
+        init_conv_weights(self.compression)
+        self.output_shape = (channels, *out_hw)
+        self.output_size = channels * out_hw[0] * out_hw[1]
+
+    def stages(self, x: Tensor) -> list[Tensor]:
+        outs = [self.stem(x)]
+        for layer in self.layers:
+            outs.append(layer(outs[-1]))
+        outs.append(self.compression(outs[-1]))
+        return outs
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        for layer in self.layers:
+            x = layer(x)
+        return torch.flatten(self.compression(x), 1)

@@ -13,8 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ddppo.policy.common import (
-    compression_block,
-    compression_channels,
+    StagedEncoder,
     init_conv_weights,
     trace_hw,
 )
@@ -49,7 +48,7 @@ class Fire(nn.Module):
         return torch.cat([self.expand1x1(s), self.expand3x3(s)], 1)
 
 
-class SqueezeNetEncoder(nn.Module):
+class SqueezeNetEncoder(StagedEncoder):
     """SqueezeNet 1.1 feature extractor followed by a compression conv to ~2048 flat features.
 
     Widths are those of SqueezeNet 1.1 (the transfer paper's second encoder family); ``ngroups`` only
@@ -77,26 +76,7 @@ class SqueezeNetEncoder(nn.Module):
             ]
         )
         init_conv_weights(self)
-        h, w = trace_hw(input_hw, [(3, 2, 0, False)] + [(3, 2, 0, True)] * 3)
-        backbone_channels = 512
-        channels = compression_channels((h, w))
-        self.compression = compression_block(backbone_channels, channels, ngroups)
-        init_conv_weights(self.compression)
-        self.output_shape = (channels, h, w)
-        self.output_size = channels * h * w
-
-    def stages(self, x: Tensor) -> list[Tensor]:
-        outs = [self.stem(x)]
-        for layer in self.layers:
-            outs.append(layer(outs[-1]))
-        outs.append(self.compression(outs[-1]))
-        return outs
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.stem(x)
-        for layer in self.layers:
-            x = layer(x)
-        return torch.flatten(self.compression(x), 1)
+        self.finish(512, trace_hw(input_hw, [(3, 2, 0, False)] + [(3, 2, 0, True)] * 3), ngroups)
 
 
 def _simple_cnn_geometry(input_hw: tuple[int, int]) -> list[tuple[int, int]]:

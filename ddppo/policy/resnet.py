@@ -6,12 +6,10 @@ statistics of BatchNorm would differ between rollout (eval) and update (train) p
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ddppo.policy.common import (
-    compression_block,
-    compression_channels,
+    StagedEncoder,
     init_conv_weights,
     trace_hw,
 )
@@ -120,7 +118,7 @@ def _shortcut(inplanes: int, out: int, stride: int, ngroups: int) -> nn.Module:
     return nn.Sequential(_conv1x1(inplanes, out, stride), nn.GroupNorm(ngroups, out))
 
 
-class ResNetEncoder(nn.Module):
+class ResNetEncoder(StagedEncoder):
     """GroupNorm ResNet backbone + compression conv; maps [B, C, H, W] to [B, output_size] (~2048).
 
     ``stages(x)`` returns the activations after the stem, each of the four residual stages and the
@@ -159,29 +157,7 @@ class ResNetEncoder(nn.Module):
 
         # Stem conv 7/2/3 and maxpool 3/2/1, then the first block of stages 2-4 strides a 3x3 conv (pad 1).
         ops = [(7, 2, 3, False), (3, 2, 1, False)] + [(3, 2, 1, False)] * (len(layers) - 1)
-        h, w = trace_hw(input_hw, ops)
-        backbone_channels = inplanes
-        channels = compression_channels((h, w))
-        self.compression = compression_block(backbone_channels, channels, ngroups)
-        init_conv_weights(self.compression)
-        self.output_shape = (channels, h, w)
-        self.output_size = channels * h * w
-
-    def _backbone(self, x: Tensor) -> Tensor:
-        x = self.stem(x)
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-    def stages(self, x: Tensor) -> list[Tensor]:
-        outs = [self.stem(x)]
-        for layer in self.layers:
-            outs.append(layer(outs[-1]))
-        outs.append(self.compression(outs[-1]))
-        return outs
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.flatten(self.compression(self._backbone(x)), 1)
+        self.finish(inplanes, trace_hw(input_hw, ops), ngroups)
 
 
 def _check_groups(base_planes: int, ngroups: int) -> None:
