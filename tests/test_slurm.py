@@ -195,8 +195,8 @@ def test_slurm_eval_job_writes_the_summary(tmp_path, data):
     train(load_config(None, tiny(tmp_path, data, 32, name="to_eval")), log=lambda *_: None, show_progress=False)
     ckpt = sorted((tmp_path / "runs" / "to_eval" / "checkpoints").glob("ckpt_*.pt"))[-1]
     out = tmp_path / "eval_out"
-    job = submit_eval([str(ckpt), "--episodes", "4", "--agents", "oracle", "--out", str(out),
-                       "task.max_episode_steps=100"], tasks=2, cpus_per_task=1, time_limit="10",
+    job = submit_eval([str(ckpt), "--episodes", "4", "--agents", "oracle", "--out", str(out)], tasks=2,
+                      cpus_per_task=1, time_limit="10",
                       log_dir=str(tmp_path / "logs"), log=lambda *_: None)
     job.results()
     summary = __import__("json").loads((out / "summary.json").read_text())
