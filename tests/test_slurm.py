@@ -63,6 +63,13 @@ def wait_state(job_id: str, states: tuple[str, ...], timeout: float = 120) -> st
     raise TimeoutError(f"job {job_id} never reached {states}")
 
 
+def wait_for_file(path: Path, timeout: float = 180) -> None:
+    t0 = time.time()
+    while not path.is_file():
+        assert time.time() - t0 < timeout, f"{path} was never written"
+        time.sleep(0.2)
+
+
 def test_sweep_parsing():
     assert parse_sweep(["a=1,2", "b=x,y"]) == [["a=1", "b=x"], ["a=1", "b=y"], ["a=2", "b=x"], ["a=2", "b=y"]]
     assert parse_sweep([]) == [[]]
@@ -113,10 +120,7 @@ def test_preemption_signal_saves_requeues_and_resumes(tmp_path, data):
     (job,) = submit_train(None, tiny(tmp_path, data, total, name="preempt"), [], cpus_per_task=1, time_limit="10",
                           log=lambda *_: None)
     run = tmp_path / "runs" / "preempt"
-    t0 = time.time()
-    while not (run / "resume.pt").is_file():
-        assert time.time() - t0 < 180, "no resume state was written"
-        time.sleep(0.2)
+    wait_for_file(run / "resume.pt")
     saved_before = checkpoint.load(run / "resume.pt")["state"]["update"]
     subprocess.run(["scancel", "--signal=USR1", job.job_id], check=True)
     # SLURM holds a requeued job for ~2 minutes (Reason=BeginTime); release it at once to keep the test short
@@ -137,10 +141,7 @@ def test_sigterm_leaves_valid_resume_state_and_exit_code_zero(tmp_path, data):
     (job,) = submit_train(None, tiny(tmp_path, data, total, name="term"), [], cpus_per_task=1, time_limit="10",
                           log=lambda *_: None)
     run = tmp_path / "runs" / "term"
-    t0 = time.time()
-    while not (run / "resume.pt").is_file():
-        assert time.time() - t0 < 180
-        time.sleep(0.2)
+    wait_for_file(run / "resume.pt")
     subprocess.run(["scancel", "--signal=TERM", job.job_id], check=True)
     result = job.results()[0]
     assert result["signal"] == 15 and result["env_steps"] < total
