@@ -100,6 +100,16 @@ def _train(args) -> int:
     return train_main(argv)
 
 
+def _add_resource_options(parser: argparse.ArgumentParser, time_default: str) -> None:
+    """The SLURM resource request shared by ``slurm train`` and ``slurm eval``."""
+    parser.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU; 0 = CPU workers")
+    parser.add_argument("--cpus-per-task", type=int, default=2)
+    parser.add_argument("--mem", default=None, help="memory per node, e.g. 32G")
+    parser.add_argument("--time", default=time_default, help="[D-]HH:MM[:SS] or minutes")
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("--account", default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ddppo", description="DD-PPO for embodied PointGoal navigation")
     sub = p.add_subparsers(dest="command", required=True)
@@ -154,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--episode-steps", type=int, default=100, help="episode length limit (a trained agent's)")
     s.add_argument("--stop", action="store_true", help="draw STOP too (episodes of ~4 steps: a reset benchmark)")
     s.set_defaults(func=_bench_sim)
+    tr = bsub.add_parser("train", help="end-to-end training env-steps/s and its ratio to the serial limit")
+    tr.add_argument("--config", default=None, help="YAML (default: the quickstart config)")
+    tr.add_argument("--updates", type=int, default=10)
+    tr.add_argument("overrides", nargs="*")
+    tr.set_defaults(func=_bench_train)
     sc = bsub.add_parser("scaling", help="1 vs 2 Gloo ranks, and a 2x straggler with and without preemption")
     sc.add_argument("--config", default=None, help="YAML (default: the quickstart config)")
     sc.add_argument("--updates", type=int, default=12)
@@ -165,13 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = slsub.add_parser("train", help="one run, a multi-node run, or an array sweep (--sweep)")
     st.add_argument("--config", default=None)
     st.add_argument("--nodes", type=int, default=1)
-    st.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU; 0 = CPU workers")
     st.add_argument("--tasks-per-node", type=int, default=None, help="workers per node (default: GPUs or 1)")
-    st.add_argument("--cpus-per-task", type=int, default=2)
-    st.add_argument("--mem", default=None, help="memory per node, e.g. 32G")
-    st.add_argument("--time", default="72:00:00", help="[D-]HH:MM[:SS] or minutes")
-    st.add_argument("--partition", default=None)
-    st.add_argument("--account", default=None)
+    _add_resource_options(st, "72:00:00")
     st.add_argument("--sweep", action="append", default=[], help="key=v1,v2 (repeatable: cartesian product)")
     st.add_argument("--max-parallel", type=int, default=0, help="array elements running at once (0 = no cap)")
     st.add_argument("--signal-delay", type=int, default=90, help="seconds of SIGUSR1 warning before the limit")
@@ -182,22 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     se = slsub.add_parser("eval", help="ddppo eval as a SLURM job (requeued and rerun when preempted)")
     se.add_argument("--tasks", type=int, default=1, help="ranks sharing the episodes")
-    se.add_argument("--gpus-per-node", type=int, default=0)
-    se.add_argument("--cpus-per-task", type=int, default=2)
-    se.add_argument("--mem", default=None)
-    se.add_argument("--time", default="4:00:00")
-    se.add_argument("--partition", default=None)
-    se.add_argument("--account", default=None)
+    _add_resource_options(se, "4:00:00")
     se.add_argument("--log-dir", default="runs/slurm_logs")
     se.add_argument("--wait", action="store_true")
     se.add_argument("eval_args", nargs=argparse.REMAINDER, help="what `ddppo eval` takes: CHECKPOINT [options]")
     se.set_defaults(func=_slurm_eval)
 
-    tr = bsub.add_parser("train", help="end-to-end training env-steps/s and its ratio to the serial limit")
-    tr.add_argument("--config", default=None, help="YAML (default: the quickstart config)")
-    tr.add_argument("--updates", type=int, default=10)
-    tr.add_argument("overrides", nargs="*")
-    tr.set_defaults(func=_bench_train)
     return p
 
 

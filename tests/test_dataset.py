@@ -51,7 +51,7 @@ def test_generated_episodes_obey_the_rules(splits, split):
         assert sy == 0.0 and gy == 0.0
         assert nav.is_navigable(sx, sz) and nav.is_navigable(gx, gz)
         assert nav.island_of(sx, sz) == nav.island_of(gx, gz) >= 0
-        assert 1.0 <= ep.geodesic_distance <= 30.0
+        assert ep.geodesic_distance >= 1.0 and ep.geodesic_distance <= 30.0
         # stored distance = the distance recomputed from the scene file as loaded from disk
         assert nav.geodesic_distance((sx, sz), (gx, gz)) == pytest.approx(ep.geodesic_distance, rel=1e-5)
         assert ep.geodesic_distance >= euclid(ep) * 0.99  # a path is never shorter than the straight line
