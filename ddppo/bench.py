@@ -78,6 +78,7 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
 
     from ddppo.config import load_config
     from ddppo.distributed import DistInfo
+    from ddppo.envs import make_vector_env
     from ddppo.policy import build_policy
     from ddppo.rl.storage import RolloutStorage
     from ddppo.train import ppo_update, train
@@ -87,8 +88,7 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
                                         "checkpoint_interval=1000000"])
         n, T = cfg.ppo.num_envs, cfg.ppo.num_steps
         ensure_dataset(cfg.task, cfg.dataset, log=lambda *_: None)
-        episodes, navs = load_split(cfg.task.data_dir, cfg.task.split)
-        env = PointNavVectorEnv(episodes, navs, n, cfg.sim, cfg.task, seed=cfg.seed)
+        env = make_vector_env(cfg, cfg.task.split, n, seed=cfg.seed)
         policy = build_policy(cfg.policy, env.obs_spaces)
         obs = env.reset()
         storage = RolloutStorage(T, n, env.obs_spaces, (policy.num_hidden_layers, cfg.policy.hidden_size), "cpu")

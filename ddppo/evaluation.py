@@ -14,7 +14,9 @@ from omegaconf import OmegaConf
 
 from ddppo.atomic import atomic_open
 from ddppo.distributed import DistInfo
-from ddppo.sim.data import ensure_dataset, load_split
+from ddppo.envs import make_vector_env
+from ddppo.sim.data import ensure_dataset, episodes_path, load_split
+from ddppo.sim.dataset import load_episodes
 from ddppo.sim.geometry import MOVE_FORWARD
 from ddppo.sim.oracle import ShortestPathFollower
 from ddppo.sim.task import METRICS
@@ -132,12 +134,16 @@ def evaluate(cfg, make_agent, split: str = "val", num_episodes: int | None = 100
     """Every episode once: rank r of W takes episodes r, r+W, ...; its envs split those again. All ranks return
     the records of all episodes, in dataset order. ``make_agent(envs) -> agent``."""
     info = info or DistInfo()
-    task, episodes, navs = split_episodes(cfg, split, num_episodes)
+    cfg = OmegaConf.merge(cfg, {"task": {"split": split}})
+    ensure_dataset(cfg.task, cfg.dataset, log=lambda *_: None)
+    episodes = load_episodes(episodes_path(cfg.task.data_dir, split))
+    if num_episodes:
+        episodes = episodes[:num_episodes]
     mine = list(range(info.rank, len(episodes), info.world_size))
     records: list[dict] = []
     if mine:
-        envs = PointNavVectorEnv([episodes[k] for k in mine], navs, min(num_envs, len(mine)), cfg.sim, task,
-                                 order="partition", device="cpu" if cfg.sim.device == "auto" else cfg.sim.device)
+        envs = make_vector_env(cfg, split, min(num_envs, len(mine)), episode_ids=mine, order="partition",
+                               device="cpu" if cfg.sim.device == "auto" else cfg.sim.device)
         records = run_episodes(envs, make_agent(envs), on_step)
     if info.enabled:
         gathered: list = [None] * info.world_size

@@ -29,7 +29,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from ddppo import checkpoint  # noqa: E402
 from ddppo.atomic import atomic_write_text  # noqa: E402
 from ddppo.config import load_config, save_config  # noqa: E402
 from ddppo.distributed import (  # noqa: E402
@@ -39,15 +38,14 @@ from ddppo.distributed import (  # noqa: E402
     broadcast_module,
     init_distributed,
 )
+from ddppo.envs import make_vector_env  # noqa: E402
 from ddppo.evaluation import evaluate_policy  # noqa: E402
 from ddppo.policy import build_policy  # noqa: E402
+from ddppo.resume import load_resume, save_resume, set_aside_previous_run  # noqa: E402
 from ddppo.rl.ppo import bootstrap_truncated, ppo_loss  # noqa: E402
 from ddppo.rl.storage import RolloutStorage  # noqa: E402
-from ddppo.sim.data import ensure_dataset, load_split  # noqa: E402
-from ddppo.sim.vector_env import PointNavVectorEnv  # noqa: E402
+from ddppo.sim.data import ensure_dataset  # noqa: E402
 from ddppo.telemetry import ProgressDisplay, TBWriter  # noqa: E402
-
-EPISODE_STATS = ("reward", "success", "spl", "softspl", "distance_to_goal", "collisions")
 
 
 def parse_args(argv=None):
@@ -76,11 +74,11 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
         save_config(cfg, run_dir / "config.yaml")
     if info.enabled:
         dist.barrier()
-    episodes, navs = load_split(cfg.task.data_dir, cfg.task.split)
     sim_device = info.device if cfg.sim.device == "auto" else torch.device(cfg.sim.device)
     n_envs = cfg.ppo.num_envs
-    envs = PointNavVectorEnv(episodes, navs, n_envs, cfg.sim, cfg.task, seed=cfg.seed,
-                             env_offset=info.rank * n_envs, device=sim_device)
+    envs = make_vector_env(cfg, cfg.task.split, n_envs, seed=cfg.seed, env_offset=info.rank * n_envs,
+                           device=sim_device)
+    episode_stats = ("reward", *envs.episode_metrics)
 
     torch.manual_seed(cfg.seed)  # same initial weights everywhere; the broadcast below makes it certain
     policy = build_policy(cfg.policy, envs.obs_spaces).to(info.device)
@@ -97,18 +95,13 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
     counter = RolloutCounter(info)
     state = {"update": 0, "env_steps": 0, "episodes": 0, "wall_time": 0.0, "world_size": info.world_size}
 
-    window = torch.zeros(len(EPISODE_STATS) + 1, dtype=torch.float64)  # episodes ended since the last log, sums
+    window = torch.zeros(len(episode_stats) + 1, dtype=torch.float64)  # episodes ended since the last log, sums
     dd_window = torch.zeros(4, dtype=torch.float64)  # preempted ranks, rollout fraction, updates, wait seconds
     episode_return = torch.zeros(n_envs, device=sim_device)
     resumed_from = 0
     resume_path = run_dir / "resume.pt"
     if resume_path.is_file():
-        shared = checkpoint.load(resume_path)
-        saved_world = shared["state"].get("world_size", 1)
-        if saved_world != info.world_size:
-            raise ValueError(f"resume state {resume_path} was saved by {saved_world} workers, not {info.world_size}; "
-                             "resume with the same number of workers or start over with --fresh")
-        mine = checkpoint.load(rank_state_path(run_dir, info.rank, shared["state"]["update"]))
+        shared, mine = load_resume(run_dir, info)
         policy.load_state_dict(shared["policy"])
         optimizer.load_state_dict(shared["optimizer"])
         scheduler.load_state_dict(shared["scheduler"])
@@ -174,7 +167,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
                 if len(ended):
                     window[0] += len(ended)
                     window[1] += episode_return[ended].sum().item()
-                    for k, name in enumerate(EPISODE_STATS[1:], start=2):
+                    for k, name in enumerate(episode_stats[1:], start=2):
                         window[k] += result.info[name][ended].double().sum().item()
                     episode_return[ended] = 0
                 # straggler preemption: enough of the others are done and we have the minimum share of steps
@@ -221,7 +214,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
                 ep = all_reduce_sum(window.tolist(), info)
                 window.zero_()
                 state["episodes"] += int(ep[0])
-                metrics = {f"episode/{name}": (ep[k + 1] / ep[0]).item() for k, name in enumerate(EPISODE_STATS)} if ep[
+                metrics = {f"episode/{name}": (ep[k + 1] / ep[0]).item() for k, name in enumerate(episode_stats)} if ep[
                     0] > 0 else {}
                 fps = state["env_steps"] / max(state["wall_time"], 1e-9)
                 metrics.update({
@@ -342,55 +335,6 @@ def stop_requests(signals=(signal.SIGTERM, signal.SIGUSR1)):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def set_aside_previous_run(run_dir: Path, log) -> None:
-    """--fresh: the old resume state goes (so a crash before the first save cannot resume it); the old
-    checkpoints and TensorBoard logs move to a dated folder instead of mixing with the new run's."""
-    for old in [run_dir / "resume.pt", *run_dir.glob("resume_rank*.pt")]:
-        old.unlink(missing_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for name in ("checkpoints", "tb"):
-        if (run_dir / name).exists():
-            target = run_dir / f"previous-{stamp}" / name
-            target.parent.mkdir(exist_ok=True)
-            (run_dir / name).rename(target)
-            log(f"--fresh: moved the previous {name}/ to {target}")
-
-
-def rank_state_path(run_dir: Path, rank: int, update: int) -> Path:
-    return run_dir / f"resume_rank{rank}.u{update:07d}.pt"
-
-
-def save_resume(run_dir, info, policy, optimizer, scheduler, state, envs, storage, cfg, counters: dict) -> None:
-    """Each rank writes its own RNG and environment state, tagged with the update; then rank 0 writes the shared
-    model and optimiser, which name that update. A crash at any point leaves the previous complete set usable."""
-    update = state["update"]
-    checkpoint.save({"torch_rng": torch.get_rng_state(), "envs": envs.state_dict(),
-                     "hidden": storage.hidden[0].cpu(), "masks": storage.masks[0].cpu(),
-                     "prev_actions": storage.prev_actions[0].cpu(), "update": update, **counters},
-                    rank_state_path(run_dir, info.rank, update))
-    if info.enabled:
-        dist.barrier()
-    if info.is_main:
-        write_shared_state(run_dir, policy, optimizer, scheduler, state, cfg)
-    if info.enabled:
-        dist.barrier()  # nobody exits (and gets its job step torn down) before rank 0 has written
-    for old in run_dir.glob(f"resume_rank{info.rank}.u*.pt"):
-        if old != rank_state_path(run_dir, info.rank, update):
-            old.unlink(missing_ok=True)
-
-
-def write_shared_state(run_dir, policy, optimizer, scheduler, state, cfg) -> None:
-    weights = {k: v.cpu() for k, v in policy.state_dict().items()}
-    checkpoint.save({"policy": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "state": dict(state)}, run_dir / "resume.pt")
-    ckpt_dir = run_dir / "checkpoints"
-    from omegaconf import OmegaConf
-
-    checkpoint.save({"policy": weights, "config": OmegaConf.to_container(cfg), "env_steps": state["env_steps"],
-                     "update": state["update"]}, ckpt_dir / f"ckpt_{state['update']:06d}.pt")
-    checkpoint.prune(ckpt_dir, cfg.keep_checkpoints)
 
 
 EXIT_REQUEUE = 3

@@ -81,6 +81,9 @@ class PointNavVectorEnv:
     so ranks given offsets rank * num_envs never share a stream.
     """
 
+    episode_metrics = ("success", "spl", "softspl", "distance_to_goal", "collisions")
+    """Keys of ``StepResult.info`` that describe an episode when it ends: the trainer logs their means."""
+
     def __init__(self, episodes: list[Episode], navs: dict[str, NavGrid], num_envs: int, sim_cfg, task_cfg,
                  seed: int = 0, env_offset: int = 0, device: str | torch.device = "cpu", order: str = "shuffle",
                  num_shares: int | None = None, cache: GeodesicCache | None = None):

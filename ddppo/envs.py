@@ -1,0 +1,24 @@
+"""The one place that turns a config into a batched environment, so the trainer, evaluation and benchmarks all
+get the same backend and task for the same config."""
+
+from __future__ import annotations
+
+import torch
+
+from ddppo.sim.data import load_split
+from ddppo.sim.vector_env import PointNavVectorEnv
+
+
+def make_vector_env(cfg, split: str, num_envs: int, *, seed: int = 0, env_offset: int = 0,
+                    device: str | torch.device = "cpu", episode_ids: list[int] | None = None,
+                    order: str = "shuffle", num_shares: int | None = None):
+    """``num_envs`` environments over ``split`` of ``cfg.task`` (all its episodes, or those at ``episode_ids``).
+
+    ``seed`` and ``env_offset`` pick the episode streams (see PointNavVectorEnv); ``order="partition"`` runs every
+    episode exactly once, as evaluation does."""
+    episodes, navs = load_split(cfg.task.data_dir, split)
+    if episode_ids is not None:
+        episodes = [episodes[k] for k in episode_ids]
+    task = cfg.task
+    return PointNavVectorEnv(episodes, navs, num_envs, cfg.sim, task, seed=seed, env_offset=env_offset,
+                             device=device, order=order, num_shares=num_shares)
