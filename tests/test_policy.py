@@ -21,6 +21,7 @@ from ddppo.policy import (
     goal_features,
     make_encoder,
 )
+from ddppo.policy.policy import block_mean
 
 NUM_ACTIONS = 4
 
@@ -118,6 +119,16 @@ def test_visual_input_layout_and_pooling() -> None:
     pooled = VisualInput(obs_spaces, avgpool=2, normalize=False)(obs)
     assert pooled.shape == (2, 4, 4, 4)
     assert torch.allclose(pooled[:, :, 0, 0], x[:, :, :2, :2].mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("shape,k", [((3, 17, 20, 3), 4), ((2, 64, 64, 1), 8), ((1, 9, 9, 2), 3)])
+def test_block_mean_equals_avg_pool(shape, k) -> None:
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0)) * 10
+    expected = torch.nn.functional.avg_pool2d(x.permute(0, 3, 1, 2), k, k).permute(0, 2, 3, 1)
+    assert torch.allclose(block_mean(x, k), expected, atol=1e-5)
+    as_uint8 = (x * 20).to(torch.uint8)
+    expected = torch.nn.functional.avg_pool2d(as_uint8.permute(0, 3, 1, 2).float(), k, k).permute(0, 2, 3, 1)
+    assert torch.allclose(block_mean(as_uint8, k), expected, atol=1e-4)
 
 
 def test_running_mean_and_var_converges() -> None:
