@@ -1,9 +1,16 @@
 """Checkpoints and resume state: plain tensors and Python values only, so ``torch.load(weights_only=True)`` reads
-them and loading never runs code. Every file is written atomically."""
+them and loading never runs code. Every file is written atomically.
+
+``load`` is the one loader of every checkpoint-like file ddppo reads (resume state, ``ddppo eval``, transfer):
+a damaged file and a file that carries pickled objects other than tensors and plain values are both refused
+with a one-line ValueError naming the file, before anything in them runs."""
 
 from __future__ import annotations
 
+import pickle
 import re
+import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -11,6 +18,8 @@ import torch
 from ddppo.atomic import atomic_open
 
 CKPT_RE = re.compile(r"ckpt_(\d+)\.pt$")
+# torch names the global its weights-only unpickler refused ("GLOBAL posix.system") or the opcode it does not know
+_REFUSED_RE = re.compile(r"(GLOBAL [\w.]+|Unsupported operand \d+|Unsupported class [\w.]+)")
 
 
 def save(obj: dict, path: str | Path) -> None:
@@ -24,10 +33,18 @@ def load(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for damaged or unsafe files
+        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files: the error says it
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # Not torch's advice (it suggests weights_only=False, i.e. running the file's code): name what was refused.
+        found = _REFUSED_RE.search(str(e))
+        what = f" ({found[1]})" if found else ""
+        raise ValueError(f"checkpoint {path}: refused: it holds pickled objects other than tensors and plain "
+                         f"values{what}; ddppo never runs code from a file") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, OSError... for damaged files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"checkpoint {path}: cannot be loaded safely ({type(e).__name__}: {first[:200]})") from None
+        raise ValueError(f"checkpoint {path}: damaged, cannot be loaded ({type(e).__name__}: {first[:200]})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path}: expected a dict, found {type(obj).__name__}")
     return obj
@@ -38,6 +55,26 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     if not d.is_dir():
         return []
     return sorted((p for p in d.iterdir() if CKPT_RE.search(p.name)), key=lambda p: int(CKPT_RE.search(p.name)[1]))
+
+
+def latest(path: str | Path, warn=None) -> Path:
+    """A checkpoint file as given, or for a run directory (or its ``checkpoints/``) the newest checkpoint that
+    loads: a damaged newer one is skipped with a one-line warning naming it, so a crash or a bad copy never
+    leaves "the latest checkpoint" unusable while an older good one exists."""
+    warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = list_checkpoints(directory)
+    for candidate in reversed(found):
+        try:
+            load(candidate)
+            return candidate
+        except ValueError as e:
+            warn(f"ddppo: warning: skipping {e}")
+    raise FileNotFoundError(f"no loadable checkpoint ckpt_<update>.pt in {directory}"
+                            + (f" ({len(found)} damaged)" if found else ""))
 
 
 def prune(directory: str | Path, keep: int) -> None:

@@ -1,11 +1,19 @@
 """A run's resume state: what each rank needs to continue exactly where it stopped.
 
 Each rank writes its own file (RNG, environment iterators, recurrent state) tagged with the update, then rank 0
-writes the shared model and optimiser, which name that update. Every write is atomic, so a crash at any point
-leaves the previous complete set usable."""
+writes the shared model and optimiser (``resume.pt``), which name that update. Every write is atomic, so a crash
+at any point leaves a complete set usable.
+
+Two complete sets are kept: ``resume.pt`` and ``resume.prev.pt`` (the set before it, a hard link to the file that
+was ``resume.pt``), each with its ``resume_rank{r}.u{update}.pt`` files. A newest set that does not load (a
+truncated copy, a bad disk block, a foreign file) is reported with a one-line warning naming the file, and the run
+falls back to the previous one; every rank takes the same set."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -14,25 +22,99 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from ddppo import checkpoint
+from ddppo.atomic import atomic_open
+from ddppo.distributed import all_reduce_sum
+
+SHARED = "resume.pt"
+PREVIOUS = "resume.prev.pt"
+
+# What this process knows to be good, per run directory: file name -> (update, file signature). Rank 0 only links
+# a file to resume.prev.pt if it saved or loaded that very file (same inode, size and mtime); a newer resume.pt
+# that it could not use is never promoted to "the previous good state".
+_known_good: dict[str, dict[str, tuple[int, tuple]]] = {}
+
+
+def _warn(msg: str) -> None:
+    print(f"ddppo: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _signature(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _need(ok: bool, path: Path, what: str) -> None:
+    if not ok:
+        raise ValueError(f"resume state {path}: {what} (not a ddppo resume state, or damaged)")
+
+
+def _check_shared(shared: dict, path: Path) -> None:
+    for key in ("policy", "optimizer", "scheduler", "state"):
+        _need(isinstance(shared.get(key), dict), path, f"missing field '{key}'")
+    st = shared["state"]
+    for key in ("update", "env_steps"):
+        _need(isinstance(st.get(key), int) and st[key] >= 0, path, f"field 'state.{key}' is not a count")
+
+
+def _check_rank(mine: dict, path: Path, update: int) -> None:
+    for key in ("torch_rng", "hidden", "masks", "prev_actions"):
+        _need(isinstance(mine.get(key), torch.Tensor), path, f"missing tensor '{key}'")
+    _need(isinstance(mine.get("envs"), dict), path, "missing field 'envs'")
+    _need(mine.get("update") == update, path, f"field 'update' is {mine.get('update')!r}, not {update}")
+
+
+def _try_load(run_dir: Path, name: str, info) -> tuple[dict, dict] | None:
+    """(shared, this rank's state) of one set, or None (with a warning naming the bad file)."""
+    path = run_dir / name
+    if not path.is_file():
+        return None
+    try:
+        shared = checkpoint.load(path)
+        _check_shared(shared, path)
+    except (ValueError, FileNotFoundError) as e:
+        _warn(str(e))
+        return None
+    saved_world = shared["state"].get("world_size", 1)
+    if saved_world != info.world_size:  # a user error, not damage: no fallback to an older state
+        raise ValueError(f"resume state {path} was saved by {saved_world} workers, not {info.world_size}; "
+                         "resume with the same number of workers or start over with --fresh")
+    mine_path = rank_state_path(run_dir, info.rank, shared["state"]["update"])
+    try:
+        mine = checkpoint.load(mine_path)
+        _check_rank(mine, mine_path, shared["state"]["update"])
+    except (ValueError, FileNotFoundError) as e:
+        _warn(f"{e} (rank state of {path})")
+        return None
+    return shared, mine
 
 
 def load_resume(run_dir: Path, info) -> tuple[dict, dict]:
-    """The shared state and this rank's state of the last complete save in ``run_dir``."""
-    resume_path = run_dir / "resume.pt"
-    shared = checkpoint.load(resume_path)
-    saved_world = shared["state"].get("world_size", 1)
-    if saved_world != info.world_size:
-        raise ValueError(f"resume state {resume_path} was saved by {saved_world} workers, not {info.world_size}; "
-                         "resume with the same number of workers or start over with --fresh")
-    mine = checkpoint.load(rank_state_path(run_dir, info.rank, shared["state"]["update"]))
-    return shared, mine
+    """The shared state and this rank's state of the newest complete set in ``run_dir`` that every rank can
+    load: resume.pt, else resume.prev.pt. A one-line ValueError naming the files when neither loads."""
+    run_dir = Path(run_dir)
+    for name in (SHARED, PREVIOUS):
+        got = _try_load(run_dir, name, info)
+        # every rank must continue from the same update: take a set only if all ranks could load it
+        if int(all_reduce_sum([float(got is not None)], info)[0]) == info.world_size:
+            shared, mine = got
+            if name == PREVIOUS:
+                _warn(f"resuming from the previous resume state {run_dir / name} "
+                      f"(update {shared['state']['update']})")
+            _known_good[str(run_dir.resolve())] = {name: (shared["state"]["update"], _signature(run_dir / name))}
+            return shared, mine
+    raise ValueError(f"resume state in {run_dir}: neither {SHARED} nor {PREVIOUS} (with every rank's "
+                     "resume_rank*.pt) loads; see the warnings above, or start over with --fresh")
 
 
 def set_aside_previous_run(run_dir: Path, log) -> None:
     """--fresh: the old resume state goes (so a crash before the first save cannot resume it); the old
     checkpoints and TensorBoard logs move to a dated folder instead of mixing with the new run's."""
-    for old in [run_dir / "resume.pt", *run_dir.glob("resume_rank*.pt")]:
+    for old in [run_dir / SHARED, run_dir / PREVIOUS, *run_dir.glob("resume_rank*.pt")]:
         old.unlink(missing_ok=True)
+    _known_good.pop(str(Path(run_dir).resolve()), None)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for name in ("checkpoints", "tb"):
         if (run_dir / name).exists():
@@ -46,29 +128,70 @@ def rank_state_path(run_dir: Path, rank: int, update: int) -> Path:
     return run_dir / f"resume_rank{rank}.u{update:07d}.pt"
 
 
+def _sweep_temporaries(directory: Path, prefix: str) -> None:
+    """Temporary files a killed writer (kill -9, power loss) left behind; only the caller's own file names."""
+    for tmp in directory.glob(f".{prefix}*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def save_resume(run_dir, info, policy, optimizer, scheduler, state, envs, storage, cfg, counters: dict) -> None:
     """Each rank's state, then the shared state (see the module's docstring)."""
+    run_dir = Path(run_dir)
     update = state["update"]
+    _sweep_temporaries(run_dir, f"resume_rank{info.rank}.")
     checkpoint.save({"torch_rng": torch.get_rng_state(), "envs": envs.state_dict(),
                      "hidden": storage.hidden[0].cpu(), "masks": storage.masks[0].cpu(),
                      "prev_actions": storage.prev_actions[0].cpu(), "update": update, **counters},
                     rank_state_path(run_dir, info.rank, update))
     if info.enabled:
-        dist.barrier()
+        dist.barrier()  # every rank's file of this update exists before resume.pt names the update
+    previous = -1
     if info.is_main:
+        previous = _keep_previous(run_dir, update)
         write_shared_state(run_dir, policy, optimizer, scheduler, state, cfg)
-    if info.enabled:
-        dist.barrier()  # nobody exits (and gets its job step torn down) before rank 0 has written
+        _known_good[str(run_dir.resolve())] = {
+            SHARED: (update, _signature(run_dir / SHARED)),
+            **({PREVIOUS: (previous, _signature(run_dir / PREVIOUS))} if previous >= 0 else {}),
+        }
+    # rank 0 tells everyone which previous update survives (and, being a collective, nobody exits, and gets its
+    # job step torn down, before rank 0 has written)
+    previous = int(all_reduce_sum([float(previous + 1)], info)[0]) - 1
+    keep = {rank_state_path(run_dir, info.rank, u) for u in (update, previous) if u >= 0}
     for old in run_dir.glob(f"resume_rank{info.rank}.u*.pt"):
-        if old != rank_state_path(run_dir, info.rank, update):
+        if old not in keep:
             old.unlink(missing_ok=True)
+
+
+def _keep_previous(run_dir: Path, update: int) -> int:
+    """Before resume.pt is replaced: make the last known-good set resume.prev.pt. Returns its update, or -1."""
+    _sweep_temporaries(run_dir, SHARED + ".")
+    _sweep_temporaries(run_dir, PREVIOUS + ".")
+    known = _known_good.get(str(run_dir.resolve()), {})
+    current, prev = run_dir / SHARED, run_dir / PREVIOUS
+    if SHARED in known and known[SHARED][1] == _signature(current) and known[SHARED][0] != update:
+        tmp = run_dir / f".{PREVIOUS}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(current, tmp)  # no copy: the same inode under a second name, renamed atomically into place
+            os.replace(tmp, prev)
+        except OSError:  # file systems without hard links
+            tmp.unlink(missing_ok=True)
+            with atomic_open(prev) as f, current.open("rb") as src:
+                shutil.copyfileobj(src, f)
+        return known[SHARED][0]
+    if PREVIOUS in known and known[PREVIOUS][1] == _signature(prev) and known[PREVIOUS][0] != update:
+        return known[PREVIOUS][0]
+    # nothing this process can vouch for (a fresh run, or a newest set it could not load): no stale fallback
+    prev.unlink(missing_ok=True)
+    return -1
 
 
 def write_shared_state(run_dir, policy, optimizer, scheduler, state, cfg) -> None:
     weights = {k: v.cpu() for k, v in policy.state_dict().items()}
     checkpoint.save({"policy": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "state": dict(state)}, run_dir / "resume.pt")
+                     "state": dict(state)}, run_dir / SHARED)
     ckpt_dir = run_dir / "checkpoints"
+    _sweep_temporaries(ckpt_dir, "ckpt_")
     checkpoint.save({"policy": weights, "config": OmegaConf.to_container(cfg), "env_steps": state["env_steps"],
                      "update": state["update"]}, ckpt_dir / f"ckpt_{state['update']:06d}.pt")
     checkpoint.prune(ckpt_dir, cfg.keep_checkpoints)

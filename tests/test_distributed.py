@@ -228,10 +228,10 @@ def test_torchrun_trainer_script_two_ranks(data_dir, tmp_path):
     assert last["update"] == updates and last["env_steps"] == updates * 2 * NUM_ENVS * NUM_STEPS
     resume = torch.load(run / "resume.pt", weights_only=True)
     assert resume["state"]["update"] == updates
-    for rank in (0, 1):  # every rank wrote its own resume state
-        files = list(run.glob(f"resume_rank{rank}*.pt"))
-        assert len(files) == 1, files
-        torch.load(files[0], weights_only=True)
+    for rank in (0, 1):  # every rank wrote its own resume state (and kept the previous set's: updates 2 and 3)
+        files = sorted(p.name for p in run.glob(f"resume_rank{rank}*.pt"))
+        assert files == [f"resume_rank{rank}.u{u:07d}.pt" for u in (2, updates)], files
+        torch.load(run / files[-1], weights_only=True)
 
     # only rank 0 writes TensorBoard, and it counts the samples of BOTH ranks: 2 ranks x envs x steps per update
     assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 1

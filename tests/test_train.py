@@ -96,10 +96,12 @@ def policy_of(path: Path) -> dict[str, torch.Tensor]:
 
 
 def rank_state(run_dir: Path, rank: int = 0) -> Path:
-    """The per-rank resume file (its name carries the update: resume_rank{r}.u{update}.pt)."""
-    files = sorted(run_dir.glob(f"resume_rank{rank}*.pt"))
-    assert len(files) == 1, f"expected one resume state of rank {rank} in {run_dir}, found {files}"
-    return files[0]
+    """The per-rank resume file of the newest set: resume_rank{r}.u{update}.pt, the update resume.pt names (the
+    previous set's files stay beside it as the fallback, see ddppo/resume.py)."""
+    update = checkpoint.load(run_dir / "resume.pt")["state"]["update"]
+    path = run_dir / f"resume_rank{rank}.u{update:07d}.pt"
+    assert path.is_file(), f"no resume state of rank {rank} for update {update} in {run_dir}"
+    return path
 
 
 def assert_same_tensors(a: dict, b: dict, what: str) -> None:
