@@ -10,12 +10,46 @@ import time
 import torch
 
 from ddppo.config import DatasetConfig, SimConfig, TaskConfig
+from ddppo.memory import peak_memory
 from ddppo.sim.data import ensure_dataset, load_split
 from ddppo.sim.vector_env import PointNavVectorEnv
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
-    return f"{platform.machine()} {torch.get_num_threads()} threads, {platform.processor() or platform.system()}"
+    """CPU model, cores (usable by this process / in the machine), torch threads and version, Python, and the
+    GPU when CUDA is available: what a benchmark figure depends on."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    desc = (f"{cpu_model()}, {usable}/{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
+    if torch.cuda.is_available():
+        desc += f", {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    return desc
+
+
+def record(result: dict, command: str, path: str | os.PathLike) -> None:
+    """Append ``result`` to the results file (bench/RESULTS.md) as a dated entry with the exact command line and
+    the machine, so every figure there can be traced to a run and rerun."""
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    entry = (f"\n### `{command}`, {when}\n\nMachine: {result.get('machine') or machine()}\n\n"
+             f"```json\n{json.dumps(result, indent=1)}\n```\n")
+    with open(path, "a") as f:
+        f.write(entry)
 
 
 def bench_sim(num_envs: int = 64, resolution: int = 64, sensors=("depth",), device: str = "cpu", steps: int = 300,
@@ -61,6 +95,7 @@ def bench_sim(num_envs: int = 64, resolution: int = 64, sensors=("depth",), devi
         "episodes_ended": resets,
         "reset_time_fraction": (env.reset_seconds - reset_s0) / dt,
         "geodesic_cache_hit_rate": hits / max(1, hits + misses),
+        **peak_memory(),
         "machine": machine(),
     }
 
@@ -139,6 +174,7 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
         "num_envs": n,
         "num_steps": T,
         "updates_timed": updates,
+        **peak_memory(),
         "config": config_file,
         "overrides": overrides,
         "machine": machine(),
@@ -169,8 +205,13 @@ def bench_scaling(overrides: list[str], updates: int = 12, config_file: str | No
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
                    f"--master-port={port}", str(Path(__file__).with_name("train.py")), *cfg_args, "--fresh", *args]
             subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            return json.loads((Path(tmp) / name / "summary.json").read_text())
+            summary = json.loads((Path(tmp) / name / "summary.json").read_text())
+            for key in ("peak_rss_mib", "cuda_max_allocated_mib"):  # each rank's own peak (see ddppo/train.py)
+                if f"{key}_per_rank" in summary:
+                    memory.setdefault(f"{key}_per_rank", {})[name] = summary[f"{key}_per_rank"]
+            return summary
 
+        memory: dict[str, dict[str, list[float]]] = {}
         single = run("one", 1, [])
         one = single["steady_fps"]
         two = run("two", 2, [])["steady_fps"]
@@ -189,6 +230,7 @@ def bench_scaling(overrides: list[str], updates: int = 12, config_file: str | No
         "preemption_speedup": slow_on / slow_off,
         "straggler_sleep_s_per_step": slowdown,
         "updates_timed": updates,
+        **memory,
         "config": config_file,
         "overrides": overrides,
         "machine": machine(),

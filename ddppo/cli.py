@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -18,19 +19,39 @@ def _dataset_generate(args) -> int:
     return 0
 
 
-def _bench_sim(args) -> int:
-    from ddppo.bench import bench_sim, print_json
+def _bench_output(args, result: dict) -> int:
+    """Every bench prints its JSON; with --record it is also appended to the results file."""
+    from ddppo.bench import print_json, record
 
-    print_json(bench_sim(args.num_envs, args.resolution, args.sensors.split(","), args.device, args.steps,
-                         args.data_dir, warmup=args.warmup, episode_steps=args.episode_steps, stop=args.stop))
+    print_json(result)
+    if args.record:
+        record(result, args.command_line, args.results)
+        print(f"recorded in {args.results}", file=sys.stderr)
     return 0
+
+
+def _bench_sim(args) -> int:
+    from ddppo.bench import bench_sim
+
+    return _bench_output(args, bench_sim(args.num_envs, args.resolution, args.sensors.split(","), args.device,
+                                         args.steps, args.data_dir, warmup=args.warmup,
+                                         episode_steps=args.episode_steps, stop=args.stop))
 
 
 def _bench_train(args) -> int:
-    from ddppo.bench import bench_train, print_json
+    from ddppo.bench import bench_train
 
-    print_json(bench_train(args.overrides, args.updates, args.config or default_config()))
-    return 0
+    return _bench_output(args, bench_train(args.overrides, args.updates, args.config or default_config()))
+
+
+def _bench_peer(args) -> int:
+    try:
+        from ddppo.bench_peer import bench_peer
+    except ModuleNotFoundError as e:  # the benchmark-only extra is missing: say how to install it, in one line
+        print(f"ddppo: error: {e}", file=sys.stderr)
+        return 2
+    return _bench_output(args, bench_peer(args.overrides, args.frames, args.val_episodes,
+                                          args.config or default_config(), tuple(args.peers.split(","))))
 
 
 def _slurm_train(args) -> int:
@@ -50,10 +71,9 @@ def _slurm_train(args) -> int:
 
 
 def _bench_scaling(args) -> int:
-    from ddppo.bench import bench_scaling, print_json
+    from ddppo.bench import bench_scaling
 
-    print_json(bench_scaling(args.overrides, args.updates, args.config or default_config()))
-    return 0
+    return _bench_output(args, bench_scaling(args.overrides, args.updates, args.config or default_config()))
 
 
 def _slurm_eval(args) -> int:
@@ -90,6 +110,17 @@ def default_config() -> str:
     if not path.is_file():
         raise FileNotFoundError(f"default config {path} not found; pass --config FILE")
     return str(path)
+
+
+def default_results() -> str:
+    """bench/RESULTS.md of the checkout this package runs from."""
+    return str(Path(__file__).resolve().parent.parent / "bench" / "RESULTS.md")
+
+
+def _add_record_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--record", action="store_true",
+                        help="also append the result (command, machine, date, JSON) to the results file")
+    parser.add_argument("--results", default=default_results(), help="results file (default: bench/RESULTS.md)")
 
 
 def _train(args) -> int:
@@ -163,17 +194,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=int, default=300, help="untimed steps first (kernels, geodesic cache)")
     s.add_argument("--episode-steps", type=int, default=100, help="episode length limit (a trained agent's)")
     s.add_argument("--stop", action="store_true", help="draw STOP too (episodes of ~4 steps: a reset benchmark)")
+    _add_record_options(s)
     s.set_defaults(func=_bench_sim)
     tr = bsub.add_parser("train", help="end-to-end training env-steps/s and its ratio to the serial limit")
     tr.add_argument("--config", default=None, help="YAML (default: the quickstart config)")
     tr.add_argument("--updates", type=int, default=10)
     tr.add_argument("overrides", nargs="*")
+    _add_record_options(tr)
     tr.set_defaults(func=_bench_train)
     sc = bsub.add_parser("scaling", help="1 vs 2 Gloo ranks, and a 2x straggler with and without preemption")
     sc.add_argument("--config", default=None, help="YAML (default: the quickstart config)")
     sc.add_argument("--updates", type=int, default=12)
     sc.add_argument("overrides", nargs="*")
+    _add_record_options(sc)
     sc.set_defaults(func=_bench_scaling)
+    pe = bsub.add_parser("peer", help="ddppo vs stable-baselines3 PPO and sb3-contrib RecurrentPPO, same env, "
+                                      "encoder and batch sizes (needs the bench extra)")
+    pe.add_argument("--config", default=None, help="YAML (default: the quickstart config)")
+    pe.add_argument("--frames", type=int, default=100_000, help="env-steps each trainer runs")
+    pe.add_argument("--val-episodes", type=int, default=100, help="val episodes each trained agent is evaluated on")
+    pe.add_argument("--peers", default="recurrent_ppo,ppo", help="comma-separated: recurrent_ppo,ppo")
+    pe.add_argument("overrides", nargs="*")
+    _add_record_options(pe)
+    pe.set_defaults(func=_bench_peer)
 
     sl = sub.add_parser("slurm", help="submit to SLURM through submitit")
     slsub = sl.add_subparsers(dest="slurm_command", required=True)
@@ -206,6 +249,7 @@ def main(argv=None) -> int:
     # key=value overrides may follow options (`ddppo eval CKPT --episodes 10 policy.x=1`), which argparse's
     # positional matching does not allow: collect them here
     args, extra = parser.parse_known_args(argv)
+    args.command_line = shlex.join(["ddppo", *(sys.argv[1:] if argv is None else argv)])  # what --record writes
     if extra:
         if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -40,6 +40,7 @@ from ddppo.distributed import (  # noqa: E402
 )
 from ddppo.envs import make_vector_env  # noqa: E402
 from ddppo.evaluation import evaluate_policy  # noqa: E402
+from ddppo.memory import peak_memory  # noqa: E402
 from ddppo.policy import build_policy  # noqa: E402
 from ddppo.resume import load_resume, save_resume, set_aside_previous_run  # noqa: E402
 from ddppo.rl.ppo import bootstrap_truncated, ppo_loss  # noqa: E402
@@ -279,6 +280,11 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
             w = TBWriter(run_dir / "tb")
             w.scalars({f"eval/{k}": v for k, v in ev.items() if not k.endswith("_ci95")}, state["env_steps"])
             w.close()
+    # every rank's peak memory, in rank order (a collective: all ranks get here), for the summary and benchmarks
+    for key, value in peak_memory().items():  # the same keys on every rank: all of them use CUDA or none does
+        slots = torch.zeros(info.world_size, dtype=torch.float64)
+        slots[info.rank] = value
+        result[f"{key}_per_rank"] = all_reduce_sum(slots, info).tolist()
     if main:
         summary = {k: v for k, v in result.items() if k != "progress"}
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, default=float))

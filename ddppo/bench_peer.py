@@ -1,0 +1,269 @@
+"""``ddppo bench peer``: ddppo's trainer against the packaged peers a user would pick instead, side by side.
+
+The peers are stable-baselines3 PPO (feed-forward) and sb3-contrib RecurrentPPO (LSTM), trained on the same
+batched environment (``PointNavVectorEnv`` through ``SB3VecEnv``), with the same visual encoder and goal embedding
+(ddppo's own modules, wrapped as an sb3 features extractor) and the same rollout and batch sizes, learning rate
+(and its decay), PPO epochs, minibatches, clipping and coefficients. Each trainer runs the same frame budget, one
+after another in this process; throughput is measured after the first update (start-up excluded, as ``ddppo
+bench train`` does) and every trained agent is evaluated deterministically on the same val episodes.
+
+stable-baselines3 and sb3-contrib are a benchmark-only extra: ``pip install "ddppo[bench]"``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from ddppo.memory import peak_memory, reset_peak_rss
+from ddppo.policy import GOAL_SENSOR, build_policy, goal_features
+from ddppo.sim.gym_env import _observation_space
+
+SB3_MISSING = 'ddppo bench peer needs stable-baselines3 and sb3-contrib: pip install "ddppo[bench]"'
+
+try:
+    from gymnasium import spaces
+    from sb3_contrib import RecurrentPPO
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+    from stable_baselines3.common.vec_env import VecEnv
+except ImportError as e:  # the command prints this one line (see ddppo/cli.py)
+    raise ModuleNotFoundError(SB3_MISSING) from e
+
+PEERS = ("ppo", "recurrent_ppo")
+
+
+class SB3VecEnv(VecEnv):
+    """stable-baselines3's VecEnv contract over a batched ``PointNavVectorEnv``.
+
+    Observations are dicts of numpy arrays (views of the simulator's fresh per-step tensors on CPU: no copy);
+    an ended episode restarts automatically and its last observation is in ``info["terminal_observation"]``,
+    with ``info["TimeLimit.truncated"]`` true when the step limit (not STOP) ended it, so sb3 bootstraps."""
+
+    def __init__(self, env):
+        self.env = env
+        self.render_mode = None  # VecEnv.__init__ reads it through get_attr
+        self._actions: torch.Tensor | None = None
+        super().__init__(env.num_envs, _observation_space(env), spaces.Discrete(4))
+
+    @staticmethod
+    def _numpy(obs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        return {k: v.cpu().numpy() for k, v in obs.items()}
+
+    def reset(self):
+        return self._numpy(self.env.reset())
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = torch.as_tensor(np.asarray(actions)).reshape(-1)
+
+    def step_wait(self):
+        r = self.env.step(self._actions)
+        done = r.done.cpu().numpy()
+        infos: list[dict] = [{} for _ in range(self.num_envs)]
+        ended = np.flatnonzero(done)
+        if len(ended):
+            final = self._numpy(r.final_obs)
+            truncated = r.truncated.cpu().numpy()
+            success = r.info["success"].cpu().numpy()
+            for e in ended:
+                infos[e] = {"terminal_observation": {k: v[e] for k, v in final.items()},
+                            "TimeLimit.truncated": bool(truncated[e]), "is_success": bool(success[e])}
+        return self._numpy(r.obs), r.reward.cpu().numpy(), done, infos
+
+    def close(self) -> None:
+        self.env.close()
+
+    def get_attr(self, attr_name, indices=None):
+        return [getattr(self, attr_name)] * len(list(self._get_indices(indices)))
+
+    def set_attr(self, attr_name, value, indices=None) -> None:
+        setattr(self, attr_name, value)
+
+    def env_method(self, method_name, *method_args, indices=None, **method_kwargs):
+        raise NotImplementedError("SB3VecEnv runs one batched simulator: it has no per-environment methods")
+
+    def env_is_wrapped(self, wrapper_class, indices=None):
+        return [False] * len(list(self._get_indices(indices)))
+
+
+class DDPPOFeatures(BaseFeaturesExtractor):
+    """ddppo's visual input, encoder, visual FC and goal embedding as an sb3 features extractor: the modules come
+    from a ddppo ``Policy`` built from the same policy config, so the peers train the same network up to the core.
+
+    ``core_fc`` adds a Linear(features, hidden_size) + ReLU, the feed-forward stand-in for the recurrent core, so
+    that the PPO peer has a hidden layer of the core's width before its (linear) heads."""
+
+    def __init__(self, observation_space: spaces.Dict, policy_cfg: dict, core_fc: bool = False):
+        obs_spaces = {k: (self._hwc(k, s.shape), torch.uint8 if s.dtype == np.uint8 else torch.float32)
+                      for k, s in observation_space.spaces.items()}
+        policy = build_policy(SimpleNamespace(**policy_cfg), obs_spaces)
+        width = (policy_cfg["hidden_size"] if policy.visual_fc is not None else 0) + (
+            policy.goal_embed.out_features if policy.goal_embed is not None else 0)
+        out = policy_cfg["hidden_size"] if core_fc else width
+        super().__init__(observation_space, out)
+        self.visual_input, self.encoder, self.visual_fc = policy.visual_input, policy.encoder, policy.visual_fc
+        self.goal_embed = policy.goal_embed
+        # sb3 moves channel-last uint8 images channel-first (VecTransposeImage); ddppo's VisualInput wants them back
+        self.transposed = {k for k, s in observation_space.spaces.items() if k == "rgb" and s.shape[0] == 3}
+        self.core = nn.Sequential(nn.Linear(width, out), nn.ReLU()) if core_fc else nn.Identity()
+
+    @staticmethod
+    def _hwc(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (shape[1], shape[2], shape[0]) if key == "rgb" and shape[0] == 3 else tuple(shape)
+
+    def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        feats = []
+        if self.encoder is not None:
+            obs = {k: (v.permute(0, 2, 3, 1) if k in self.transposed else v) for k, v in obs.items()}
+            feats.append(self.visual_fc(self.encoder(self.visual_input(obs))))
+        if self.goal_embed is not None:
+            feats.append(self.goal_embed(goal_features(obs[GOAL_SENSOR].reshape(-1, 2))))
+        return self.core(torch.cat(feats, dim=-1))
+
+
+class _Progress(BaseCallback):
+    """(wall clock, env steps) at the start of every rollout and at the end: the same points as ddppo's
+    ``progress`` (after each update), so both rates are taken after the first update."""
+
+    def __init__(self):
+        super().__init__()
+        self.points: list[tuple[float, int]] = []
+
+    def _on_rollout_start(self) -> None:
+        self.points.append((time.perf_counter(), self.model.num_timesteps))
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_training_end(self) -> None:
+        self.points.append((time.perf_counter(), self.model.num_timesteps))
+
+
+class SB3Agent:
+    """An sb3 model as an agent of ``ddppo.evaluation.evaluate``: deterministic actions, LSTM state carried
+    between steps and reset where ``masks`` marks an episode start."""
+
+    def __init__(self, model):
+        self.model, self.state = model, None
+
+    def act(self, obs, prev_actions, masks):
+        starts = (masks == 0).cpu().numpy()
+        actions, self.state = self.model.predict({k: v.cpu().numpy() for k, v in obs.items()}, state=self.state,
+                                                 episode_start=starts, deterministic=True)
+        return torch.as_tensor(actions).long().reshape(-1)
+
+
+def make_peer(kind: str, cfg, venv: VecEnv, device: str = "cpu"):
+    """sb3 PPO (``kind="ppo"``) or sb3-contrib RecurrentPPO (``"recurrent_ppo"``) with ddppo's hyperparameters."""
+    ppo = cfg.ppo
+    batch = ppo.num_steps * ppo.num_envs
+    if batch % ppo.num_mini_batch:
+        raise ValueError(f"num_steps x num_envs = {batch} is not divisible by ppo.num_mini_batch={ppo.num_mini_batch}")
+    # sb3 calls the schedule with the fraction of training left: the same linear decay as ddppo's LambdaLR
+    lr = (lambda left: ppo.lr * left) if ppo.lr_decay else ppo.lr
+    policy_cfg = OmegaConf.to_container(cfg.policy)
+    policy_kwargs = dict(features_extractor_class=DDPPOFeatures, net_arch=[], normalize_images=False,
+                         optimizer_kwargs={"eps": ppo.eps},
+                         features_extractor_kwargs={"policy_cfg": policy_cfg, "core_fc": kind == "ppo"})
+    common = dict(learning_rate=lr, n_steps=ppo.num_steps, batch_size=batch // ppo.num_mini_batch,
+                  n_epochs=ppo.ppo_epoch, gamma=ppo.gamma, gae_lambda=ppo.tau, clip_range=ppo.clip,
+                  clip_range_vf=ppo.clip if ppo.clipped_value_loss else None,
+                  normalize_advantage=ppo.normalize_advantages, ent_coef=ppo.entropy_coef, vf_coef=ppo.value_coef,
+                  max_grad_norm=ppo.max_grad_norm, seed=cfg.seed, device=device, verbose=0)
+    if kind == "ppo":
+        return PPO("MultiInputPolicy", venv, policy_kwargs=policy_kwargs, **common)
+    if kind == "recurrent_ppo":
+        # sb3-contrib's defaults otherwise: separate actor and critic LSTMs over the shared encoder (its
+        # shared_lstm option would stop the value loss from training the LSTM and the encoder)
+        policy_kwargs.update(lstm_hidden_size=cfg.policy.hidden_size, n_lstm_layers=cfg.policy.num_recurrent_layers)
+        return RecurrentPPO("MultiInputLstmPolicy", venv, policy_kwargs=policy_kwargs, **common)
+    raise ValueError(f"unknown peer {kind!r}; use one of {', '.join(PEERS)}")
+
+
+def _steady_fps(points: list[tuple[float, int]]) -> float:
+    (t_a, s_a), (t_b, s_b) = points[0], points[-1]
+    return (s_b - s_a) / max(t_b - t_a, 1e-9)
+
+
+def run_ddppo(cfg, val_episodes: int) -> dict:
+    from ddppo.train import train
+
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    run = OmegaConf.merge(cfg, {"eval_episodes": val_episodes})
+    result = train(run, fresh=True, log=lambda *_: None, show_progress=False)
+    wall = result["progress"][-1][0] - t0  # training only: the final evaluation comes after the last point
+    ev = result["eval"] if val_episodes else {}
+    return {"fps": _steady_fps(result["progress"]), "frames": result["env_steps"], "wall_s": wall, "eval": ev,
+            **peak_memory()}
+
+
+def run_peer(kind: str, cfg, val_episodes: int, device: str) -> dict:
+    from ddppo.envs import make_vector_env
+    from ddppo.evaluation import evaluate, summarize
+
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    sim_device = device if cfg.sim.device == "auto" else cfg.sim.device
+    venv = SB3VecEnv(make_vector_env(cfg, cfg.task.split, cfg.ppo.num_envs, seed=cfg.seed, device=sim_device))
+    model = make_peer(kind, cfg, venv, device)
+    progress = _Progress()
+    model.learn(total_timesteps=cfg.total_steps, callback=progress)
+    t_learn = time.perf_counter()
+    ev = {}
+    if val_episodes:  # as ddppo's trainer evaluates: the first episodes of val, 8 environments, deterministic
+        ev = summarize(evaluate(cfg, lambda envs: SB3Agent(model), "val", val_episodes, num_envs=8))
+    # ddppo's rate starts after its first update: drop the first rollout's start here too
+    return {"fps": _steady_fps(progress.points[1:]), "frames": model.num_timesteps, "wall_s": t_learn - t0,
+            "eval": ev, **peak_memory()}
+
+
+def bench_peer(overrides: list[str], frames: int = 100_000, val_episodes: int = 100,
+               config_file: str | None = None, peers: tuple[str, ...] = PEERS) -> dict:
+    """Env-steps/s of ddppo's trainer and of each peer on ``frames`` env-steps, and val success of each at that
+    budget, as JSON-ready numbers; ``speedup_vs_<peer>`` = ddppo's env-steps/s ÷ the peer's."""
+    from ddppo.bench import machine
+    from ddppo.config import load_config
+    from ddppo.sim.data import ensure_dataset
+
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        raise ValueError(f"unknown peer(s) {sorted(unknown)}; use {', '.join(PEERS)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(config_file, [*overrides, f"run_dir={tmp}", "name=ddppo", f"total_steps={frames}",
+                                        "eval_interval=0", "log_interval=1000000", "checkpoint_interval=1000000"])
+        per_update = cfg.ppo.num_steps * cfg.ppo.num_envs
+        if frames < 2 * per_update:
+            raise ValueError(f"--frames {frames}: need at least 2 updates ({2 * per_update} frames) for a rate "
+                             "measured after the first update")
+        ensure_dataset(cfg.task, cfg.dataset, log=lambda *_: None)
+        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        cfg.device = device  # ddppo and the peers on the same device
+        runs = {"ddppo": run_ddppo(cfg, val_episodes)}
+        for kind in peers:
+            runs[kind] = run_peer(kind, cfg, val_episodes, device)
+    out: dict = {"bench": "peer", "frames": frames, "val_episodes": val_episodes}
+    for name, r in runs.items():
+        if name != "ddppo":
+            out[f"speedup_vs_{name}"] = runs["ddppo"]["fps"] / r["fps"]
+    for name, r in runs.items():
+        out[f"fps_{name}"] = r["fps"]
+        out[f"frames_{name}"] = r["frames"]  # each trainer's own count: equal budgets, checked not assumed
+        if r["eval"]:
+            for k in ("success", "success_ci95", "spl"):
+                out[f"val_{k}_{name}"] = r["eval"][k]
+        out[f"wall_s_{name}"] = r["wall_s"]
+        out[f"peak_rss_mib_{name}"] = r["peak_rss_mib"]
+        if "cuda_max_allocated_mib" in r:
+            out[f"cuda_max_allocated_mib_{name}"] = r["cuda_max_allocated_mib"]
+    out.update(num_envs=cfg.ppo.num_envs, num_steps=cfg.ppo.num_steps, ppo_epoch=cfg.ppo.ppo_epoch,
+               num_mini_batch=cfg.ppo.num_mini_batch, lr=cfg.ppo.lr, device=device, config=config_file,
+               overrides=overrides, machine=machine())
+    return out
