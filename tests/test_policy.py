@@ -131,6 +131,25 @@ def test_block_mean_equals_avg_pool(shape, k) -> None:
     assert torch.allclose(block_mean(as_uint8, k), expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("avgpool", [1, 4])
+def test_stored_observations_give_the_same_outputs(avgpool) -> None:
+    """The rollout storage keeps ``preprocess``ed (pooled) observations: acting and re-evaluating on them must
+    equal acting on the raw observations, and the storage spaces must describe them."""
+    obs_spaces = spaces(64)
+    policy = small_policy(obs_spaces, avgpool=avgpool).eval()
+    raw = random_obs(obs_spaces, 3, gen=torch.Generator().manual_seed(1))
+    stored = policy.preprocess(raw)
+    for key, (shape, dtype) in policy.storage_spaces(obs_spaces).items():
+        assert stored[key].shape[1:] == shape and stored[key].dtype == dtype, key
+    if avgpool > 1:
+        assert stored["rgb"].shape[1:3] == (64 // avgpool, 64 // avgpool)
+    hidden = policy.initial_hidden(3)
+    prev, masks = torch.tensor([0, 1, 2]), torch.ones(3)
+    logits_raw, value_raw, _ = policy(raw, prev, masks, hidden)
+    logits_stored, value_stored, _ = policy(stored, prev, masks, hidden)
+    assert torch.allclose(logits_raw, logits_stored, atol=1e-5) and torch.allclose(value_raw, value_stored, atol=1e-5)
+
+
 def test_running_mean_and_var_converges() -> None:
     gen = torch.Generator().manual_seed(0)
     true_mean = torch.tensor([0.2, -1.0, 3.0])

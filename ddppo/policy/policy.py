@@ -38,9 +38,10 @@ def _mask_bool(masks: Any, device: torch.device) -> Tensor:
 class VisualInput(nn.Module):
     """Observation dict -> normalised channels-first visual tensor [N, C, H', W'].
 
-    RGB (uint8 0..255) is scaled by 1/255, depth is used as is ([0, 1]); present sensors are concatenated
-    with RGB first, optionally average-pooled by ``avgpool`` and then normalised per channel by a
-    ``RunningMeanAndVar`` (``normalizer``; identity when ``normalize`` is false).
+    RGB (uint8 0..255) is scaled by 1/255, depth is used as is ([0, 1]); present sensors are optionally
+    average-pooled by ``avgpool``, concatenated with RGB first and then normalised per channel by a
+    ``RunningMeanAndVar`` (``normalizer``; identity when ``normalize`` is false). Images already pooled by
+    ``pool`` (rollout storage keeps them so) are recognised by their size and not pooled again.
     """
 
     def __init__(self, obs_spaces: ObsSpaces, avgpool: int = 1, normalize: bool = True):
@@ -72,12 +73,27 @@ class VisualInput(nn.Module):
         parts = []
         for key in self.sensors:
             x = torch.as_tensor(obs[key], device=device)
-            x = block_mean(x, self.avgpool) if self.avgpool > 1 else x.float()
+            x = block_mean(x, self.avgpool) if tuple(x.shape[1:3]) != self.output_hw else x.float()
             if key == "rgb":
                 x = x * (1.0 / 255.0)
             parts.append(x)
         x = (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]).permute(0, 3, 1, 2)
         return self.normalizer(x.contiguous())
+
+
+    def pooled_spaces(self, obs_spaces: ObsSpaces) -> ObsSpaces:
+        """The spaces of ``pool``'s output: visual sensors at the pooled size as float32, the rest unchanged."""
+        if self.avgpool == 1:
+            return dict(obs_spaces)
+        h, w = self.output_hw
+        return {k: (((h, w, v[0][2]), torch.float32) if k in self.sensors else v) for k, v in obs_spaces.items()}
+
+    def pool(self, obs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Observations with the visual sensors average-pooled (raw units, float): what the rollout storage
+        keeps, so pooling runs once per step rather than at every forward pass over it (act, each PPO epoch)."""
+        if self.avgpool == 1:
+            return obs
+        return {k: (block_mean(v, self.avgpool) if k in self.sensors else v) for k, v in obs.items()}
 
 
 def block_mean(images: Tensor, k: int) -> Tensor:
@@ -178,6 +194,16 @@ class Policy(nn.Module):
             if module is not None:
                 module.eval()
         return self
+
+    # ------------------------------------------------------------------ observations as stored
+
+    def storage_spaces(self, obs_spaces: ObsSpaces) -> ObsSpaces:
+        """Spaces of the observations as ``preprocess`` returns them, for the rollout storage."""
+        return self.visual_input.pooled_spaces(obs_spaces) if self.visual_input is not None else dict(obs_spaces)
+
+    def preprocess(self, obs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Observations as the rollout storage keeps them (visual sensors pooled once); ``forward`` takes either."""
+        return self.visual_input.pool(obs) if self.visual_input is not None else obs
 
     # ------------------------------------------------------------------ recurrent state
 
