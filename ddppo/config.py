@@ -32,8 +32,11 @@ class SimConfig:
 
 @dataclass
 class TaskConfig:
-    """PointNav task and its dataset (habitat semantics)."""
+    """The navigation task and its dataset (habitat semantics)."""
 
+    type: str = "pointnav"
+    """pointnav | flee | exploration (ddppo/transfer/tasks.py). Flee and Exploration run on PointNav episodes: their
+    starts, with the goal sensor reading zeros."""
     data_dir: str = "data/pointnav"
     """Dataset root: {split}/{split}.json.gz episodes and scenes/{scene}.npz."""
     split: str = "train"
@@ -113,6 +116,21 @@ class DDPPOConfig:
 
 
 @dataclass
+class TransferConfig:
+    """Start from another run's weights (ddppo/transfer/loading.py); the run records them in transfer.json."""
+
+    checkpoint: str = ""
+    """A training checkpoint (runs/<name>/checkpoints/ckpt_*.pt) to take weights from; empty = none."""
+    encoder: str = "finetune"
+    """frozen | finetune | scratch: the visual pathway (visual_input, encoder, visual_fc) is loaded and kept fixed
+    (eval mode, no gradient), loaded and trained, or freshly initialised."""
+    core: str = "scratch"
+    """load | scratch: the recurrent core with its goal and action embeddings. Actor and critic are always new."""
+    encoder_lr_scale: float = 1.0
+    """The visual pathway's learning rate is ppo.lr times this (fine-tuning often wants less than 1)."""
+
+
+@dataclass
 class TrainConfig:
     """Everything ``ddppo train`` reads."""
 
@@ -140,6 +158,7 @@ class TrainConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     ddppo: DDPPOConfig = field(default_factory=DDPPOConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     config_file: str = ""
     """Set by the loader: the YAML file this run came from."""
 
@@ -206,6 +225,16 @@ def check(cfg) -> None:
     need(0 < dd.min_rollout_frac <= 1, f"ddppo.min_rollout_frac={dd.min_rollout_frac} must be in (0, 1]")
     need(dd.backend in ("auto", "gloo", "nccl"), f"ddppo.backend={dd.backend!r}: use auto, gloo or nccl")
     need(task.split in ("train", "val", "test"), f"task.split={task.split!r}: use train, val or test")
+    from ddppo.envs import TASKS
+
+    need(task.type in TASKS, f"task.type={task.type!r}: use one of {', '.join(TASKS)}")
+    tr = cfg.transfer
+    need(tr.encoder in ("frozen", "finetune", "scratch"),
+         f"transfer.encoder={tr.encoder!r}: use frozen, finetune or scratch")
+    need(tr.core in ("load", "scratch"), f"transfer.core={tr.core!r}: use load or scratch")
+    need(tr.encoder_lr_scale > 0, f"transfer.encoder_lr_scale={tr.encoder_lr_scale} must be > 0")
+    need(bool(tr.checkpoint) or (tr.encoder != "frozen" and tr.core != "load"),
+         f"transfer.encoder={tr.encoder} transfer.core={tr.core}: name the weights with transfer.checkpoint=PATH")
     need(task.max_episode_steps >= 1, f"task.max_episode_steps={task.max_episode_steps} must be >= 1")
     need(cfg.total_steps >= 1, f"total_steps={cfg.total_steps} must be >= 1")
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints={cfg.keep_checkpoints} must be >= 1")

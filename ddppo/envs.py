@@ -7,12 +7,16 @@ import torch
 
 from ddppo.sim.data import load_split
 from ddppo.sim.vector_env import PointNavVectorEnv
+from ddppo.transfer.tasks import ExplorationVectorEnv, FleeVectorEnv
+
+TASKS = {"pointnav": PointNavVectorEnv, "flee": FleeVectorEnv, "exploration": ExplorationVectorEnv}
+"""``task.type`` -> batched environment class (same constructor, observations and API)."""
 
 
 def make_vector_env(cfg, split: str, num_envs: int, *, seed: int = 0, env_offset: int = 0,
                     device: str | torch.device = "cpu", episode_ids: list[int] | None = None,
                     order: str = "shuffle", num_shares: int | None = None):
-    """``num_envs`` environments over ``split`` of ``cfg.task`` (all its episodes, or those at ``episode_ids``).
+    """``num_envs`` environments of ``cfg.task.type`` over ``split`` (all its episodes, or those at ``episode_ids``).
 
     ``seed`` and ``env_offset`` pick the episode streams (see PointNavVectorEnv); ``order="partition"`` runs every
     episode exactly once, as evaluation does."""
@@ -20,5 +24,7 @@ def make_vector_env(cfg, split: str, num_envs: int, *, seed: int = 0, env_offset
     if episode_ids is not None:
         episodes = [episodes[k] for k in episode_ids]
     task = cfg.task
-    return PointNavVectorEnv(episodes, navs, num_envs, cfg.sim, task, seed=seed, env_offset=env_offset,
-                             device=device, order=order, num_shares=num_shares)
+    if task.type not in TASKS:
+        raise ValueError(f"task.type={task.type!r}: use one of {', '.join(TASKS)}")
+    return TASKS[task.type](episodes, navs, num_envs, cfg.sim, task, seed=seed, env_offset=env_offset,
+                            device=device, order=order, num_shares=num_shares)

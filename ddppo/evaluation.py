@@ -90,7 +90,7 @@ def run_episodes(envs: PointNavVectorEnv, agent, on_step=None) -> list[dict]:
         for e in r.done.nonzero().flatten().tolist():
             ep = envs.episodes[int(r.info["episode_index"][e])]
             row = {"episode_id": ep.episode_id, "scene_id": ep.scene_id}
-            row.update({k: float(r.info[k][e]) for k in METRICS})
+            row.update({k: float(r.info[k][e]) for k in envs.record_metrics})
             row["goal"] = [float(r.info["goal_x"][e]), float(r.info["goal_z"][e])]
             row["path"] = paths[e]
             row["actions"] = actions_taken[e]
@@ -114,8 +114,10 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(records: list[dict]) -> dict:
+    """Mean and 95% CI of every metric the records carry (their float fields: each task records its own)."""
     out: dict = {"episodes": len(records)}
-    for k in METRICS:
+    metrics = [k for k, v in records[0].items() if isinstance(v, float)] if records else METRICS
+    for k in metrics:
         out[k], out[f"{k}_ci95"] = mean_ci95([r[k] for r in records])
     return out
 
@@ -188,6 +190,9 @@ def write_jsonl(records: list[dict], path: str | Path) -> None:
 def format_table(summaries: dict[str, dict]) -> str:
     """Plain-text table: one row per agent, mean ± 95% CI per metric."""
     cols = ("success", "spl", "softspl", "distance_to_goal", "collisions", "steps")
+    first = next(iter(summaries.values()), {})
+    if not all(c in first for c in cols):  # another task (Flee, Exploration): its own metrics
+        cols = tuple(k for k in first if k != "episodes" and not k.endswith("_ci95"))
     head = f"{'agent':<12}{'episodes':>9}" + "".join(f"{c:>20}" for c in cols)
     lines = [head, "-" * len(head)]
     for name, s in summaries.items():

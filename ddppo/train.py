@@ -47,6 +47,7 @@ from ddppo.rl.ppo import bootstrap_truncated, ppo_loss  # noqa: E402
 from ddppo.rl.storage import RolloutStorage  # noqa: E402
 from ddppo.sim.data import ensure_dataset  # noqa: E402
 from ddppo.telemetry import ProgressDisplay, TBWriter  # noqa: E402
+from ddppo.transfer.loading import apply_transfer  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -85,8 +86,9 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
     policy = build_policy(cfg.policy, envs.obs_spaces).to(info.device)
     broadcast_module(policy, info)
     torch.manual_seed(cfg.seed + 1000 * info.rank)  # each worker samples its own actions
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.ppo.lr, eps=cfg.ppo.eps)
+    # transferred weights (cfg.transfer), frozen parts left out, the visual pathway in its own lr group
+    params, param_groups = apply_transfer(policy, cfg, run_dir if main else None, log)
+    optimizer = torch.optim.Adam(param_groups, lr=cfg.ppo.lr, eps=cfg.ppo.eps)
     num_updates = math.ceil(cfg.total_steps / (cfg.ppo.num_steps * n_envs * info.world_size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda u: max(0.0, 1 - u / num_updates) if cfg.ppo.lr_decay else 1.0
@@ -273,9 +275,8 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
         result["eval"] = evaluate_policy(policy, cfg, split="val", num_episodes=cfg.eval_episodes,
                                          device=info.device, info=info)
         ev = result["eval"]
-        log(f"val ({ev['episodes']} episodes): success {ev['success']:.3f} ± {ev['success_ci95']:.3f}, "
-            f"SPL {ev['spl']:.3f} ± {ev['spl_ci95']:.3f}, SoftSPL {ev['softspl']:.3f}, "
-            f"distance to goal {ev['distance_to_goal']:.2f} m")
+        log(f"val ({ev['episodes']} episodes): "  # the task's own metrics (PointNav: success, SPL, ...)
+            + ", ".join(f"{k} {ev[k]:.3f} ± {ev[k + '_ci95']:.3f}" for k in envs.episode_metrics))
         if main:
             w = TBWriter(run_dir / "tb")
             w.scalars({f"eval/{k}": v for k, v in ev.items() if not k.endswith("_ci95")}, state["env_steps"])

@@ -12,7 +12,7 @@ from ddppo.sim.batch_sim import BatchSimulator, SceneAtlas
 from ddppo.sim.dataset import Episode, check_episode_in_scene, scene_name
 from ddppo.sim.geometry import STOP, episodic_gps, pointgoal_polar, wrap_angle
 from ddppo.sim.navmesh import GeodesicCache, NavGrid
-from ddppo.sim.task import pointnav_reward, soft_spl, spl
+from ddppo.sim.task import METRICS, pointnav_reward, soft_spl, spl
 
 
 @dataclass
@@ -83,6 +83,8 @@ class PointNavVectorEnv:
 
     episode_metrics = ("success", "spl", "softspl", "distance_to_goal", "collisions")
     """Keys of ``StepResult.info`` that describe an episode when it ends: the trainer logs their means."""
+    record_metrics = METRICS
+    """Keys of ``StepResult.info`` that evaluation records per episode and summarises."""
 
     def __init__(self, episodes: list[Episode], navs: dict[str, NavGrid], num_envs: int, sim_cfg, task_cfg,
                  seed: int = 0, env_offset: int = 0, device: str | torch.device = "cpu", order: str = "shuffle",
@@ -199,20 +201,13 @@ class PointNavVectorEnv:
         self.steps += was_active.long()
         self.path_length += moved
         self.collisions += collided.long()
-        distance = self.sim.geodesic()
         stop = (actions == STOP) & was_active
-        success = stop & (distance < self.task.success_distance)
         terminated = stop
         truncated = was_active & ~stop & (self.steps >= self.task.max_episode_steps)
-        reward = pointnav_reward(self.prev_distance, distance, success, self.task.slack_reward,
-                                 self.task.success_reward) * was_active
-        self.prev_distance = distance
+        reward, metrics = self._reward_and_metrics(stop, was_active)
         done = terminated | truncated
         info = {
-            "success": success.float(),
-            "spl": spl(success, self.start_distance, self.path_length),
-            "softspl": soft_spl(distance, self.start_distance, self.path_length),
-            "distance_to_goal": distance.clone(),
+            **metrics,
             "collisions": self.collisions.clone(),
             "steps": self.steps.clone(),
             "path_length": self.path_length.clone(),
@@ -235,6 +230,22 @@ class PointNavVectorEnv:
                     obs[k][ids] = v
         info["active"] = self.active.clone()
         return StepResult(obs, reward, terminated, truncated, info, final_obs)
+
+    def _reward_and_metrics(self, stop: torch.Tensor, was_active: torch.Tensor
+                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The task's reward for the step just taken and its own entries of ``StepResult.info``, computed before
+        the automatic reset replaces ended episodes. Other tasks (ddppo.transfer.tasks) override this."""
+        distance = self.sim.geodesic()
+        success = stop & (distance < self.task.success_distance)
+        reward = pointnav_reward(self.prev_distance, distance, success, self.task.slack_reward,
+                                 self.task.success_reward) * was_active
+        self.prev_distance = distance
+        return reward, {
+            "success": success.float(),
+            "spl": spl(success, self.start_distance, self.path_length),
+            "softspl": soft_spl(distance, self.start_distance, self.path_length),
+            "distance_to_goal": distance.clone(),
+        }
 
     @property
     def goal_x(self) -> torch.Tensor:
