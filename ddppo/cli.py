@@ -104,6 +104,12 @@ def _plot(args) -> int:
     return 0
 
 
+def _compare_reps(args) -> int:
+    from ddppo.transfer.compare import run_compare
+
+    return run_compare(args)
+
+
 def default_config() -> str:
     """configs/quickstart.yaml of the checkout this package runs from (pip install -e .)."""
     path = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
@@ -172,6 +178,22 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--metrics", default="episode/success,episode/spl")
     pl.add_argument("--smooth", type=int, default=1, help="moving average over this many points")
     pl.set_defaults(func=_plot)
+
+    cr = sub.add_parser("compare-reps", help="PWCCA and linear CKA between two checkpoints' encoders, per layer")
+    cr.add_argument("ckpt_a")
+    cr.add_argument("ckpt_b")
+    cr.add_argument("--layers", default=None, help="comma-separated layer names (default: every encoder stage "
+                                                   "and visual_fc)")
+    cr.add_argument("--probe", type=int, default=3000, help="probe observations from the val scenes")
+    cr.add_argument("--seed", type=int, default=0, help="seed of the probe set and of the random-init baseline")
+    cr.add_argument("--baseline", default=None, help="a third checkpoint (e.g. A's task, another seed) compared "
+                                                     "with A layer by layer")
+    cr.add_argument("--conv", default="pool", choices=["pool", "positions"],
+                    help="conv maps: average-pooled, or every spatial position a datapoint")
+    cr.add_argument("--min-ratio", type=float, default=5.0, help="refuse pairs with fewer datapoints per neuron")
+    cr.add_argument("--data-dir", default=None, help="dataset of the probe (default: checkpoint A's)")
+    cr.add_argument("--out", default=None, help="output directory (default: runs/compare_reps/<A>-vs-<B>)")
+    cr.set_defaults(func=_compare_reps)
 
     d = sub.add_parser("dataset", help="datasets of the embedded simulator")
     dsub = d.add_subparsers(dest="dataset_command", required=True)
