@@ -125,8 +125,9 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
         ensure_dataset(cfg.task, cfg.dataset, log=lambda *_: None)
         env = make_vector_env(cfg, cfg.task.split, n, seed=cfg.seed)
         policy = build_policy(cfg.policy, env.obs_spaces)
-        obs = env.reset()
-        storage = RolloutStorage(T, n, env.obs_spaces, (policy.num_hidden_layers, cfg.policy.hidden_size), "cpu")
+        obs = policy.preprocess(env.reset())
+        storage = RolloutStorage(T, n, policy.storage_spaces(env.obs_spaces),
+                                 (policy.num_hidden_layers, cfg.policy.hidden_size), "cpu")
         storage.set_first_observation(obs)
         g = torch.Generator().manual_seed(0)
         policy.eval()
@@ -143,9 +144,10 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
                 tb = time.perf_counter()
                 r = env.step(actions)
                 tc = time.perf_counter()
-                t_act += tb - ta
+                obs = policy.preprocess(r.obs)  # pooling: part of acting, as in the trainer
+                t_act += tb - ta + time.perf_counter() - tc
                 t_sim += tc - tb
-                obs, prev, masks = r.obs, actions, (~r.done).float()
+                prev, masks = actions, (~r.done).float()
                 storage.insert(obs, hidden, actions, logp, values, r.reward, masks, masks)
         storage.compute_returns(torch.zeros(n), cfg.ppo.gamma, cfg.ppo.tau)
         policy.train()
