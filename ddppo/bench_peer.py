@@ -4,8 +4,10 @@ The peers are stable-baselines3 PPO (feed-forward) and sb3-contrib RecurrentPPO 
 batched environment (``PointNavVectorEnv`` through ``SB3VecEnv``), with the same visual encoder and goal embedding
 (ddppo's own modules, wrapped as an sb3 features extractor) and the same rollout and batch sizes, learning rate
 (and its decay), PPO epochs, minibatches, clipping and coefficients. Each trainer runs the same frame budget, one
-after another in this process; throughput is measured after the first update (start-up excluded, as ``ddppo
-bench train`` does) and every trained agent is evaluated deterministically on the same val episodes.
+after another in this process. Throughput is measured two ways: wall-clock env-steps/s after the first update
+(start-up excluded, as ``ddppo bench train`` does), and env-steps per second of this process's CPU time, which other
+processes on a shared machine disturb far less. Every trained agent is then evaluated deterministically on the same
+val episodes by the same code.
 
 stable-baselines3 and sb3-contrib are a benchmark-only extra: ``pip install "ddppo[bench]"``.
 """
@@ -192,37 +194,58 @@ def _steady_fps(points: list[tuple[float, int]]) -> float:
     return (s_b - s_a) / max(t_b - t_a, 1e-9)
 
 
-def run_ddppo(cfg, val_episodes: int) -> dict:
+def _evaluate(cfg, make_agent, val_episodes: int) -> dict:
+    """Every trained agent the same way: the first ``val_episodes`` of val, 8 environments, deterministic actions
+    (what ddppo's trainer does at the end of a run)."""
+    from ddppo.evaluation import evaluate, summarize
+
+    return summarize(evaluate(cfg, make_agent, "val", val_episodes, num_envs=8)) if val_episodes else {}
+
+
+def _timing(t0: float, c0: float, frames: int, points: list[tuple[float, int]]) -> dict:
+    """Wall-clock env-steps/s after the first update, and env-steps per second of this process's CPU time over the
+    whole training (start-up included): the CPU rate is what other processes on a shared machine disturb least."""
+    cpu = time.process_time() - c0
+    return {"fps": _steady_fps(points), "cpu_fps": frames / max(cpu, 1e-9), "frames": frames,
+            "wall_s": time.perf_counter() - t0, "cpu_s": cpu, **peak_memory()}
+
+
+def run_ddppo(cfg, val_episodes: int, device: str) -> dict:
+    from pathlib import Path
+
+    from ddppo import checkpoint
+    from ddppo.evaluation import PolicyAgent
     from ddppo.train import train
 
     reset_peak_rss()
-    t0 = time.perf_counter()
-    run = OmegaConf.merge(cfg, {"eval_episodes": val_episodes})
-    result = train(run, fresh=True, log=lambda *_: None, show_progress=False)
-    wall = result["progress"][-1][0] - t0  # training only: the final evaluation comes after the last point
-    ev = result["eval"] if val_episodes else {}
-    return {"fps": _steady_fps(result["progress"]), "frames": result["env_steps"], "wall_s": wall, "eval": ev,
-            **peak_memory()}
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = train(cfg, fresh=True, log=lambda *_: None, show_progress=False)
+    if result["signal"] is not None:
+        raise RuntimeError(f"ddppo bench peer: training stopped by signal {result['signal']}")
+    out = _timing(t0, c0, result["env_steps"], result["progress"])
+    weights = checkpoint.load(checkpoint.latest(Path(result["run_dir"]) / "checkpoints"))["policy"]
+
+    def agent(envs):
+        policy = build_policy(cfg.policy, envs.obs_spaces)
+        policy.load_state_dict(weights)
+        return PolicyAgent(policy.to(device).eval(), envs.num_envs, device, deterministic=True)
+
+    return {**out, "eval": _evaluate(cfg, agent, val_episodes)}
 
 
 def run_peer(kind: str, cfg, val_episodes: int, device: str) -> dict:
     from ddppo.envs import make_vector_env
-    from ddppo.evaluation import evaluate, summarize
 
     reset_peak_rss()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     sim_device = device if cfg.sim.device == "auto" else cfg.sim.device
     venv = SB3VecEnv(make_vector_env(cfg, cfg.task.split, cfg.ppo.num_envs, seed=cfg.seed, device=sim_device))
     model = make_peer(kind, cfg, venv, device)
     progress = _Progress()
     model.learn(total_timesteps=cfg.total_steps, callback=progress)
-    t_learn = time.perf_counter()
-    ev = {}
-    if val_episodes:  # as ddppo's trainer evaluates: the first episodes of val, 8 environments, deterministic
-        ev = summarize(evaluate(cfg, lambda envs: SB3Agent(model), "val", val_episodes, num_envs=8))
     # ddppo's rate starts after its first update: drop the first rollout's start here too
-    return {"fps": _steady_fps(progress.points[1:]), "frames": model.num_timesteps, "wall_s": t_learn - t0,
-            "eval": ev, **peak_memory()}
+    out = _timing(t0, c0, model.num_timesteps, progress.points[1:])
+    return {**out, "eval": _evaluate(cfg, lambda envs: SB3Agent(model), val_episodes)}
 
 
 def bench_peer(overrides: list[str], frames: int = 100_000, val_episodes: int = 100,
@@ -237,8 +260,10 @@ def bench_peer(overrides: list[str], frames: int = 100_000, val_episodes: int = 
     if unknown:
         raise ValueError(f"unknown peer(s) {sorted(unknown)}; use {', '.join(PEERS)}")
     with tempfile.TemporaryDirectory() as tmp:
+        # ddppo trains without its own final evaluation: every agent is evaluated after training, by _evaluate
         cfg = load_config(config_file, [*overrides, f"run_dir={tmp}", "name=ddppo", f"total_steps={frames}",
-                                        "eval_interval=0", "log_interval=1000000", "checkpoint_interval=1000000"])
+                                        "eval_episodes=0", "eval_interval=0", "log_interval=1000000",
+                                        "checkpoint_interval=1000000"])
         per_update = cfg.ppo.num_steps * cfg.ppo.num_envs
         if frames < 2 * per_update:
             raise ValueError(f"--frames {frames}: need at least 2 updates ({2 * per_update} frames) for a rate "
@@ -246,15 +271,17 @@ def bench_peer(overrides: list[str], frames: int = 100_000, val_episodes: int = 
         ensure_dataset(cfg.task, cfg.dataset, log=lambda *_: None)
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         cfg.device = device  # ddppo and the peers on the same device
-        runs = {"ddppo": run_ddppo(cfg, val_episodes)}
+        runs = {"ddppo": run_ddppo(cfg, val_episodes, device)}
         for kind in peers:
             runs[kind] = run_peer(kind, cfg, val_episodes, device)
     out: dict = {"bench": "peer", "frames": frames, "val_episodes": val_episodes}
     for name, r in runs.items():
         if name != "ddppo":
             out[f"speedup_vs_{name}"] = runs["ddppo"]["fps"] / r["fps"]
+            out[f"cpu_speedup_vs_{name}"] = runs["ddppo"]["cpu_fps"] / r["cpu_fps"]
     for name, r in runs.items():
         out[f"fps_{name}"] = r["fps"]
+        out[f"cpu_fps_{name}"] = r["cpu_fps"]
         out[f"frames_{name}"] = r["frames"]  # each trainer's own count: equal budgets, checked not assumed
         if r["eval"]:
             for k in ("success", "success_ci95", "spl"):

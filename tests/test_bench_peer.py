@@ -132,6 +132,8 @@ def test_bench_peer_end_to_end_and_recorded(small_dataset, tmp_path, capsys):
         assert out[f"peak_rss_mib_{name}"] > 50
     assert out["speedup_vs_recurrent_ppo"] == pytest.approx(out["fps_ddppo"] / out["fps_recurrent_ppo"])
     assert out["speedup_vs_ppo"] == pytest.approx(out["fps_ddppo"] / out["fps_ppo"])
+    for peer in ("ppo", "recurrent_ppo"):
+        assert out[f"cpu_speedup_vs_{peer}"] == pytest.approx(out["cpu_fps_ddppo"] / out[f"cpu_fps_{peer}"])
     assert (out["num_envs"], out["num_steps"], out["val_episodes"]) == (4, 8, 3)
     text = results.read_text()
     assert "`ddppo bench peer --frames 64 --val-episodes 3 --record" in text
