@@ -23,5 +23,27 @@ def soft_spl(distance: torch.Tensor, start_distance: torch.Tensor, path_length: 
     return progress * start_distance / torch.maximum(path_length, start_distance)
 
 
+def pointnav_step(task, stop: torch.Tensor, was_active: torch.Tensor, prev_distance: torch.Tensor,
+                  distance: torch.Tensor, start_distance: torch.Tensor, path_length: torch.Tensor
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PointNav's rule for one step of every env, whatever simulator measured ``distance`` (geodesic, after the
+    step): success is STOP within ``task.success_distance``; returns the reward (zero for inactive envs) and the
+    metrics of the episode as it stands. ``stop`` is the STOP action of the active envs."""
+    success = stop & (distance < task.success_distance)
+    reward = pointnav_reward(prev_distance, distance, success, task.slack_reward, task.success_reward) * was_active
+    return reward, {
+        "success": success.float(),
+        "spl": spl(success, start_distance, path_length),
+        "softspl": soft_spl(distance, start_distance, path_length),
+        "distance_to_goal": distance.clone(),
+    }
+
+
+def episode_ends(task, stop: torch.Tensor, was_active: torch.Tensor, steps: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(terminated, truncated): STOP ends an episode; otherwise ``task.max_episode_steps`` truncates it."""
+    return stop.clone(), was_active & ~stop & (steps >= task.max_episode_steps)
+
+
 METRICS = ("success", "spl", "softspl", "distance_to_goal", "collisions", "steps", "path_length",
            "geodesic_distance")

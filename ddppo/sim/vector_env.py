@@ -12,7 +12,7 @@ from ddppo.sim.batch_sim import BatchSimulator, SceneAtlas
 from ddppo.sim.dataset import Episode, check_episode_in_scene, scene_name
 from ddppo.sim.geometry import STOP, episodic_gps, pointgoal_polar, wrap_angle
 from ddppo.sim.navmesh import GeodesicCache, NavGrid
-from ddppo.sim.task import METRICS, pointnav_reward, soft_spl, spl
+from ddppo.sim.task import METRICS, episode_ends, pointnav_step
 
 
 @dataclass
@@ -202,8 +202,7 @@ class PointNavVectorEnv:
         self.path_length += moved
         self.collisions += collided.long()
         stop = (actions == STOP) & was_active
-        terminated = stop
-        truncated = was_active & ~stop & (self.steps >= self.task.max_episode_steps)
+        terminated, truncated = episode_ends(self.task, stop, was_active, self.steps)
         reward, metrics = self._reward_and_metrics(stop, was_active)
         done = terminated | truncated
         info = {
@@ -236,16 +235,10 @@ class PointNavVectorEnv:
         """The task's reward for the step just taken and its own entries of ``StepResult.info``, computed before
         the automatic reset replaces ended episodes. Other tasks (ddppo.transfer.tasks) override this."""
         distance = self.sim.geodesic()
-        success = stop & (distance < self.task.success_distance)
-        reward = pointnav_reward(self.prev_distance, distance, success, self.task.slack_reward,
-                                 self.task.success_reward) * was_active
+        reward, metrics = pointnav_step(self.task, stop, was_active, self.prev_distance, distance,
+                                        self.start_distance, self.path_length)
         self.prev_distance = distance
-        return reward, {
-            "success": success.float(),
-            "spl": spl(success, self.start_distance, self.path_length),
-            "softspl": soft_spl(distance, self.start_distance, self.path_length),
-            "distance_to_goal": distance.clone(),
-        }
+        return reward, metrics
 
     @property
     def goal_x(self) -> torch.Tensor:
