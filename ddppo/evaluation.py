@@ -18,7 +18,6 @@ from ddppo.envs import make_vector_env
 from ddppo.sim.data import ensure_dataset, episodes_path, load_split
 from ddppo.sim.dataset import load_episodes
 from ddppo.sim.geometry import MOVE_FORWARD
-from ddppo.sim.oracle import ShortestPathFollower
 from ddppo.sim.task import METRICS
 from ddppo.sim.vector_env import PointNavVectorEnv
 
@@ -41,11 +40,13 @@ class PolicyAgent:
 
 
 class OracleAgent:
+    """The backend's shortest-path follower (the embedded geodesic descent, habitat's GreedyGeodesicFollower)."""
+
     def __init__(self, envs):
-        self.follower = ShortestPathFollower(envs)
+        self.envs = envs
 
     def act(self, obs, prev_actions, masks):
-        return self.follower.act().cpu()
+        return self.envs.oracle_actions().cpu()
 
 
 class RandomAgent:

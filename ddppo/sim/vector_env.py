@@ -248,6 +248,12 @@ class PointNavVectorEnv:
     def goal_z(self) -> torch.Tensor:
         return self.sim.goal_z
 
+    def oracle_actions(self) -> torch.Tensor:
+        """Each env's next action along the shortest path (ddppo.sim.oracle); every backend offers this agent."""
+        from ddppo.sim.oracle import ShortestPathFollower
+
+        return ShortestPathFollower(self).act()
+
     def restart(self, env_ids: list[int]) -> dict[str, torch.Tensor]:
         """Abandon the current episodes of ``env_ids`` and start their next ones; returns all observations."""
         self._start_episodes(env_ids)
