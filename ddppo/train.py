@@ -87,7 +87,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
     broadcast_module(policy, info)
     torch.manual_seed(cfg.seed + 1000 * info.rank)  # each worker samples its own actions
     # transferred weights (cfg.transfer), frozen parts left out, the visual pathway in its own lr group
-    params, param_groups = apply_transfer(policy, cfg, run_dir if main else None, log)
+    params, param_groups = apply_transfer(policy, cfg, run_dir, log, write=main)
     optimizer = torch.optim.Adam(param_groups, lr=cfg.ppo.lr, eps=cfg.ppo.eps)
     num_updates = math.ceil(cfg.total_steps / (cfg.ppo.num_steps * n_envs * info.world_size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +232,20 @@ def test_finetuned_encoder_changes(flee_runs, pointnav_ckpt):
     changed = [k for k, v in module_tensors(final, ("encoder", "visual_fc")).items() if not torch.equal(v, src[k])]
     assert changed
     assert not torch.equal(final["visual_input.normalizer.count"], src["visual_input.normalizer.count"])
+
+
+def test_a_resumed_transfer_run_does_not_need_the_source_checkpoint(data_dir, pointnav_ckpt, tmp_path):
+    source = tmp_path / "source.pt"
+    shutil.copy(pointnav_ckpt, source)
+    extra = ["task.type=exploration", f"transfer.checkpoint={source}", "transfer.encoder=frozen"]
+    train(tiny(data_dir, tmp_path, "resumed", *extra, "total_steps=16"), log=quiet)  # 1 update, then "preempted"
+    source.unlink()  # e.g. pruned by the source run's keep_checkpoints
+    result = train(tiny(data_dir, tmp_path, "resumed", *extra, "total_steps=32"), log=quiet)
+    assert result["resumed_from_update"] == 1 and result["updates"] == 2
+    final = checkpoint.load(sorted((tmp_path / "resumed" / "checkpoints").glob("ckpt_*.pt"))[-1])["policy"]
+    src = checkpoint.load(pointnav_ckpt)["policy"]
+    for k, v in module_tensors(final, ENCODER_MODULES).items():  # still frozen after the resume
+        assert torch.equal(v, src[k]), k
 
 
 def fresh_policy(cfg, seed=3):

@@ -75,15 +75,20 @@ def freeze(policy: nn.Module, names: tuple[str, ...]) -> None:
     policy.train(policy.training)
 
 
-def apply_transfer(policy: nn.Module, cfg, run_dir: str | Path | None = None, log=print):
+def apply_transfer(policy: nn.Module, cfg, run_dir: str | Path | None = None, log=print, write: bool = True):
     """Load and freeze what ``cfg.transfer`` asks for; returns (trainable parameters, optimizer param groups).
 
     The groups hold every trainable parameter once: the visual pathway at ``ppo.lr * encoder_lr_scale`` (its own
     group, so LambdaLR schedules it alongside), everything else at ``ppo.lr`` (the first group, the one the trainer
-    logs). ``run_dir`` (rank 0's) gets transfer.json when weights are loaded."""
+    logs). When weights are loaded, ``run_dir`` gets transfer.json (if ``write``: rank 0). A run that will resume
+    (``run_dir`` has a resume state) loads nothing: its resume state holds the weights, and the source checkpoint may
+    be gone by then (pruned, moved), which must not stop a requeued job."""
     t = cfg.transfer
     record = None
-    if t.checkpoint:
+    resuming = run_dir is not None and (Path(run_dir) / "resume.pt").is_file()
+    if t.checkpoint and resuming:
+        log(f"transfer: resuming {run_dir}, whose resume state holds the weights (see its transfer.json)")
+    elif t.checkpoint:
         path = Path(t.checkpoint)
         source = f"transfer.checkpoint {path}"
         ckpt = checkpoint.load(path)
@@ -117,6 +122,6 @@ def apply_transfer(policy: nn.Module, cfg, run_dir: str | Path | None = None, lo
         log(f"transfer: {', '.join(record['loaded']) or 'nothing'} from {record['checkpoint']} "
             f"({record['source_task']} run {record['source_run']!r}, {record['source_env_steps']} env steps); "
             f"encoder {t.encoder}, core {t.core}")
-        if run_dir is not None:
+        if run_dir is not None and write:
             atomic_write_text(Path(run_dir) / "transfer.json", json.dumps(record, indent=1))
     return params, groups
