@@ -15,8 +15,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 @dataclass
 class SimConfig:
-    """The embedded simulator."""
+    """The simulator: the embedded one (default) or habitat-sim."""
 
+    backend: str = "embedded"
+    """embedded (ddppo's own, pip-only) | habitat (habitat-sim from conda: scenes and datasets of habitat)."""
     resolution: int = 64
     """Square image side in pixels (habitat's paper used 256; 64 or 128 for fast work)."""
     sensors: list[str] = field(default_factory=lambda: ["depth"])
@@ -28,6 +30,8 @@ class SimConfig:
     forward_step: float = 0.25
     turn_angle: float = 10.0
     max_depth: float = 10.0
+    gpu_device_id: int = -1
+    """habitat: the GPU that renders; -1 = the trainer's CUDA device, else the worker's local rank."""
 
 
 @dataclass
@@ -46,6 +50,10 @@ class TaskConfig:
     success_reward: float = 2.5
     generate_if_missing: bool = True
     """Generate the embedded dataset (with the settings under ``dataset``) when data_dir has none."""
+    scenes_dir: str = ""
+    """habitat: where episodes' scene_id paths start (habitat's data/scene_datasets)."""
+    scene_dataset_config: str = "default"
+    """habitat: habitat-sim's scene dataset config file (.scene_dataset_config.json); default = none."""
 
 
 @dataclass
@@ -246,6 +254,30 @@ def check(cfg) -> None:
     need(cfg.policy.avgpool >= 1, f"policy.avgpool={cfg.policy.avgpool} must be >= 1")
     need(sim.resolution // cfg.policy.avgpool >= 16 or not sim.sensors,
          f"sim.resolution={sim.resolution} / policy.avgpool={cfg.policy.avgpool} leaves < 16 pixels")
+    check_backend(cfg)
+
+
+def check_backend(cfg) -> None:
+    """The simulator backend's own constraints; for habitat, that habitat-sim imports (last: it takes a second)."""
+    sim, task = cfg.sim, cfg.task
+    if sim.backend not in ("embedded", "habitat"):
+        raise ConfigError(f"sim.backend={sim.backend!r}: use embedded or habitat")
+    if sim.backend == "embedded":
+        return
+    if task.type != "pointnav":
+        raise ConfigError(f"task.type={task.type!r} runs on sim.backend=embedded only (habitat: pointnav)")
+    if task.generate_if_missing:
+        raise ConfigError("task.generate_if_missing=true would write embedded scenes into a habitat dataset; "
+                          "set it false for sim.backend=habitat")
+    if not task.scenes_dir:
+        raise ConfigError("task.scenes_dir is empty: sim.backend=habitat needs the scene directory "
+                          "(e.g. data/scene_datasets)")
+    from ddppo.sim.habitat_backend import HabitatUnavailable, require_habitat_sim
+
+    try:
+        require_habitat_sim()
+    except HabitatUnavailable as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_dataset(ds, prefix: str = "") -> None:

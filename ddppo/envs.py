@@ -19,7 +19,15 @@ def make_vector_env(cfg, split: str, num_envs: int, *, seed: int = 0, env_offset
     """``num_envs`` environments of ``cfg.task.type`` over ``split`` (all its episodes, or those at ``episode_ids``).
 
     ``seed`` and ``env_offset`` pick the episode streams (see PointNavVectorEnv); ``order="partition"`` runs every
-    episode exactly once, as evaluation does."""
+    episode exactly once, as evaluation does. ``cfg.sim.backend=habitat`` runs habitat-sim instead of the
+    embedded simulator (ddppo/sim/habitat_backend.py), with the same task code and interface."""
+    if cfg.sim.backend == "habitat":
+        from ddppo.sim.habitat_backend import make_habitat_vector_env
+
+        return make_habitat_vector_env(cfg, split, num_envs, seed=seed, env_offset=env_offset, device=device,
+                                       episode_ids=episode_ids, order=order, num_shares=num_shares)
+    if cfg.sim.backend != "embedded":
+        raise ValueError(f"sim.backend={cfg.sim.backend!r}: use embedded or habitat")
     episodes, navs = load_split(cfg.task.data_dir, split)
     if episode_ids is not None:
         episodes = [episodes[k] for k in episode_ids]

@@ -1,0 +1,178 @@
+"""What of the habitat backend runs without habitat-sim: the translation from our config and conventions to
+habitat's, the clear error where habitat-sim is missing, and the worker protocol its environments use (run here
+with the embedded simulator in the workers, and checked step for step against the in-process embedded backend).
+The behaviour habitat-sim itself must show is tests/test_backend_contract.py's."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ddppo.config import TrainConfig
+from ddppo.envs import make_vector_env
+from ddppo.sim.data import episodes_path, load_split
+from ddppo.sim.dataset import Episode, save_episodes
+from ddppo.sim.geometry import heading_to_quaternion
+from ddppo.sim.habitat_backend import (
+    HabitatUnavailable,
+    depth_observation,
+    gpu_device_id,
+    require_habitat_sim,
+    resolve_scene,
+    rgb_observation,
+    worker_settings,
+    yaw_of_quaternion,
+)
+from ddppo.sim.vector_env import PointNavVectorEnv
+from ddppo.sim.worker_env import EmbeddedWorkerSim, WorkerPool, WorkerVectorEnv
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def habitat_imports() -> bool:
+    try:
+        require_habitat_sim()
+        return True
+    except HabitatUnavailable:
+        return False
+
+
+def unchecked_config(*overrides: str):
+    """A config as the loader builds it, without ``check`` (which needs habitat-sim for a habitat config)."""
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.from_dotlist(list(overrides)))
+
+
+# ------------------------------------------------------------------------------------------- translation
+@pytest.mark.parametrize("theta", np.linspace(-math.pi + 1e-3, math.pi, 13))
+def test_yaw_of_quaternion_inverts_our_heading(theta):
+    assert yaw_of_quaternion(heading_to_quaternion(theta)) == pytest.approx(theta, abs=1e-9)
+
+
+def test_yaw_of_quaternion_tolerates_a_tiny_tilt():
+    x, y, z, w = 1e-4, math.sin(0.35), -1e-4, math.cos(0.35)
+    assert yaw_of_quaternion([x, y, z, w]) == pytest.approx(0.7, abs=1e-3)
+
+
+def test_scene_ids_resolve_as_habitat_lab_does():
+    assert resolve_scene("gibson/Adrian.glb", "data/scene_datasets") == "data/scene_datasets/gibson/Adrian.glb"
+    given = "data/scene_datasets/mp3d/x/x.glb"
+    assert resolve_scene(given, "data/scene_datasets") == given
+    assert resolve_scene("/abs/scene.glb", "data/scene_datasets") == "/abs/scene.glb"
+    assert resolve_scene("gibson/Adrian.glb", "") == "gibson/Adrian.glb"
+
+
+def test_gpu_is_the_configured_one_else_the_trainers_else_the_local_rank():
+    assert gpu_device_id(2, "cuda:0", 1) == 2
+    assert gpu_device_id(-1, "cuda:1", 0) == 1
+    assert gpu_device_id(-1, "cpu", 3) == 3
+    assert gpu_device_id(-1, torch.device("cuda", 2), 0) == 2
+
+
+def test_sensor_conversions():
+    depth = np.array([[0.0, 5.0], [12.0, -1.0]], np.float32)
+    out = depth_observation(depth, 10.0)
+    assert out.shape == (2, 2, 1) and out.dtype == np.float32
+    assert np.allclose(out[..., 0], [[0.0, 0.5], [1.0, 0.0]])
+    rgba = np.arange(2 * 2 * 4, dtype=np.uint8).reshape(2, 2, 4)
+    rgb = rgb_observation(rgba)
+    assert rgb.shape == (2, 2, 3) and rgb.dtype == np.uint8 and np.array_equal(rgb, rgba[..., :3])
+
+
+def test_worker_settings_carry_the_config():
+    cfg = unchecked_config("sim.backend=habitat", "sim.resolution=128", "sim.sensors=[rgb,depth]",
+                           "task.scene_dataset_config=hm3d.scene_dataset_config.json")
+    s = worker_settings(cfg.sim, cfg.task, 3, seed=7, env_offset=6, device="cuda:1", local_rank=0)
+    assert [x["seed"] for x in s] == [13, 14, 15] and {x["gpu_device_id"] for x in s} == {1}
+    assert s[0]["resolution"] == 128 and s[0]["sensors"] == ["rgb", "depth"]
+    assert (s[0]["forward_step"], s[0]["turn_angle"], s[0]["max_depth"]) == (0.25, 10.0, 10.0)
+    assert s[0]["scene_dataset_config"] == "hm3d.scene_dataset_config.json"
+
+
+# ------------------------------------------------------------------------------------------- errors
+def _habitat_dataset(tmp_path: Path, scene_file: str) -> Path:
+    data = tmp_path / "pointnav"
+    ep = Episode("0", scene_file, (0.0, 0.0, 0.0), tuple(heading_to_quaternion(0.0)), (2.0, 0.0, 0.0), 2.0)
+    save_episodes([ep], episodes_path(data, "val"))
+    return data
+
+
+def test_missing_scene_file_is_named_with_the_key_to_fix(tmp_path):
+    data = _habitat_dataset(tmp_path, "gibson/Nowhere.glb")
+    cfg = unchecked_config("sim.backend=habitat", f"task.data_dir={data}", f"task.scenes_dir={tmp_path / 'scenes'}")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "scenes" / "gibson" / "Nowhere.glb"))) as e:
+        make_vector_env(cfg, "val", 1)
+    assert "task.scenes_dir" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(habitat_imports(), reason="habitat-sim imports here: nothing is missing")
+def test_without_habitat_sim_a_habitat_run_fails_first_with_the_install_command(tmp_path, capsys):
+    from ddppo.cli import main
+
+    assert main(["train", "--config", str(REPO / "configs" / "pointnav" / "habitat_gibson_depth.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "conda install habitat-sim withbullet headless -c conda-forge -c aihabitat" in err and "Docker" in err
+    (tmp_path / "scenes" / "gibson").mkdir(parents=True)
+    (tmp_path / "scenes" / "gibson" / "Here.glb").write_bytes(b"")
+    data = _habitat_dataset(tmp_path, "gibson/Here.glb")
+    cfg = unchecked_config("sim.backend=habitat", f"task.data_dir={data}", f"task.scenes_dir={tmp_path / 'scenes'}")
+    with pytest.raises(HabitatUnavailable, match="conda install habitat-sim"):
+        make_vector_env(cfg, "val", 1)
+
+
+# ------------------------------------------------------------------------------------------- worker protocol
+def test_worker_backend_matches_the_embedded_backend_step_for_step(small_dataset):
+    """The same episodes and actions through WorkerVectorEnv (worker processes, pipes, main-process task code)
+    and PointNavVectorEnv give the same observations, rewards, episode ends and metrics."""
+    cfg = unchecked_config(f"task.data_dir={small_dataset}", "sim.resolution=12", "sim.sensors=[rgb,depth]",
+                           "sim.renderer=torch", "task.max_episode_steps=25")
+    episodes, navs = load_split(small_dataset, "val")
+    ours = PointNavVectorEnv(episodes, navs, 3, cfg.sim, cfg.task, seed=5)
+    settings = dict(scenes_dir=str(small_dataset / "scenes"), store_dir=str(small_dataset / "geodesic" / "val"),
+                    resolution=12, sensors=["rgb", "depth"], renderer="torch")
+    with WorkerVectorEnv(episodes, 3, cfg.sim, cfg.task, EmbeddedWorkerSim, [settings] * 3, seed=5) as theirs:
+        a, b = ours.reset(), theirs.reset()
+        assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)  # headings wrap apart
+        rng = np.random.default_rng(0)
+        ended = 0
+        for _ in range(40):
+            act = torch.from_numpy(rng.choice(4, size=3, p=[0.05, 0.65, 0.15, 0.15]))
+            ra, rb = ours.step(act), theirs.step(act)
+            assert torch.allclose(ra.reward, rb.reward, atol=1e-5)
+            assert torch.equal(ra.terminated, rb.terminated) and torch.equal(ra.truncated, rb.truncated)
+            for k in ("success", "spl", "softspl", "distance_to_goal", "collisions", "steps", "path_length",
+                      "episode_index", "collided", "active"):
+                assert torch.allclose(ra.info[k].float(), rb.info[k].float(), atol=1e-4), k
+            for k in ra.obs:
+                assert torch.allclose(ra.obs[k].float(), rb.obs[k].float(), atol=1e-4), k
+                assert torch.allclose(ra.final_obs[k].float(), rb.final_obs[k].float(), atol=1e-4), k
+            ended += int(ra.done.sum())
+        assert ended >= 3
+
+
+def test_a_failing_worker_is_a_one_line_error_naming_it(small_dataset):
+    ep = load_split(small_dataset, "val")[0][0]
+    good = (ep.scene_id, list(ep.start_position), list(ep.start_rotation), list(ep.goal_position))
+    pool = WorkerPool(EmbeddedWorkerSim, [dict(scenes_dir=str(small_dataset / "scenes"), renderer="torch")] * 2)
+    try:
+        with pytest.raises(RuntimeError, match=r"simulator worker 1: FileNotFoundError: .*nowhere") as e:
+            pool.call([0, 1], "place", [good, ("nowhere", *good[1:])])
+        assert "\n" not in str(e.value)
+    finally:
+        pool.close()
+
+
+def test_a_dead_worker_is_reported_not_waited_for(small_dataset):
+    pool = WorkerPool(EmbeddedWorkerSim, [dict(scenes_dir=str(small_dataset / "scenes"), renderer="torch")])
+    try:
+        pool.procs[0].kill()
+        with pytest.raises(RuntimeError, match=r"simulator worker 0 \(pid \d+\) died"):
+            pool.call([0], "step", [(1,)])
+    finally:
+        pool.close()
