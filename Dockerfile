@@ -1,7 +1,9 @@
 # ddppo with habitat-sim (headless, with Bullet) for cloud GPUs.
 #   docker build -t ddppo .
-#   docker run --gpus all -v "$PWD/data:/data" -v "$PWD/runs:/runs" ddppo train --config configs/pointnav/depth.yaml \
-#       task.data_dir=/data/pointnav run_dir=/runs
+#   docker run --gpus all -v "$PWD/data:/data" -v "$PWD/runs:/runs" ddppo \
+#       train --config configs/pointnav/habitat_gibson_depth.yaml
+# data/ holds habitat's layout (datasets/pointnav/..., scene_datasets/...); the configs' relative paths data/ and
+# runs/ lead to the two volumes.
 # habitat-sim only comes from conda (aihabitat channel); torch comes from the CUDA wheels matching the base image.
 FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 
@@ -34,7 +36,8 @@ COPY slurm ./slurm
 RUN pip install --no-cache-dir torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124 \
     && pip install --no-cache-dir -e .
 
-RUN useradd --create-home --uid 1000 ddppo && mkdir -p /data /runs && chown ddppo:ddppo /data /runs
+RUN useradd --create-home --uid 1000 ddppo && mkdir -p /data /runs && chown ddppo:ddppo /data /runs \
+    && ln -s /data /opt/ddppo/data && ln -s /runs /opt/ddppo/runs
 USER 1000:1000
 VOLUME ["/data", "/runs"]
 ENTRYPOINT ["ddppo"]

@@ -176,3 +176,16 @@ def test_a_dead_worker_is_reported_not_waited_for(small_dataset):
             pool.call([0], "step", [(1,)])
     finally:
         pool.close()
+
+
+# ------------------------------------------------------------------------------------------- docs
+def test_readme_and_image_document_one_habitat_run():
+    readme = (REPO / "README.md").read_text()
+    assert "## Habitat backend / cloud GPUs" in readme and "docker build -t ddppo ." in readme
+    assert re.search(r"docker run --gpus all [^\n]*\\\n\s*train --config configs/pointnav/habitat_gibson_depth\.yaml",
+                     readme)
+    assert (REPO / "configs" / "pointnav" / "habitat_gibson_depth.yaml").is_file()
+    docker = (REPO / "Dockerfile").read_text()
+    assert "-c aihabitat" in docker and "WORKDIR /opt/ddppo" in docker
+    # the configs' relative data/ and runs/ paths reach the two volumes
+    assert "ln -s /data /opt/ddppo/data" in docker and "ln -s /runs /opt/ddppo/runs" in docker
