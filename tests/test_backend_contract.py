@@ -225,6 +225,7 @@ def test_stop_at_the_start_fails_and_starts_the_next_episode(backend):
     r = walk(env, [STOP, STOP])
     i = r.info
     assert r.terminated.all() and not r.truncated.any()
+    assert set(env.episode_metrics) | set(env.record_metrics) <= set(i)
     assert torch.equal(i["success"], torch.zeros(2)) and torch.equal(i["spl"], torch.zeros(2))
     assert torch.allclose(i["softspl"], torch.zeros(2), atol=1e-6)
     assert torch.allclose(r.reward, torch.full((2,), -0.01), atol=1e-6)

@@ -30,7 +30,7 @@ import torch
 from ddppo.sim.dataset import Episode, check_episode_in_scene, scene_name
 from ddppo.sim.geometry import STOP, episodic_gps, heading_to_quaternion, pointgoal_polar, wrap_angle
 from ddppo.sim.task import episode_ends, pointnav_step
-from ddppo.sim.vector_env import EpisodeIterator, StepResult
+from ddppo.sim.vector_env import EpisodeIterator, PointNavVectorEnv, StepResult
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -135,7 +135,8 @@ class WorkerVectorEnv:
     ``settings[e]`` are the keyword settings of env ``e``'s simulator.
     """
 
-    episode_metrics = ("success", "spl", "softspl", "distance_to_goal", "collisions")
+    episode_metrics = PointNavVectorEnv.episode_metrics
+    record_metrics = PointNavVectorEnv.record_metrics
 
     def __init__(self, episodes: list[Episode], num_envs: int, sim_cfg, task_cfg, sim_class, settings: list[dict],
                  scene_of=lambda ep: scene_name(ep.scene_id), seed: int = 0, env_offset: int = 0,
