@@ -11,6 +11,8 @@ import pickle
 import re
 import sys
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -23,8 +25,18 @@ _REFUSED_RE = re.compile(r"(GLOBAL [\w.]+|Unsupported operand \d+|Unsupported cl
 
 
 def save(obj: dict, path: str | Path) -> None:
-    with atomic_open(path) as f:
-        torch.save(obj, f)
+    """Atomic (see ddppo/atomic.py): a failed write leaves the previous file at ``path`` and no temporary file."""
+    try:
+        with atomic_open(path) as f:
+            torch.save(obj, f)
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer hides a failed write (a full disk) behind "unexpected pos ...": name the file and errno
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from e
 
 
 def load(path: str | Path, map_location="cpu") -> dict:
@@ -32,6 +44,7 @@ def load(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    _check_archive(path)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files: the error says it
             warnings.simplefilter("ignore")
@@ -39,15 +52,31 @@ def load(path: str | Path, map_location="cpu") -> dict:
     except pickle.UnpicklingError as e:
         # Not torch's advice (it suggests weights_only=False, i.e. running the file's code): name what was refused.
         found = _REFUSED_RE.search(str(e))
-        what = f" ({found[1]})" if found else ""
-        raise ValueError(f"checkpoint {path}: refused: it holds pickled objects other than tensors and plain "
-                         f"values{what}; ddppo never runs code from a file") from None
+        if found and found[1].startswith("GLOBAL"):
+            raise ValueError(f"checkpoint {path}: refused: it holds a pickled object that would run code "
+                             f"({found[1]}); ddppo never runs code from a file") from None
+        raise ValueError(f"checkpoint {path}: refused: damaged, or not only tensors and plain values"
+                         f"{f' ({found[1]})' if found else ''}; ddppo never runs code from a file") from None
     except Exception as e:  # torch raises RuntimeError, EOFError, OSError... for damaged files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"checkpoint {path}: damaged, cannot be loaded ({type(e).__name__}: {first[:200]})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path}: expected a dict, found {type(obj).__name__}")
     return obj
+
+
+def _check_archive(path: Path) -> None:
+    """torch.load reads a zip archive without checking its CRCs, so a corrupted block inside a tensor would load
+    as silently wrong weights: check every member's CRC first (one sequential read)."""
+    if not zipfile.is_zipfile(path):
+        return  # torch's legacy format (or not a checkpoint at all): torch.load decides
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError) as e:
+        raise ValueError(f"checkpoint {path}: damaged archive ({type(e).__name__}: {e})") from None
+    if bad is not None:
+        raise ValueError(f"checkpoint {path}: damaged (checksum error in {bad})")
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:

@@ -108,6 +108,9 @@ class PPOConfig:
     normalize_advantages: bool = False
     lr_decay: bool = False
     """Linear decay of the learning rate to 0 over total_steps."""
+    max_bad_updates: int = 3
+    """An update whose loss or gradient is NaN/Inf is skipped (logged as train/skipped_updates); this many in a row
+    stop the run with an error, the resume state holding the weights from before the first of them."""
 
 
 @dataclass
@@ -227,6 +230,7 @@ def check(cfg) -> None:
          f"ppo.num_mini_batch={ppo.num_mini_batch} must be between 1 and ppo.num_envs={ppo.num_envs} "
          "(minibatches split environments so recurrent sequences stay whole)")
     need(ppo.ppo_epoch >= 1, f"ppo.ppo_epoch={ppo.ppo_epoch} must be >= 1")
+    need(ppo.max_bad_updates >= 1, f"ppo.max_bad_updates={ppo.max_bad_updates} must be >= 1")
     need(ppo.lr > 0, f"ppo.lr={ppo.lr} must be > 0")
     need(0 < ppo.gamma <= 1 and 0 <= ppo.tau <= 1, "ppo.gamma must be in (0, 1] and ppo.tau in [0, 1]")
     need(0 < dd.sync_frac <= 1, f"ddppo.sync_frac={dd.sync_frac} must be in (0, 1]")

@@ -50,6 +50,8 @@ def policy_from_checkpoint(path: str | Path, overrides=()):
         raise ValueError(f"checkpoint {path}: config does not load ({str(e).splitlines()[0]})") from None
     check(cfg)
     policy = build_policy(cfg.policy, policy_spaces(cfg))
+    if not isinstance(ckpt["policy"], dict):
+        raise ValueError(f"checkpoint {path}: field 'policy' is a {type(ckpt['policy']).__name__}, not weights")
     try:
         policy.load_state_dict(ckpt["policy"])
     except RuntimeError as e:
@@ -60,6 +62,8 @@ def policy_from_checkpoint(path: str | Path, overrides=()):
 
 
 def run_eval(args) -> int:
+    # a run directory stands for its newest checkpoint that loads (a damaged newer one is skipped with a warning)
+    args.checkpoint = str(checkpoint.latest(args.checkpoint))
     policy, cfg = policy_from_checkpoint(args.checkpoint, args.overrides)
     info = init_distributed(cfg.device)
     policy = policy.to(info.device)

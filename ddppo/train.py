@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -96,7 +97,8 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
     storage = RolloutStorage(cfg.ppo.num_steps, n_envs, envs.obs_spaces,
                              (policy.num_hidden_layers, cfg.policy.hidden_size), info.device)
     counter = RolloutCounter(info)
-    state = {"update": 0, "env_steps": 0, "episodes": 0, "wall_time": 0.0, "world_size": info.world_size}
+    state = {"update": 0, "env_steps": 0, "episodes": 0, "wall_time": 0.0, "world_size": info.world_size,
+             "skipped_updates": 0, "bad_in_a_row": 0}
 
     window = torch.zeros(len(episode_stats) + 1, dtype=torch.float64)  # episodes ended since the last log, sums
     dd_window = torch.zeros(4, dtype=torch.float64)  # preempted ranks, rollout fraction, updates, wait seconds
@@ -198,6 +200,14 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
             t_wait = time.perf_counter() - t_wait
             global_samples = int(totals[0])
             losses = ppo_update(policy, optimizer, params, storage, cfg.ppo, info)
+            if losses[6] > 0:  # NaN/Inf: ppo_update rolled the update back; too many in a row stop the run below
+                state["skipped_updates"] += 1
+                state["bad_in_a_row"] += 1
+                log(f"update {state['update'] + 1}: NaN/Inf loss or gradient, update skipped "
+                    f"({state['bad_in_a_row']} in a row, at most ppo.max_bad_updates={cfg.ppo.max_bad_updates})")
+            else:
+                state["bad_in_a_row"] = 0
+            diverged = state["bad_in_a_row"] >= cfg.ppo.max_bad_updates
             scheduler.step()
             storage.after_update()
             counter.next_round()
@@ -213,7 +223,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
             dd_window += torch.tensor([totals[1].item(), totals[2].item() / info.world_size, 1.0, timing[4].item()],
                                       dtype=torch.float64)
             display.update(state["env_steps"], metrics)
-            if state["update"] % cfg.log_interval == 0 or state["env_steps"] >= cfg.total_steps:
+            if state["update"] % cfg.log_interval == 0 or state["env_steps"] >= cfg.total_steps or diverged:
                 ep = all_reduce_sum(window.tolist(), info)
                 window.zero_()
                 state["episodes"] += int(ep[0])
@@ -228,6 +238,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
                     "loss/policy": losses[0].item(), "loss/value": losses[1].item(), "loss/entropy": losses[2].item(),
                     "loss/approx_kl": losses[3].item(), "loss/clip_fraction": losses[4].item(),
                     "loss/grad_norm": losses[5].item(), "lr": scheduler.get_last_lr()[0],
+                    "train/skipped_updates": state["skipped_updates"],
                     "ddppo/preempted_ranks": (dd_window[0] / dd_window[2]).item(),
                     "ddppo/rollout_fraction": (dd_window[1] / dd_window[2]).item(),
                     "ddppo/wait_s": (dd_window[3] / dd_window[2]).item(),
@@ -253,9 +264,17 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
             if flag:
                 stop_signal["sig"] = signal.SIGUSR1 if usr1 > 0 else signal.SIGTERM
             finished = state["env_steps"] >= cfg.total_steps
-            if state["update"] % cfg.checkpoint_interval == 0 or finished or flag:
+            if state["update"] % cfg.checkpoint_interval == 0 or finished or flag or diverged:
                 save_resume(run_dir, info, policy, optimizer, scheduler, state, envs, storage, cfg,
                             {"window": window, "dd_window": dd_window, "episode_return": episode_return.cpu()})
+            if diverged:  # the skipped updates left the weights alone: the state just saved predates the first
+                if writer:
+                    writer.close()
+                first = state["update"] - state["bad_in_a_row"] + 1
+                raise FloatingPointError(
+                    f"{state['bad_in_a_row']} updates in a row (updates {first}-{state['update']}) had a NaN/Inf loss "
+                    f"or gradient and were skipped; stopped. The resume state in {run_dir} holds the weights from "
+                    "before them: lower ppo.lr, check the observations, or raise ppo.max_bad_updates, then resume")
             if flag:
                 log(f"signal {stop_signal['sig']} received: saved resume state at update {state['update']}; exiting")
                 break
@@ -299,32 +318,65 @@ def ppo_update(policy, optimizer, params, storage: RolloutStorage, ppo, info) ->
     minibatch's sample count over all ranks, and gradients are summed across ranks: the update equals a single
     process's update on the concatenated samples, whatever share each rank collected.
 
-    Returns the mean policy loss, value loss, entropy, approx KL, clip fraction and grad norm (all ranks)."""
+    A NaN/Inf loss on any rank, or a NaN/Inf gradient, skips the whole update on every rank: the policy (weights
+    and normaliser statistics) and the optimiser go back to where they were before it.
+
+    Returns the mean policy loss, value loss, entropy, approx KL, clip fraction and grad norm (all ranks), and
+    1 in a 7th place when the update was skipped (the losses are NaN then)."""
+    # what to roll back to: earlier minibatches' steps and the normaliser's statistics of a bad batch must go too
+    before = ({k: v.detach().clone() for k, v in policy.state_dict().items()}, copy.deepcopy(optimizer.state_dict()))
     sums = torch.zeros(6, dtype=torch.float64)
     n_minibatches = 0
+    bad = False
     for _epoch in range(ppo.ppo_epoch):
+        if bad:
+            break
         for batch in storage.minibatches(ppo.num_mini_batch):
-            log_probs, values, entropy = policy.evaluate_actions(
-                batch["obs"], batch["prev_actions"], batch["masks"], batch["hidden0"], batch["actions"]
-            )
+            with no_distribution_checks():  # NaN logits become a NaN loss, caught below, instead of a ValueError
+                log_probs, values, entropy = policy.evaluate_actions(
+                    batch["obs"], batch["prev_actions"], batch["masks"], batch["hidden0"], batch["actions"]
+                )
             loss, terms = ppo_loss(
                 log_probs, batch["old_log_probs"], batch["advantages"], values, batch["old_values"],
                 batch["returns"], entropy, clip=ppo.clip, value_coef=ppo.value_coef,
                 entropy_coef=ppo.entropy_coef, clipped_value_loss=ppo.clipped_value_loss,
                 normalize_advantages=ppo.normalize_advantages, reduction="sum",
             )
-            n_global = all_reduce_sum([batch["num_samples"]], info)[0].item()
+            # a bad loss on any rank rides on the sample-count all-reduce, so every rank skips together
+            n_global, n_bad = all_reduce_sum([batch["num_samples"], float(not torch.isfinite(loss))], info).tolist()
+            if n_bad > 0:
+                bad = True
+                break
             optimizer.zero_grad(set_to_none=False)
             (loss / n_global).backward()
             all_reduce_grads(params, info)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, ppo.max_grad_norm)
+            if not torch.isfinite(grad_norm):  # all-reduced gradients: every rank has this same norm
+                bad = True
+                break
             optimizer.step()
             keys = ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction")
             sums[:5] += torch.tensor([terms[k].item() for k in keys], dtype=torch.float64) / n_global
             sums[5] += grad_norm.item() / info.world_size
             n_minibatches += 1
+    if bad:
+        policy.load_state_dict(before[0])
+        optimizer.load_state_dict(before[1])
+        optimizer.zero_grad(set_to_none=False)
+        return torch.tensor([math.nan] * 6 + [1.0], dtype=torch.float64)
     # sums[:5] are already global means per minibatch once summed over ranks
-    return all_reduce_sum(sums.tolist(), info) / n_minibatches
+    return torch.cat([all_reduce_sum(sums.tolist(), info) / n_minibatches, torch.zeros(1, dtype=torch.float64)])
+
+
+@contextlib.contextmanager
+def no_distribution_checks():
+    """torch.distributions' argument validation off: it raises on one rank while the others wait in a collective."""
+    previous = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        yield
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(previous)
 
 
 @contextlib.contextmanager
@@ -353,7 +405,8 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, fresh=args.fresh)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one line, no traceback
+    # bad input, a diverged run, a full disk: one line naming the problem, no traceback
+    except (ValueError, OSError, FloatingPointError) as e:
         print(f"ddppo train: error: {e}", file=sys.stderr)
         return 2
     return EXIT_REQUEUE if result["signal"] == signal.SIGUSR1 else 0
