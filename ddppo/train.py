@@ -94,7 +94,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda u: max(0.0, 1 - u / num_updates) if cfg.ppo.lr_decay else 1.0
     )
-    storage = RolloutStorage(cfg.ppo.num_steps, n_envs, envs.obs_spaces,
+    storage = RolloutStorage(cfg.ppo.num_steps, n_envs, policy.storage_spaces(envs.obs_spaces),
                              (policy.num_hidden_layers, cfg.policy.hidden_size), info.device)
     counter = RolloutCounter(info)
     state = {"update": 0, "env_steps": 0, "episodes": 0, "wall_time": 0.0, "world_size": info.world_size,
@@ -113,7 +113,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
         state.update(shared["state"])
         torch.set_rng_state(mine["torch_rng"])
         envs.load_state_dict(mine["envs"])
-        first_obs = envs.observe()
+        first_obs = policy.preprocess({k: v.to(info.device) for k, v in envs.observe().items()})
         storage.set_first_observation(first_obs, mine["hidden"].to(info.device), mine["masks"].to(info.device))
         storage.prev_actions[0].copy_(mine["prev_actions"])
         window.copy_(mine["window"])
@@ -123,7 +123,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
         resumed_from = state["update"]
         log(f"resumed {run_dir} at update {state['update']}, {state['env_steps']} env steps")
     else:
-        storage.set_first_observation(envs.reset())
+        storage.set_first_observation(policy.preprocess({k: v.to(info.device) for k, v in envs.reset().items()}))
 
     # a resumed run may repeat steps logged after its resume state was saved: drop those points
     writer = TBWriter(run_dir / "tb", purge_step=state["env_steps"] + 1 if resumed_from else None) if main else None
@@ -163,10 +163,9 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
                     rewards = bootstrap_truncated(rewards, result.truncated.to(info.device), final_values,
                                                   cfg.ppo.gamma)
                 done = result.done.to(info.device)
-                storage.insert(
-                    {k: v.to(info.device) for k, v in result.obs.items()}, hidden, actions, log_probs, values,
-                    rewards, (~done).float(), (~done).float(),
-                )
+                stored_obs = policy.preprocess({k: v.to(info.device) for k, v in result.obs.items()})
+                storage.insert(stored_obs, hidden, actions, log_probs, values, rewards, (~done).float(),
+                               (~done).float())
                 episode_return += result.reward
                 ended = result.done.nonzero().flatten()
                 if len(ended):
