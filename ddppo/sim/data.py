@@ -96,7 +96,8 @@ def ensure_dataset(task_cfg, dataset_cfg, log=print) -> None:
     if not task_cfg.generate_if_missing:
         raise FileNotFoundError(
             f"dataset file {episodes_path(task_cfg.data_dir, task_cfg.split)} does not exist "
-            "(run `ddppo dataset generate` or set task.generate_if_missing=true)"
+            "(embedded simulator: run `ddppo dataset generate` or set task.generate_if_missing=true; "
+            "habitat: download the PointNav dataset, see README 'Habitat backend')"
         )
     if Path(task_cfg.data_dir).exists() and any(Path(task_cfg.data_dir).iterdir()):
         raise FileNotFoundError(
