@@ -6,6 +6,7 @@ at start with a one-line error naming the key. Checks that span several keys liv
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,10 +197,16 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | tu
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
-    try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        # one at a time, so the error names the item; any exception (YAML's parser rejecting a control character,
+        # OmegaConf merging a list into a mapping) is bad input, not a crash
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except Exception as e:
+            raise ConfigError(f"override {item!r}: {_one_line(e)}") from None
+    try:  # ${...} interpolations and ??? resolve now, not at first use hours into a run
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"override: {_one_line(e)}") from None
+        raise ConfigError(_one_line(e)) from None
     (check if schema is TrainConfig else check_dataset)(cfg)
     return cfg
 
@@ -231,7 +238,21 @@ def check(cfg) -> None:
          "(minibatches split environments so recurrent sequences stay whole)")
     need(ppo.ppo_epoch >= 1, f"ppo.ppo_epoch={ppo.ppo_epoch} must be >= 1")
     need(ppo.max_bad_updates >= 1, f"ppo.max_bad_updates={ppo.max_bad_updates} must be >= 1")
-    need(ppo.lr > 0, f"ppo.lr={ppo.lr} must be > 0")
+    for name in ("lr", "eps", "clip", "max_grad_norm"):
+        need(math.isfinite(ppo[name]) and ppo[name] > 0, f"ppo.{name}={ppo[name]} must be > 0 and finite")
+    for name in ("value_coef", "entropy_coef"):
+        need(math.isfinite(ppo[name]) and ppo[name] >= 0, f"ppo.{name}={ppo[name]} must be >= 0 and finite")
+    for name in ("log_interval", "checkpoint_interval"):  # both are divisors of the update count
+        need(cfg[name] >= 1, f"{name}={cfg[name]} must be >= 1")
+    for name in ("eval_interval", "eval_episodes", "num_threads"):
+        need(cfg[name] >= 0, f"{name}={cfg[name]} must be >= 0")
+    for name in ("forward_step", "max_depth"):
+        need(math.isfinite(sim[name]) and sim[name] > 0, f"sim.{name}={sim[name]} must be > 0 and finite")
+    need(0 < sim.turn_angle <= 180, f"sim.turn_angle={sim.turn_angle} must be in (0, 180]")
+    need(math.isfinite(task.success_distance) and task.success_distance > 0,
+         f"task.success_distance={task.success_distance} must be > 0 and finite")
+    for name in ("hidden_size", "num_recurrent_layers", "base_planes", "ngroups"):
+        need(cfg.policy[name] >= 1, f"policy.{name}={cfg.policy[name]} must be >= 1")
     need(0 < ppo.gamma <= 1 and 0 <= ppo.tau <= 1, "ppo.gamma must be in (0, 1] and ppo.tau in [0, 1]")
     need(0 < dd.sync_frac <= 1, f"ddppo.sync_frac={dd.sync_frac} must be in (0, 1]")
     need(0 < dd.min_rollout_frac <= 1, f"ddppo.min_rollout_frac={dd.min_rollout_frac} must be in (0, 1]")

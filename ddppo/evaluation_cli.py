@@ -48,7 +48,10 @@ def policy_from_checkpoint(path: str | Path, overrides=()):
                               OmegaConf.from_dotlist(list(overrides)))
     except Exception as e:
         raise ValueError(f"checkpoint {path}: config does not load ({str(e).splitlines()[0]})") from None
-    check(cfg)
+    try:
+        check(cfg)
+    except ValueError as e:  # a foreign or edited checkpoint: say which file the bad config came from
+        raise ValueError(f"checkpoint {path}: config: {e}") from None
     policy = build_policy(cfg.policy, policy_spaces(cfg))
     if not isinstance(ckpt["policy"], dict):
         raise ValueError(f"checkpoint {path}: field 'policy' is a {type(ckpt['policy']).__name__}, not weights")
