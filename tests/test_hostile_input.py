@@ -290,14 +290,14 @@ def assert_valid_or_one_line_error(load, named: list[str]):
     return cfg
 
 
-@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(keys, values), min_size=1, max_size=4))
 def test_random_key_value_overrides(items):
     argv = [as_override(k, v) for k, v in items]
     assert_valid_or_one_line_error(lambda: load_config(None, argv), [k for k, _ in items])
 
 
-@settings(max_examples=100, deadline=None, derandomize=True,
+@settings(max_examples=60, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.dictionaries(keys, values, min_size=1, max_size=4))
 def test_random_yaml_files(tmp_path, flat):
@@ -306,7 +306,7 @@ def test_random_yaml_files(tmp_path, flat):
     assert_valid_or_one_line_error(lambda: load_config(path), [*flat, str(path)])
 
 
-@settings(max_examples=60, deadline=None, derandomize=True,
+@settings(max_examples=40, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.text(max_size=80))
 def test_random_yaml_text(tmp_path, text):
