@@ -590,6 +590,26 @@ def test_k_bad_updates_in_a_row_stop_the_run_with_the_state_from_before(data_dir
     assert result["resumed_from_update"] == 4 and result["updates"] == 6
 
 
+@pytest.mark.distributed
+def test_nan_on_one_rank_skips_the_update_on_every_rank(data_dir, tmp_path):
+    """2 Gloo ranks under torchrun, a NaN loss on rank 1 only, in update 2 of 4: both ranks skip that update (no
+    rank waits in a collective the other left), the run finishes, and both end with identical weights."""
+    dump = tmp_path / "dump"
+    ov = [*TINY, f"task.data_dir={data_dir}", f"run_dir={tmp_path / 'runs'}", "name=nan2", "ddppo.backend=gloo",
+          f"total_steps={4 * 2 * PER_UPDATE}", "log_interval=1", "checkpoint_interval=100"]
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node=2",
+           str(REPO / "tests" / "helpers" / "nan_on_one_rank.py"), *ov]
+    env = clean_env(DDPPO_TEST_DUMP=str(dump), DDPPO_TEST_NAN_RANK="1", DDPPO_TEST_NAN_UPDATES="2")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    infos = [json.loads((dump / f"rank{r}.json").read_text()) for r in range(2)]
+    assert infos[0]["skipped"] == infos[1]["skipped"] == [0, 1, 0, 0]
+    states = [torch.load(dump / f"rank{r}_policy.pt", weights_only=True) for r in range(2)]
+    assert_same_tensors(states[0], states[1], "rank 0 vs rank 1 after a skipped update")
+    skipped = read_scalars(tmp_path / "runs" / "nan2")["train/skipped_updates"]
+    assert [skipped[u * 2 * PER_UPDATE] for u in range(1, 5)] == [0, 1, 1, 1]
+
+
 # ---------------------------------------------------------------------------------------------- 7. determinism
 def test_same_seed_same_first_updates_other_seed_not(data_dir, tmp_path):
     states = {}
