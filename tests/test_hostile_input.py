@@ -407,9 +407,6 @@ def test_random_episode_damage_is_one_line_naming_file_and_field(tmp_path, valid
         assert all(isinstance(c, float) and c == c and abs(c) != float("inf") for c in coords)
 
 
-@pytest.mark.xfail(strict=True, reason="ddppo/sim/dataset.py parse_episode converts goals[0].radius and "
-                   "info.geodesic_distance with a bare float(): junk there raises a ValueError/TypeError that names "
-                   "neither the file nor the field")
 @pytest.mark.parametrize("field, value", [("goals.0.radius", "wide"), ("goals.0.radius", [1.0]),
                                           ("info.geodesic_distance", {"m": 3})])
 def test_optional_episode_fields_with_junk_name_file_and_field(tmp_path, valid_episodes, field, value):
@@ -420,10 +417,6 @@ def test_optional_episode_fields_with_junk_name_file_and_field(tmp_path, valid_e
     assert str(path) in str(e.value) and field.split(".")[-1] in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason="episodes are checked against their scene only when an environment first "
-                   "starts them (ddppo/sim/vector_env.py), so a bad episode deep in the file stops training hours "
-                   "in, with a message that does not name the dataset file; ddppo/sim/data.py load_split should "
-                   "check every episode (check_episode_in_scene) when it loads the split")
 def test_episode_outside_its_scene_is_refused_before_any_work(data_dir, tmp_path, valid_episodes):
     import shutil
 

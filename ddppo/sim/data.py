@@ -13,7 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ddppo.sim.dataset import Episode, generate_episodes, load_episodes, save_episodes, scene_name
+from ddppo.sim.dataset import (
+    Episode,
+    check_episode_in_scene,
+    generate_episodes,
+    load_episodes,
+    save_episodes,
+    scene_name,
+)
 from ddppo.sim.floorplan import FloorPlanConfig, generate_floor_plan, scene_seed
 from ddppo.sim.navmesh import GeodesicCache, GeodesicStore, NavGrid, goal_key
 from ddppo.sim.scene import load_scene, save_scene
@@ -79,13 +86,17 @@ def generate_dataset(out_dir: str | Path, cfg, force: bool = False, log=print) -
 
 
 def load_split(data_dir: str | Path, split: str, scenes_dir: str | Path | None = None):
-    """Episodes of a split and the NavGrid of every scene they use."""
-    episodes = load_episodes(episodes_path(data_dir, split))
+    """Episodes of a split and the NavGrid of every scene they use. Every episode is checked against its scene
+    here, so a bad one deep in the file fails at start, naming the file, not when an environment reaches it."""
+    path = episodes_path(data_dir, split)
+    episodes = load_episodes(path)
     scenes_dir = Path(scenes_dir) if scenes_dir else Path(data_dir) / "scenes"
     navs = {}
     for name in sorted({scene_name(e.scene_id) for e in episodes}):
         navs[name] = NavGrid(load_scene(scenes_dir / f"{name}.npz"),
                              store=GeodesicStore(geodesic_store_path(data_dir, split, name)))
+    for k, ep in enumerate(episodes):
+        check_episode_in_scene(ep, navs[scene_name(ep.scene_id)], f"dataset file {path}: episode {k}")
     return episodes, navs
 
 

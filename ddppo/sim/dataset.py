@@ -48,6 +48,13 @@ def scene_name(scene_id: str) -> str:
     return Path(scene_id).stem if ("/" in scene_id or "." in scene_id) else scene_id
 
 
+def _number(value, where: str, name: str) -> float:
+    """An optional scalar field (null is handled by the caller): a finite number or a one-line error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where}: field '{name}' must be a finite number or null, got {value!r}")
+    return float(value)
+
+
 def _numbers(value, n: int, where: str, name: str) -> tuple[float, ...]:
     if not isinstance(value, (list, tuple)) or len(value) != n:
         raise ValueError(f"{where}: field '{name}' must be a list of {n} numbers, got {value!r}")
@@ -76,7 +83,7 @@ def parse_episode(raw, where: str) -> Episode:
     except ValueError as e:
         raise ValueError(f"{where}: field 'start_rotation': {e}") from None
     info = raw.get("info") or {}
-    geo = info.get("geodesic_distance", float("nan")) if isinstance(info, dict) else float("nan")
+    geo = info.get("geodesic_distance") if isinstance(info, dict) else None
     radius = goals[0].get("radius")
     return Episode(
         episode_id=str(raw["episode_id"]),
@@ -84,8 +91,8 @@ def parse_episode(raw, where: str) -> Episode:
         start_position=_numbers(raw["start_position"], 3, where, "start_position"),
         start_rotation=rotation,
         goal_position=_numbers(goals[0]["position"], 3, where, "goals[0].position"),
-        geodesic_distance=float(geo) if geo is not None else float("nan"),
-        goal_radius=None if radius is None else float(radius),
+        geodesic_distance=float("nan") if geo is None else _number(geo, where, "info.geodesic_distance"),
+        goal_radius=None if radius is None else _number(radius, where, "goals[0].radius"),
     )
 
 
