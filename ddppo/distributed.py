@@ -73,7 +73,18 @@ def init_distributed(device_cfg: str = "auto", backend: str = "auto", timeout_s:
         os.environ["MASTER_PORT"] = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        # torchrun keeps its store across restarts (--max-restarts): the process group's keys from the attempt
+        # that died are still there, and a restarted rank would read a dead peer's address. Each attempt gets
+        # its own key space. Under torchrun the agent hosts the store unless it was told not to share it.
+        hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=rank == 0 and not hosted_by_agent, timeout=timeout)
+        attempt = dist.PrefixStore(f"ddppo_attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+        dist.init_process_group(backend, store=attempt, rank=rank, world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     # A second store (same server, own key space) for the preemption counter: TCPStore ops never block on
     # collectives, which is the point of a straggler signal.
     store = dist.PrefixStore("ddppo_rollouts", dist.distributed_c10d._get_default_store())

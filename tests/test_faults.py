@@ -190,11 +190,9 @@ def test_kill_9_of_one_rank_restarts_the_group_which_resumes(data_dir, tmp_path)
            "--max-restarts=1", "ddppo/train.py", *ov]
     log = tmp_path / "torchrun.log"
     with log.open("w") as out:
-        # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: torch 2.13's torchrun keeps one store across restarts and the
-        # workers' env:// rendezvous uses it without a per-attempt prefix, so a restarted rank may read the old
-        # rank 0's Gloo address and fail to connect (seen here: "Gloo connectFullMesh failed ... Connection
-        # refused"). With the variable set, every attempt gets a fresh store (hosted by its rank 0).
-        proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"), stdout=out,
+        # torchrun's default: one store shared across restarts. ddppo.distributed gives each attempt its own key
+        # space; without that, a restarted rank reads the dead attempt's Gloo address ("connectFullMesh failed").
+        proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=out,
                                 stderr=subprocess.STDOUT)
         try:
             wait_for(lambda: saved_update(run_dir) >= 2, 240, proc, log, "first resume state")
