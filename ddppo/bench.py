@@ -220,8 +220,9 @@ def bench_scaling(overrides: list[str], updates: int = 12, config_file: str | No
         # the slow rank sleeps, after every step, as long as its simulator took: its environments are 2x slower
         slowdown = single["sim_s_per_step"]
         slow = [f"ddppo.slowdown={slowdown}", "ddppo.slow_rank=1", "ddppo.sync_frac=0.5"]
-        slow_off = run("slow_off", 2, [*slow, "ddppo.preemption=false"])["steady_fps"]
-        slow_on = run("slow_on", 2, [*slow, "ddppo.preemption=true"])["steady_fps"]
+        summary_off = run("slow_off", 2, [*slow, "ddppo.preemption=false"])
+        summary_on = run("slow_on", 2, [*slow, "ddppo.preemption=true"])
+        slow_off, slow_on = summary_off["steady_fps"], summary_on["steady_fps"]
     return {
         "bench": "scaling",
         "fps_1_rank": one,
@@ -231,6 +232,9 @@ def bench_scaling(overrides: list[str], updates: int = 12, config_file: str | No
         "fps_2_ranks_straggler_preemption": slow_on,
         "preemption_speedup": slow_on / slow_off,
         "straggler_sleep_s_per_step": slowdown,
+        # the share of its rollout each rank collected, averaged over ranks and updates (1: nobody was cut)
+        "mean_rollout_fraction_no_preemption": summary_off["ddppo/rollout_fraction"],
+        "mean_rollout_fraction_preemption": summary_on["ddppo/rollout_fraction"],
         "updates_timed": updates,
         **memory,
         "config": config_file,
