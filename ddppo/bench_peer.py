@@ -14,7 +14,9 @@ stable-baselines3 and sb3-contrib are a benchmark-only extra: ``pip install "ddp
 
 from __future__ import annotations
 
+import os
 import tempfile
+import threading
 import time
 from types import SimpleNamespace
 
@@ -202,12 +204,32 @@ def _evaluate(cfg, make_agent, val_episodes: int) -> dict:
     return summarize(evaluate(cfg, make_agent, "val", val_episodes, num_envs=8)) if val_episodes else {}
 
 
-def _timing(t0: float, c0: float, frames: int, points: list[tuple[float, int]]) -> dict:
+class LoadSampler:
+    """Mean 1-minute load average while a trainer runs, sampled every few seconds in a thread: the trainers run one
+    after another, so a wall-clock ratio is only as good as the load was even; this says how even it was."""
+
+    def __init__(self, every_s: float = 5.0):
+        self.samples = [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self.samples.append(os.getloadavg()[0])
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return sum(self.samples) / len(self.samples)
+
+
+def _timing(t0: float, c0: float, frames: int, points: list[tuple[float, int]], load: LoadSampler) -> dict:
     """Wall-clock env-steps/s after the first update, and env-steps per second of this process's CPU time over the
     whole training (start-up included): the CPU rate is what other processes on a shared machine disturb least."""
     cpu = time.process_time() - c0
     return {"fps": _steady_fps(points), "cpu_fps": frames / max(cpu, 1e-9), "frames": frames,
-            "wall_s": time.perf_counter() - t0, "cpu_s": cpu, **peak_memory()}
+            "wall_s": time.perf_counter() - t0, "cpu_s": cpu, "load": load.stop(), **peak_memory()}
 
 
 def run_ddppo(cfg, val_episodes: int, device: str) -> dict:
@@ -218,11 +240,11 @@ def run_ddppo(cfg, val_episodes: int, device: str) -> dict:
     from ddppo.train import train
 
     reset_peak_rss()
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, load = time.perf_counter(), time.process_time(), LoadSampler()
     result = train(cfg, fresh=True, log=lambda *_: None, show_progress=False)
     if result["signal"] is not None:
         raise RuntimeError(f"ddppo bench peer: training stopped by signal {result['signal']}")
-    out = _timing(t0, c0, result["env_steps"], result["progress"])
+    out = _timing(t0, c0, result["env_steps"], result["progress"], load)
     weights = checkpoint.load(checkpoint.latest(Path(result["run_dir"]) / "checkpoints"))["policy"]
 
     def agent(envs):
@@ -237,14 +259,14 @@ def run_peer(kind: str, cfg, val_episodes: int, device: str) -> dict:
     from ddppo.envs import make_vector_env
 
     reset_peak_rss()
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, load = time.perf_counter(), time.process_time(), LoadSampler()
     sim_device = device if cfg.sim.device == "auto" else cfg.sim.device
     venv = SB3VecEnv(make_vector_env(cfg, cfg.task.split, cfg.ppo.num_envs, seed=cfg.seed, device=sim_device))
     model = make_peer(kind, cfg, venv, device)
     progress = _Progress()
     model.learn(total_timesteps=cfg.total_steps, callback=progress)
     # ddppo's rate starts after its first update: drop the first rollout's start here too
-    out = _timing(t0, c0, model.num_timesteps, progress.points[1:])
+    out = _timing(t0, c0, model.num_timesteps, progress.points[1:], load)
     return {**out, "eval": _evaluate(cfg, lambda envs: SB3Agent(model), val_episodes)}
 
 
@@ -287,6 +309,7 @@ def bench_peer(overrides: list[str], frames: int = 100_000, val_episodes: int = 
             for k in ("success", "success_ci95", "spl"):
                 out[f"val_{k}_{name}"] = r["eval"][k]
         out[f"wall_s_{name}"] = r["wall_s"]
+        out[f"loadavg_{name}"] = r["load"]
         out[f"peak_rss_mib_{name}"] = r["peak_rss_mib"]
         if "cuda_max_allocated_mib" in r:
             out[f"cuda_max_allocated_mib_{name}"] = r["cuda_max_allocated_mib"]

@@ -130,6 +130,7 @@ def test_bench_peer_end_to_end_and_recorded(small_dataset, tmp_path, capsys):
         assert out[f"frames_{name}"] == frames
         assert 0.0 <= out[f"val_success_{name}"] <= 1.0
         assert out[f"peak_rss_mib_{name}"] > 50
+        assert out[f"loadavg_{name}"] >= 0
     assert out["speedup_vs_recurrent_ppo"] == pytest.approx(out["fps_ddppo"] / out["fps_recurrent_ppo"])
     assert out["speedup_vs_ppo"] == pytest.approx(out["fps_ddppo"] / out["fps_ppo"])
     for peer in ("ppo", "recurrent_ppo"):
