@@ -12,8 +12,8 @@
 Every run uses the quickstart's scenes and model (configs/transfer/*.yaml). The PointNav source is --pointnav (e.g.
 the quickstart's last checkpoint), copied into --out so later runs cannot move it, or else a quickstart run trained
 here (seed 1). The seed-vs-seed baseline of claim 2 is a second PointNav run (seed 2) with the same frame budget as
-the downstream runs (seed 3), so that the "same task" and "other task" encoders set against the source saw equally
-many frames and none shares its initial weights.
+the downstream runs (seeds 3 and 4), so that the "same task" and "other task" encoders set against the source saw
+equally many frames and none shares its initial weights.
 Runs go one after another, in-process; running the script again resumes an interrupted run and skips finished ones.
 Results: <out>/results.json, a Markdown summary on stdout, learning curves <out>/curves_<task>.png.
 """
@@ -40,9 +40,8 @@ from ddppo.transfer.compare import compare, plot  # noqa: E402
 
 TASKS = {"flee": "distance_from_start", "exploration": "area_covered"}
 MODES = ("scratch", "frozen", "finetune")
-DOWNSTREAM_SEED = 3
-"""Not the source's seed (1) nor the seed baseline's (2): a scratch encoder must not start from the source's initial
-weights, or part of their similarity would be the shared initialisation."""
+# Downstream seeds are neither the source's (1) nor the seed baseline's (2): a scratch encoder must not start from
+# the source's initial weights, or part of their similarity would be the shared initialisation.
 
 
 def run(config: Path, name: str, out: Path, frames: int, overrides: list[str], eval_episodes: int) -> dict:
@@ -83,6 +82,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pointnav", default=None, help="PointNav source checkpoint (default: train the quickstart)")
     p.add_argument("--frames", type=int, default=150_000, help="frames of every downstream and seed-2 run")
+    p.add_argument("--seeds", default="3,4", help="seeds of the downstream runs (not 1 or 2: see MODES)")
     p.add_argument("--pointnav-frames", type=int, default=1_200_000, help="frames of the source, when trained here")
     p.add_argument("--eval-episodes", type=int, default=100, help="val episodes evaluated after each run")
     p.add_argument("--probe", type=int, default=3000, help="compare-reps probe observations")
@@ -103,20 +103,30 @@ def main(argv=None) -> int:
     results: dict = {"frames": args.frames, "pointnav_source": {"path": str(source), "copied_from": args.pointnav,
                                                                 "sha256": sha256(source)}, "tasks": {}}
 
-    # ---- claim 1: the same downstream run with a scratch, frozen and fine-tuned encoder
+    # ---- claim 1: the same downstream run with a scratch, frozen and fine-tuned encoder, per seed
+    seeds = [int(x) for x in args.seeds.split(",")]
+    results["seeds"] = seeds
     for task, metric in TASKS.items():
         config = ROOT / "configs" / "transfer" / f"{task}.yaml"
         rows = {}
         for mode in MODES:
-            extra = [f"seed={DOWNSTREAM_SEED}"] + ([] if mode == "scratch" else [f"transfer.checkpoint={source}",
-                                                               f"transfer.encoder={mode}"])
-            s = run(config, f"{task}_{mode}", out, args.frames, extra, args.eval_episodes)
-            rows[mode] = {"val": s["eval"][metric], "val_ci95": s["eval"][f"{metric}_ci95"],
-                          "val_episodes": s["eval"]["episodes"], "train_curve": curve_points(out / f"{task}_{mode}",
-                                                                                            metric, args.frames),
-                          "steady_fps": s.get("steady_fps")}
+            rows[mode] = {"seeds": {}}
+            for seed in seeds:
+                name = f"{task}_{mode}_s{seed}"
+                extra = [f"seed={seed}"] + ([] if mode == "scratch" else [f"transfer.checkpoint={source}",
+                                                                         f"transfer.encoder={mode}"])
+                s = run(config, name, out, args.frames, extra, args.eval_episodes)
+                rows[mode]["seeds"][str(seed)] = {
+                    "val": s["eval"][metric], "val_ci95": s["eval"][f"{metric}_ci95"],
+                    "val_episodes": s["eval"]["episodes"], "steady_fps": s.get("steady_fps"),
+                    "train_curve": curve_points(out / name, metric, args.frames)}
+            per_seed = rows[mode]["seeds"].values()
+            rows[mode]["val_mean"] = sum(r["val"] for r in per_seed) / len(seeds)
+            rows[mode]["train_last_quarter_mean"] = sum(r["train_curve"]["last_quarter_mean"]
+                                                        for r in per_seed) / len(seeds)
         results["tasks"][task] = {"metric": metric, "modes": rows}
-        plot_runs([out / f"{task}_{m}" for m in MODES], out / f"curves_{task}.png", (f"episode/{metric}",), smooth=5)
+        plot_runs([out / f"{task}_{m}_s{seed}" for m in MODES for seed in seeds], out / f"curves_{task}.png",
+                  (f"episode/{metric}",), smooth=5)
         atomic_write_text(out / "results.json", json.dumps(results, indent=1))
 
     # ---- claim 2: PWCCA / CKA of the PointNav encoder with other-task and same-task encoders
@@ -124,11 +134,15 @@ def main(argv=None) -> int:
     seed2 = list_checkpoints(out / "pointnav_seed2" / "checkpoints")[-1]
     results["similarity"] = {}
     for task in TASKS:
-        other = list_checkpoints(out / f"{task}_scratch" / "checkpoints")[-1]
+        other = list_checkpoints(out / f"{task}_scratch_s{seeds[0]}" / "checkpoints")[-1]
         for conv in ("pool", "positions"):  # conv maps averaged per image, or every position a datapoint
-            r = compare(str(source), str(other), baseline=str(seed2), probe=args.probe, seed=0, conv=conv)
-            atomic_write_text(out / f"compare_pointnav_vs_{task}_{conv}.json", json.dumps(r, indent=1))
-            plot(r, out / f"compare_pointnav_vs_{task}_{conv}.png")
+            path = out / f"compare_pointnav_vs_{task}_{conv}.json"
+            if path.is_file():
+                r = json.loads(path.read_text())
+            else:
+                r = compare(str(source), str(other), baseline=str(seed2), probe=args.probe, seed=0, conv=conv)
+                atomic_write_text(path, json.dumps(r, indent=1))
+                plot(r, path.with_suffix(".png"))
             results["similarity"][f"{task} ({conv})"] = r["per_layer"]
             atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     print(markdown(results))
@@ -136,13 +150,19 @@ def main(argv=None) -> int:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Downstream tasks, {results['frames']} frames per run, val metric ± 95% CI "
-             "(and the training metric averaged over the last quarter of frames):", "",
-             "| task | metric | scratch | frozen | finetune |", "|---|---|---|---|---|"]
+    lines = [f"Downstream tasks, {results['frames']} frames per run: val metric ± 95% CI over the val episodes "
+             "(deterministic policy), and in brackets the training metric (sampled actions) averaged over the last "
+             "quarter of frames:", "", "| task | metric | seed | scratch | frozen | finetune |",
+             "|---|---|---|---|---|---|"]
     for task, t in results["tasks"].items():
-        cells = [f"{t['modes'][m]['val']:.2f} ± {t['modes'][m]['val_ci95']:.2f} "
-                 f"({t['modes'][m]['train_curve']['last_quarter_mean']:.2f})" for m in MODES]
-        lines.append(f"| {task} | {t['metric']} | " + " | ".join(cells) + " |")
+        for seed in results["seeds"]:
+            cells = []
+            for m in MODES:
+                r = t["modes"][m]["seeds"][str(seed)]
+                cells.append(f"{r['val']:.2f} ± {r['val_ci95']:.2f} ({r['train_curve']['last_quarter_mean']:.2f})")
+            lines.append(f"| {task} | {t['metric']} | {seed} | " + " | ".join(cells) + " |")
+        cells = [f"{t['modes'][m]['val_mean']:.2f} ({t['modes'][m]['train_last_quarter_mean']:.2f})" for m in MODES]
+        lines.append(f"| {task} | {t['metric']} | mean | " + " | ".join(cells) + " |")
     for key, layers in results.get("similarity", {}).items():
         task, conv = key.split(" ")
         lines += ["", f"PointNav source encoder (A) vs {task} encoder from scratch (B), conv maps {conv[1:-1]}; "
