@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # run as a script (torchrun ddppo/train.py): impo
 # before torch loads its OpenMP runtime (see ddppo/__init__.py)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import numba  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
@@ -68,6 +69,9 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
         torch.set_num_threads(cfg.num_threads)
     elif "SLURM_CPUS_PER_TASK" in os.environ and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
+    # the simulator's numba kernels get the same thread budget as torch: otherwise every rank of a torchrun job
+    # renders on all the machine's cores (2 ranks on 2 cores ran no faster than 1)
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     run_dir = Path(cfg.run_dir) / cfg.name
     if main:
         ensure_dataset(cfg.task, cfg.dataset, log=log)

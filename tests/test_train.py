@@ -472,3 +472,17 @@ def test_periodic_evaluation_is_logged(data_dir, tmp_path):
     scalars = read_scalars(tmp_path / "periodic")
     assert sorted(scalars["eval/success"]) == [2 * PER_UPDATE, 4 * PER_UPDATE]  # the last one also is the final
     assert all(0.0 <= v <= 1.0 for v in scalars["eval/spl"].values())
+
+
+def test_simulator_threads_follow_the_torch_thread_budget(data_dir, tmp_path):
+    """torchrun gives each rank one thread; the numba renderer must not take every core of the machine anyway."""
+    import numba
+
+    before_torch, before_numba = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        train(load_config(None, overrides(data_dir, tmp_path, "threads", 1, "num_threads=1")), log=quiet,
+              show_progress=False)
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before_torch)
+        numba.set_num_threads(before_numba)
