@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import skfmm
 from scipy import ndimage
 
 from ddppo.atomic import atomic_open
@@ -102,6 +101,8 @@ class NavGrid:
         # that close); FMM starts from that circle, which spans several cells and so is well resolved.
         r0 = NEAR_GOAL
         phi = np.ma.MaskedArray(euclid - r0, ~self.coarse_navigable)
+        import skfmm  # here, not at the top: runs on stored geodesic fields need no FMM (nor its wheel)
+
         dist = skfmm.distance(phi, dx=c, order=2)
         out = np.full((h, w), np.inf, np.float32)
         valid = ~np.ma.getmaskarray(dist)
