@@ -74,6 +74,14 @@ class EpisodeIterator:
         self.epoch, self.cursor, self._perm = int(state["epoch"]), int(state["cursor"]), None
 
 
+def load_iterators(iterators: list[EpisodeIterator], states: list[dict]) -> None:
+    """Resume every environment's episode stream; a resume state for another number of environments is refused."""
+    if len(states) != len(iterators):
+        raise ValueError(f"resume state has {len(states)} episode iterators for {len(iterators)} environments")
+    for it, s in zip(iterators, states):
+        it.load_state_dict(s)
+
+
 class PointNavVectorEnv:
     """``num_envs`` PointNav environments on one device, stepping together.
 
@@ -273,12 +281,7 @@ class PointNavVectorEnv:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if len(state["iterators"]) != self.num_envs:
-            raise ValueError(
-                f"resume state has {len(state['iterators'])} episode iterators for {self.num_envs} environments"
-            )
-        for it, s in zip(self.iterators, state["iterators"]):
-            it.load_state_dict(s)
+        load_iterators(self.iterators, state["iterators"])
         for k in self._STATE:
             getattr(self, k).copy_(state[k])
         ids = torch.arange(self.num_envs, device=self.device)

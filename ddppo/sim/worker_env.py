@@ -30,7 +30,7 @@ import torch
 from ddppo.sim.dataset import Episode, check_episode_in_scene, scene_name
 from ddppo.sim.geometry import STOP, episodic_gps, heading_to_quaternion, pointgoal_polar, wrap_angle
 from ddppo.sim.task import episode_ends, pointnav_step
-from ddppo.sim.vector_env import EpisodeIterator, PointNavVectorEnv, StepResult
+from ddppo.sim.vector_env import EpisodeIterator, PointNavVectorEnv, StepResult, load_iterators
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -306,12 +306,7 @@ class WorkerVectorEnv:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if len(state["iterators"]) != self.num_envs:
-            raise ValueError(
-                f"resume state has {len(state['iterators'])} episode iterators for {self.num_envs} environments"
-            )
-        for it, s in zip(self.iterators, state["iterators"]):
-            it.load_state_dict(s)
+        load_iterators(self.iterators, state["iterators"])
         for k in self._STATE:
             getattr(self, k).copy_(state[k])
         # agents turn about y only, so (position, heading) is their whole pose
