@@ -163,6 +163,9 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
         cfg.total_steps = samples * (updates + 1)
         result = train(OmegaConf.create(OmegaConf.to_container(cfg)), fresh=True, log=lambda *_: None,
                        show_progress=False)
+        if len(result["progress"]) < 2:  # nothing to time after the first update: say what the run did instead
+            raise RuntimeError(f"bench train: the run recorded {len(result['progress'])} update(s) of the "
+                               f"{updates + 1} asked for (env_steps {result['env_steps']}, signal {result['signal']})")
         (t_first, s_first), (t_last, s_last) = result["progress"][0], result["progress"][-1]
         end_to_end = (s_last - s_first) / (t_last - t_first)
     return {
