@@ -5,6 +5,7 @@ Under torchrun every rank evaluates its share of the episodes and rank 0 writes 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -74,6 +75,10 @@ def run_eval(args) -> int:
     n = args.episodes or None
     agents = {"checkpoint": lambda envs: PolicyAgent(policy, envs.num_envs, info.device, not args.sample)}
     names = [a for a in args.agents.split(",") if a]
+    if cfg.task.type != "pointnav" and "oracle" in names:  # its shortest path to the goal bounds PointNav only
+        names.remove("oracle")
+        if info.is_main:
+            print(f"ddppo eval: no oracle reference for task.type={cfg.task.type}; skipped", file=sys.stderr)
     untrained = None
     if "untrained" in names:
         torch.manual_seed(cfg.seed)

@@ -355,3 +355,18 @@ def test_evaluation_summarises_the_tasks_own_metrics(data_dir, tmp_path, task):
 
 def test_train_config_default_task_is_pointnav():
     assert OmegaConf.structured(TrainConfig).task.type == "pointnav"
+
+
+def test_eval_of_a_flee_checkpoint_has_no_oracle_reference(data_dir, tmp_path, capsys):
+    """The oracle walks to the PointNav goal: no ceiling for Flee, so `ddppo eval` leaves it out and says so."""
+    import json
+
+    from ddppo.cli import main as cli_main
+
+    train(tiny(data_dir, tmp_path, "flee", "task.type=flee"), log=quiet)
+    ckpt = sorted((tmp_path / "flee" / "checkpoints").glob("ckpt_*.pt"))[-1]
+    out = tmp_path / "eval"
+    assert cli_main(["eval", str(ckpt), "--episodes", "2", "--num-envs", "2", "--agents", "oracle,random",
+                     "--out", str(out)]) == 0
+    assert set(json.loads((out / "summary.json").read_text())) == {"checkpoint", "random"}
+    assert "no oracle reference for task.type=flee" in capsys.readouterr().err
