@@ -74,6 +74,21 @@ class EpisodeIterator:
         self.epoch, self.cursor, self._perm = int(state["epoch"]), int(state["cursor"]), None
 
 
+def start_next_episodes(env, obs: dict[str, torch.Tensor], done: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Automatic reset, for every backend: environments whose episode ended start their next one and their rows of
+    ``obs`` become its first observation. Returns the observations as the ended episodes left them."""
+    ended = done.nonzero().flatten().tolist()
+    if not ended:
+        return obs
+    final_obs = {k: v.clone() for k, v in obs.items()}
+    started = env._start_episodes(ended)
+    if started:
+        ids = torch.tensor(started, device=env.device)
+        for k, v in env._observe(ids).items():
+            obs[k][ids] = v
+    return final_obs
+
+
 def load_iterators(iterators: list[EpisodeIterator], states: list[dict]) -> None:
     """Resume every environment's episode stream; a resume state for another number of environments is refused."""
     if len(states) != len(iterators):
@@ -226,15 +241,7 @@ class PointNavVectorEnv:
             "goal_x": self.goal_x.clone(), "goal_z": self.goal_z.clone(),
         }
         obs = self._observe()
-        final_obs = obs
-        ended = done.nonzero().flatten().tolist()
-        if ended:
-            final_obs = {k: v.clone() for k, v in obs.items()}
-            started = self._start_episodes(ended)
-            if started:
-                ids = torch.tensor(started, device=self.device)
-                for k, v in self._observe(ids).items():
-                    obs[k][ids] = v
+        final_obs = start_next_episodes(self, obs, done)
         info["active"] = self.active.clone()
         return StepResult(obs, reward, terminated, truncated, info, final_obs)
 

@@ -30,7 +30,13 @@ import torch
 from ddppo.sim.dataset import Episode, check_episode_in_scene, scene_name
 from ddppo.sim.geometry import STOP, episodic_gps, heading_to_quaternion, pointgoal_polar, wrap_angle
 from ddppo.sim.task import episode_ends, pointnav_step
-from ddppo.sim.vector_env import EpisodeIterator, PointNavVectorEnv, StepResult, load_iterators
+from ddppo.sim.vector_env import (
+    EpisodeIterator,
+    PointNavVectorEnv,
+    StepResult,
+    load_iterators,
+    start_next_episodes,
+)
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -222,8 +228,8 @@ class WorkerVectorEnv:
         self.reset_seconds += time.perf_counter() - t0
         return started
 
-    def _observe(self, env_ids: list[int] | None = None) -> dict[str, torch.Tensor]:
-        ids = list(range(self.num_envs)) if env_ids is None else list(env_ids)
+    def _observe(self, env_ids: list[int] | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        ids = list(range(self.num_envs)) if env_ids is None else [int(e) for e in env_ids]
         idx = torch.tensor(ids, dtype=torch.long)
         obs = {}
         for key in ("rgb", "depth"):
@@ -265,15 +271,8 @@ class WorkerVectorEnv:
             "agent_x": self.x.clone(), "agent_z": self.z.clone(), "agent_theta": self.theta.clone(),
             "goal_x": self.goal_x.clone(), "goal_z": self.goal_z.clone(),
         }
-        obs = final_obs = self._observe()
-        ended = (terminated | truncated).nonzero().flatten().tolist()
-        if ended:
-            final_obs = {k: v.clone() for k, v in obs.items()}
-            started = self._start_episodes(ended)
-            if started:
-                ids = torch.tensor(started, device=self.device)
-                for k, v in self._observe(started).items():
-                    obs[k][ids] = v
+        obs = self._observe()
+        final_obs = start_next_episodes(self, obs, terminated | truncated)
         info["active"] = self.active.clone()
         dev = self.device
         info = {k: v.to(dev) for k, v in info.items()}
