@@ -21,6 +21,7 @@ from ddppo.policy import (
     goal_features,
     make_encoder,
 )
+from ddppo.policy.packing import episode_segments
 from ddppo.policy.policy import block_mean
 
 NUM_ACTIONS = 4
@@ -362,3 +363,49 @@ def test_build_policy_from_config() -> None:
     assert policy.visual_input.output_hw == (32, 32)
     assert isinstance(policy.visual_input.normalizer, torch.nn.Identity)
     assert policy.action_embed.num_embeddings == NUM_ACTIONS + 1
+
+
+# ---------------------------------------------------------------- packed recurrent core
+
+
+def test_episode_segments_by_hand() -> None:
+    # env 0 resets at t=2; env 1 starts a new episode at t=0 and again at t=3; T=4
+    masks = torch.tensor([[1, 0], [1, 1], [0, 1], [1, 0]], dtype=torch.bool)
+    seg = episode_segments(masks)
+    # segments (env, start, length): (0,0,2) (0,2,2) (1,0,3) (1,3,1); longest first, ties by environment
+    assert seg.env.tolist() == [1, 0, 0, 1]
+    assert seg.batch_sizes.tolist() == [4, 3, 1]
+    assert seg.keep_state.tolist() == [0.0, 1.0, 0.0, 0.0]  # env 1's t=0 is an episode start: zero state
+    # flat index t * N + n, packed step by packed step
+    assert seg.order.tolist() == [0 * 2 + 1, 0 * 2 + 0, 2 * 2 + 0, 3 * 2 + 1, 1 * 2 + 1, 1 * 2 + 0, 3 * 2 + 0,
+                                  2 * 2 + 1]
+    assert torch.equal(seg.order[seg.inverse], torch.arange(8))
+    assert seg.last.tolist() == [2, 3]  # env 0 ends in segment 2 (starting at t=2), env 1 in segment 3
+
+
+@pytest.mark.parametrize("rnn_type,layers", [("gru", 1), ("gru", 2), ("lstm", 2)])
+@pytest.mark.parametrize("reset_prob", [0.05, 0.3, 1.0])
+def test_packed_core_equals_step_by_step(rnn_type: str, layers: int, reset_prob: float) -> None:
+    """Outputs, final state and every gradient of the packed call equal a single-step loop that zeroes the state
+    at each episode start."""
+    gen = torch.Generator().manual_seed(layers * 10 + int(reset_prob * 100))
+    obs_spaces = spaces(None)
+    policy = small_policy(obs_spaces, rnn_type=rnn_type, num_recurrent_layers=layers).double()
+    t_len, n, d = 12, 5, policy.core.input_size
+    masks = torch.rand(t_len, n, generator=gen) > reset_prob
+    x = torch.randn(t_len, n, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    hidden0 = torch.randn(policy.num_hidden_layers, n, 32, generator=gen, dtype=torch.float64, requires_grad=True)
+    out, hidden = policy._run_core(x, masks, hidden0)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum() + hidden.sum(), [x, hidden0, *policy.core.parameters()])
+
+    h, ref = hidden0, []
+    for t in range(t_len):
+        o, h = policy._rnn(x[t : t + 1], h * masks[t].double().view(1, -1, 1))
+        ref.append(o[0])
+    ref_out = torch.stack(ref)
+    ref_grads = torch.autograd.grad((ref_out * weights).sum() + h.sum(), [x, hidden0, *policy.core.parameters()])
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(hidden, h)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)

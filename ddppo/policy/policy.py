@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.distributions import Categorical
 
 from ddppo.policy.encoders import ENCODERS, make_encoder
+from ddppo.policy.packing import episode_segments, run_packed
 from ddppo.policy.running_norm import RunningMeanAndVar
 
 GOAL_SENSOR = "pointgoal_with_gps_compass"
@@ -236,18 +237,13 @@ class Policy(nn.Module):
     def _run_core(self, x: Tensor, masks: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """Run the RNN over x [T, N, D] resetting hidden where masks [T, N] (bool) is False.
 
-        The sequence is split at every step where some environment resets, so each chunk runs as one fused
-        (cuDNN) RNN call while giving exactly the step-by-step result.
+        One fused RNN call either way: a plain sequence when no environment starts an episode after step 0,
+        otherwise each episode segment packed as its own sequence (``ddppo.policy.packing``). Both give
+        exactly the step-by-step result.
         """
-        t_len = x.shape[0]
-        resets = (~masks[1:]).any(dim=1).nonzero(as_tuple=False).flatten() + 1
-        bounds = [0, *resets.tolist(), t_len]
-        outs = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            keep = masks[start].to(hidden.dtype).view(1, -1, 1)
-            out, hidden = self._rnn(x[start:end], hidden * keep)
-            outs.append(out)
-        return torch.cat(outs, dim=0), hidden
+        if x.shape[0] == 1 or bool(masks[1:].all()):
+            return self._rnn(x, hidden * masks[0].to(hidden.dtype).view(1, -1, 1))
+        return run_packed(self._rnn, x, hidden, episode_segments(masks))
 
     # ------------------------------------------------------------------ per-step features
 
