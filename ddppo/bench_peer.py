@@ -1,6 +1,7 @@
 """``ddppo bench peer``: ddppo's trainer against the packaged peers a user would pick instead, side by side.
 
-The peers are stable-baselines3 PPO (feed-forward) and sb3-contrib RecurrentPPO (LSTM), trained on the same
+The peers are stable-baselines3 PPO (feed-forward; ddppo then also trains its policy with a feed-forward core,
+``policy.rnn_type=none``, for a like-for-like ratio) and sb3-contrib RecurrentPPO (LSTM), trained on the same
 batched environment (``PointNavVectorEnv`` through ``SB3VecEnv``), with the same visual encoder and goal embedding
 (ddppo's own modules, wrapped as an sb3 features extractor) and the same rollout and batch sizes, learning rate
 (and its decay), PPO epochs, minibatches, clipping and coefficients. Each trainer runs the same frame budget, one
@@ -14,6 +15,7 @@ stable-baselines3 and sb3-contrib are a benchmark-only extra: ``pip install "ddp
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import threading
@@ -273,7 +275,10 @@ def run_peer(kind: str, cfg, val_episodes: int, device: str) -> dict:
 def bench_peer(overrides: list[str], frames: int = 100_000, val_episodes: int = 100,
                config_file: str | None = None, peers: tuple[str, ...] = PEERS) -> dict:
     """Env-steps/s of ddppo's trainer and of each peer on ``frames`` env-steps, and val success of each at that
-    budget, as JSON-ready numbers; ``speedup_vs_<peer>`` = ddppo's env-steps/s ÷ the peer's."""
+    budget, as JSON-ready numbers. ``speedup_vs_<peer>`` = ddppo's env-steps/s ÷ the peer's, like for like: against
+    RecurrentPPO ddppo trains the config's recurrent policy (``ddppo``), against feed-forward PPO the same policy
+    with a feed-forward core (``ddppo_ff``, ``policy.rnn_type=none``); ``speedup_recurrent_vs_ppo`` compares the
+    recurrent one with PPO."""
     from ddppo.bench import machine
     from ddppo.config import load_config
     from ddppo.sim.data import ensure_dataset
@@ -294,13 +299,21 @@ def bench_peer(overrides: list[str], frames: int = 100_000, val_episodes: int = 
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         cfg.device = device  # ddppo and the peers on the same device
         runs = {"ddppo": run_ddppo(cfg, val_episodes, device)}
+        if "ppo" in peers and cfg.policy.rnn_type != "none":
+            # PPO's network is feed-forward: ddppo trains that network too, for the like-for-like ratio
+            ff = copy.deepcopy(cfg)
+            ff.policy.rnn_type, ff.name = "none", "ddppo_ff"
+            runs["ddppo_ff"] = run_ddppo(ff, val_episodes, device)
         for kind in peers:
             runs[kind] = run_peer(kind, cfg, val_episodes, device)
     out: dict = {"bench": "peer", "frames": frames, "val_episodes": val_episodes}
-    for name, r in runs.items():
-        if name != "ddppo":
-            out[f"speedup_vs_{name}"] = runs["ddppo"]["fps"] / r["fps"]
-            out[f"cpu_speedup_vs_{name}"] = runs["ddppo"]["cpu_fps"] / r["cpu_fps"]
+    for kind in peers:
+        ours = runs["ddppo_ff"] if kind == "ppo" and "ddppo_ff" in runs else runs["ddppo"]
+        out[f"speedup_vs_{kind}"] = ours["fps"] / runs[kind]["fps"]
+        out[f"cpu_speedup_vs_{kind}"] = ours["cpu_fps"] / runs[kind]["cpu_fps"]
+    if "ddppo_ff" in runs:  # ddppo's own (recurrent) agent against the feed-forward peer, for the record
+        out["speedup_recurrent_vs_ppo"] = runs["ddppo"]["fps"] / runs["ppo"]["fps"]
+        out["cpu_speedup_recurrent_vs_ppo"] = runs["ddppo"]["cpu_fps"] / runs["ppo"]["cpu_fps"]
     for name, r in runs.items():
         out[f"fps_{name}"] = r["fps"]
         out[f"cpu_fps_{name}"] = r["cpu_fps"]

@@ -230,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("overrides", nargs="*")
     _add_record_options(sc)
     sc.set_defaults(func=_bench_scaling)
-    pe = bsub.add_parser("peer", help="ddppo vs stable-baselines3 PPO and sb3-contrib RecurrentPPO, same env, "
-                                      "encoder and batch sizes (needs the bench extra)")
+    pe = bsub.add_parser("peer", help="ddppo vs stable-baselines3 PPO (against ddppo with a feed-forward core) and "
+                                      "sb3-contrib RecurrentPPO, same env, encoder and batch sizes (needs the bench "
+                                      "extra)")
     pe.add_argument("--config", default=None, help="YAML (default: the quickstart config)")
     pe.add_argument("--frames", type=int, default=100_000, help="env-steps each trainer runs")
     pe.add_argument("--val-episodes", type=int, default=100, help="val episodes each trained agent is evaluated on")

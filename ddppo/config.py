@@ -82,7 +82,9 @@ class PolicyConfig:
     ngroups: int = 16
     hidden_size: int = 512
     rnn_type: str = "lstm"
+    """lstm | gru | none (a feed-forward Linear + ReLU core, for comparisons with feed-forward agents)."""
     num_recurrent_layers: int = 2
+    """Ignored when rnn_type=none."""
     avgpool: int = 1
     """Average-pool the visual input by this factor first (habitat pools 256 -> 128)."""
     normalize_visual: bool = True
@@ -271,7 +273,10 @@ def check(cfg) -> None:
     need(task.max_episode_steps >= 1, f"task.max_episode_steps={task.max_episode_steps} must be >= 1")
     need(cfg.total_steps >= 1, f"total_steps={cfg.total_steps} must be >= 1")
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints={cfg.keep_checkpoints} must be >= 1")
-    need(cfg.policy.rnn_type in ("lstm", "gru"), f"policy.rnn_type={cfg.policy.rnn_type!r}: use lstm or gru")
+    from ddppo.policy.policy import RNN_TYPES
+
+    need(cfg.policy.rnn_type in RNN_TYPES,
+         f"policy.rnn_type={cfg.policy.rnn_type!r}: use one of {', '.join(RNN_TYPES)}")
     from ddppo.policy.encoders import ENCODERS
 
     need(cfg.policy.encoder in ENCODERS,

@@ -125,16 +125,18 @@ def test_bench_peer_end_to_end_and_recorded(small_dataset, tmp_path, capsys):
             *TINY, f"task.data_dir={small_dataset}"]
     assert cli_main(argv) == 0
     out = json.loads(capsys.readouterr().out)
-    for name in ("ddppo", "ppo", "recurrent_ppo"):
+    for name in ("ddppo", "ddppo_ff", "ppo", "recurrent_ppo"):
         assert out[f"fps_{name}"] > 0
         assert out[f"frames_{name}"] == frames
         assert 0.0 <= out[f"val_success_{name}"] <= 1.0
         assert out[f"peak_rss_mib_{name}"] > 50
         assert out[f"loadavg_{name}"] >= 0
     assert out["speedup_vs_recurrent_ppo"] == pytest.approx(out["fps_ddppo"] / out["fps_recurrent_ppo"])
-    assert out["speedup_vs_ppo"] == pytest.approx(out["fps_ddppo"] / out["fps_ppo"])
-    for peer in ("ppo", "recurrent_ppo"):
-        assert out[f"cpu_speedup_vs_{peer}"] == pytest.approx(out["cpu_fps_ddppo"] / out[f"cpu_fps_{peer}"])
+    # like for like: feed-forward PPO against ddppo's feed-forward run, RecurrentPPO against the recurrent one
+    assert out["speedup_vs_ppo"] == pytest.approx(out["fps_ddppo_ff"] / out["fps_ppo"])
+    assert out["cpu_speedup_vs_ppo"] == pytest.approx(out["cpu_fps_ddppo_ff"] / out["cpu_fps_ppo"])
+    assert out["cpu_speedup_vs_recurrent_ppo"] == pytest.approx(out["cpu_fps_ddppo"] / out["cpu_fps_recurrent_ppo"])
+    assert out["speedup_recurrent_vs_ppo"] == pytest.approx(out["fps_ddppo"] / out["fps_ppo"])
     assert (out["num_envs"], out["num_steps"], out["val_episodes"]) == (4, 8, 3)
     text = results.read_text()
     assert "`ddppo bench peer --frames 64 --val-episodes 3 --record" in text

@@ -243,6 +243,27 @@ def test_hidden_state_layout() -> None:
         lstm(random_obs(spaces(None), 2), torch.zeros(2), torch.ones(2), gru.initial_hidden(2))
 
 
+def test_feed_forward_core_has_no_state() -> None:
+    torch.manual_seed(0)
+    ff = small_policy(spaces(None), rnn_type="none", num_recurrent_layers=2)
+    assert ff.num_hidden_layers == 0 and ff.initial_hidden(3).shape == (0, 3, 32)
+    assert isinstance(ff.core[0], torch.nn.Linear) and ff.core[0].out_features == 32
+    obs = random_obs(spaces(None), 3)
+    prev = torch.tensor([1, 2, 3])
+    logits, values, hidden = ff(obs, prev, torch.ones(3), ff.initial_hidden(3))
+    assert hidden.shape == (0, 3, 32)
+    # the same observation and previous action give the same output whatever came before ...
+    again, _, _ = ff(obs, prev, torch.ones(3), hidden)
+    torch.testing.assert_close(logits, again)
+    # ... and an episode start still drops the previous action
+    started, _, _ = ff(obs, prev, torch.zeros(3), hidden)
+    fresh, _, _ = ff(obs, torch.zeros(3, dtype=torch.long), torch.zeros(3), hidden)
+    torch.testing.assert_close(started, fresh)
+    assert not torch.allclose(started, logits)
+    with pytest.raises(ValueError, match="rnn_type"):
+        small_policy(spaces(None), rnn_type="transformer")
+
+
 def test_actor_init_gives_near_uniform_policy() -> None:
     torch.manual_seed(0)
     obs_spaces = spaces(32)
@@ -277,7 +298,8 @@ def test_masks_reset_hidden_and_prev_action() -> None:
     assert not torch.allclose(kept[0], stale[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("rnn_type,encoder", [("lstm", "simple_cnn"), ("gru", "simple_cnn"), ("lstm", "resnet18")])
+@pytest.mark.parametrize("rnn_type,encoder", [("lstm", "simple_cnn"), ("gru", "simple_cnn"), ("lstm", "resnet18"),
+                                              ("none", "simple_cnn")])
 def test_evaluate_actions_matches_stepwise_forward(rnn_type: str, encoder: str) -> None:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)

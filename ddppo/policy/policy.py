@@ -20,6 +20,9 @@ from ddppo.policy.packing import episode_segments, run_packed
 from ddppo.policy.running_norm import RunningMeanAndVar
 
 GOAL_SENSOR = "pointgoal_with_gps_compass"
+RNN_TYPES = ("lstm", "gru", "none")
+"""Cores: an LSTM or GRU (DD-PPO's), or ``none``, a feed-forward Linear + ReLU with an empty state (for
+comparisons with feed-forward agents; the previous action still enters, zeroed at episode starts)."""
 VISUAL_SENSORS = ("rgb", "depth")
 GOAL_EMBED_SIZE = 32
 ACTION_EMBED_SIZE = 32
@@ -142,8 +145,8 @@ class Policy(nn.Module):
         if encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {encoder!r}; choose one of {sorted(ENCODERS)}")
         rnn_type = rnn_type.lower()
-        if rnn_type not in ("lstm", "gru"):
-            raise ValueError(f"unknown rnn_type {rnn_type!r}; choose 'lstm' or 'gru'")
+        if rnn_type not in RNN_TYPES:
+            raise ValueError(f"unknown rnn_type {rnn_type!r}; choose one of {', '.join(RNN_TYPES)}")
         self.num_actions = int(num_actions)
         self.hidden_size = int(hidden_size)
         self.rnn_type = rnn_type
@@ -173,8 +176,11 @@ class Policy(nn.Module):
         self.action_embed = nn.Embedding(self.num_actions + 1, ACTION_EMBED_SIZE)
         core_in += ACTION_EMBED_SIZE
 
-        rnn_cls = nn.LSTM if rnn_type == "lstm" else nn.GRU
-        self.core = rnn_cls(core_in, hidden_size, num_layers=self.num_recurrent_layers)
+        if rnn_type == "none":  # feed-forward: one hidden layer of the same width, no state
+            self.core: nn.Module = nn.Sequential(nn.Linear(core_in, hidden_size), nn.ReLU(True))
+        else:
+            rnn_cls = nn.LSTM if rnn_type == "lstm" else nn.GRU
+            self.core = rnn_cls(core_in, hidden_size, num_layers=self.num_recurrent_layers)
         for name, p in self.core.named_parameters():
             if "weight" in name:
                 nn.init.orthogonal_(p)
@@ -214,6 +220,9 @@ class Policy(nn.Module):
 
     @property
     def num_hidden_layers(self) -> int:
+        """Layers of the state tensor: h (and c for an LSTM) per recurrent layer; 0 for a feed-forward core."""
+        if self.rnn_type == "none":
+            return 0
         return self.num_recurrent_layers * (2 if self.rnn_type == "lstm" else 1)
 
     def initial_hidden(self, n: int, device: torch.device | str | None = None) -> Tensor:
@@ -241,6 +250,8 @@ class Policy(nn.Module):
         otherwise each episode segment packed as its own sequence (``ddppo.policy.packing``). Both give
         exactly the step-by-step result.
         """
+        if self.rnn_type == "none":
+            return self.core(x), hidden
         if x.shape[0] == 1 or bool(masks[1:].all()):
             return self._rnn(x, hidden * masks[0].to(hidden.dtype).view(1, -1, 1))
         return run_packed(self._rnn, x, hidden, episode_segments(masks))
