@@ -112,7 +112,7 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
     from omegaconf import OmegaConf
 
     from ddppo.config import load_config
-    from ddppo.distributed import DistInfo
+    from ddppo.distributed import DistInfo, resolve_device
     from ddppo.envs import make_vector_env
     from ddppo.policy import build_policy
     from ddppo.rl.storage import RolloutStorage
@@ -123,39 +123,43 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
                                         "checkpoint_interval=1000000"])
         n, T = cfg.ppo.num_envs, cfg.ppo.num_steps
         ensure_dataset(cfg.task, cfg.dataset, log=lambda *_: None)
-        env = make_vector_env(cfg, cfg.task.split, n, seed=cfg.seed)
-        policy = build_policy(cfg.policy, env.obs_spaces)
-        obs = policy.preprocess(env.reset())
+        # each term on the devices the trainer uses (see train() and init_distributed)
+        device = resolve_device(cfg.device)
+        sim_device = device if cfg.sim.device == "auto" else torch.device(cfg.sim.device)
+        clock = _device_clock(device, sim_device)
+        env = make_vector_env(cfg, cfg.task.split, n, seed=cfg.seed, device=sim_device)
+        policy = build_policy(cfg.policy, env.obs_spaces).to(device)
+        obs = policy.preprocess({k: v.to(device) for k, v in env.reset().items()})
         storage = RolloutStorage(T, n, policy.storage_spaces(env.obs_spaces),
-                                 (policy.num_hidden_layers, cfg.policy.hidden_size), "cpu")
+                                 (policy.num_hidden_layers, cfg.policy.hidden_size), device)
         storage.set_first_observation(obs)
         g = torch.Generator().manual_seed(0)
         policy.eval()
         for _ in range(T):  # warm-up (kernels compiled, geodesic cache filled) and a realistic rollout to learn on
-            env.step(torch.randint(0, 4, (n,), generator=g))
+            env.step(torch.randint(0, 4, (n,), generator=g).to(sim_device))
         hidden = storage.hidden[0]
         prev = storage.prev_actions[0]
         masks = storage.masks[0]
         t_sim = t_act = 0.0
         with torch.no_grad():
             for _ in range(T):
-                ta = time.perf_counter()
+                ta = clock()
                 actions, logp, values, hidden = policy.act(obs, prev, masks, hidden)
-                tb = time.perf_counter()
-                r = env.step(actions)
-                tc = time.perf_counter()
-                obs = policy.preprocess(r.obs)  # pooling: part of acting, as in the trainer
-                t_act += tb - ta + time.perf_counter() - tc
+                tb = clock()
+                r = env.step(actions.to(sim_device))
+                tc = clock()
+                obs = policy.preprocess({k: v.to(device) for k, v in r.obs.items()})  # part of acting, as in training
+                t_act += tb - ta + clock() - tc
                 t_sim += tc - tb
-                prev, masks = actions, (~r.done).float()
-                storage.insert(obs, hidden, actions, logp, values, r.reward, masks, masks)
-        storage.compute_returns(torch.zeros(n), cfg.ppo.gamma, cfg.ppo.tau)
+                prev, masks = actions, (~r.done).to(device).float()
+                storage.insert(obs, hidden, actions, logp, values, r.reward.to(device), masks, masks)
+        storage.compute_returns(torch.zeros(n, device=device), cfg.ppo.gamma, cfg.ppo.tau)
         policy.train()
         optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.ppo.lr, eps=cfg.ppo.eps)
-        ppo_update(policy, optimizer, list(policy.parameters()), storage, cfg.ppo, DistInfo())  # warm-up
-        tl = time.perf_counter()
-        ppo_update(policy, optimizer, list(policy.parameters()), storage, cfg.ppo, DistInfo())
-        t_learn = time.perf_counter() - tl
+        ppo_update(policy, optimizer, list(policy.parameters()), storage, cfg.ppo, DistInfo(device=device))  # warm-up
+        tl = clock()
+        ppo_update(policy, optimizer, list(policy.parameters()), storage, cfg.ppo, DistInfo(device=device))
+        t_learn = clock() - tl
         per_step = (t_sim + t_act + t_learn) / (T * n)
         limit = 1.0 / per_step
         # end to end: the real trainer, timed over its updates after the first (start-up excluded)
@@ -179,11 +183,25 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
         "num_envs": n,
         "num_steps": T,
         "updates_timed": updates,
+        "device": str(device),
+        "sim_device": str(sim_device),
         **peak_memory(),
         "config": config_file,
         "overrides": overrides,
         "machine": machine(),
     }
+
+
+def _device_clock(*devices: torch.device):
+    """perf_counter after waiting for the CUDA devices among ``devices``: their kernels run asynchronously."""
+    cuda = [d for d in devices if d.type == "cuda"]
+
+    def clock() -> float:
+        for d in cuda:
+            torch.cuda.synchronize(d)
+        return time.perf_counter()
+
+    return clock
 
 
 def bench_scaling(overrides: list[str], updates: int = 12, config_file: str | None = None,

@@ -27,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from ddppo.distributed import resolve_device
 from ddppo.memory import peak_memory, reset_peak_rss
 from ddppo.policy import GOAL_SENSOR, build_policy, goal_features
 from ddppo.sim.gym_env import _observation_space
@@ -296,7 +297,7 @@ def bench_peer(overrides: list[str], frames: int = 100_000, val_episodes: int = 
             raise ValueError(f"--frames {frames}: need at least 2 updates ({2 * per_update} frames) for a rate "
                              "measured after the first update")
         ensure_dataset(cfg.task, cfg.dataset, log=lambda *_: None)
-        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = str(resolve_device(cfg.device))
         cfg.device = device  # ddppo and the peers on the same device
         runs = {"ddppo": run_ddppo(cfg, val_episodes, device)}
         if "ppo" in peers and cfg.policy.rnn_type != "none":

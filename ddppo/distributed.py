@@ -55,14 +55,18 @@ def first_slurm_host(nodelist: str) -> str:
     return head
 
 
+def resolve_device(device_cfg: str = "auto", local_rank: int = 0) -> torch.device:
+    """The config's ``device`` as a torch device: ``auto`` is CUDA when available; a CUDA device without an index is
+    the worker's local rank's GPU."""
+    if device_cfg == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device_cfg)
+    return torch.device(f"cuda:{local_rank}") if device.type == "cuda" and device.index is None else device
+
+
 def init_distributed(device_cfg: str = "auto", backend: str = "auto", timeout_s: float = 600) -> DistInfo:
     rank, local_rank, world = ranks_from_env()
-    if device_cfg == "auto":
-        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        device = torch.device(device_cfg)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
+    device = resolve_device(device_cfg, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world == 1:

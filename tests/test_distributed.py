@@ -20,8 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny import tiny
 
 from ddppo.config import load_config
+from ddppo.distributed import resolve_device
 from ddppo.policy import build_policy
 from ddppo.rl.ppo import ppo_loss
 from ddppo.sim.data import generate_dataset
@@ -33,21 +35,7 @@ HELPERS = Path(__file__).resolve().parent / "helpers"
 TORCHRUN_TIMEOUT = 240
 
 NUM_ENVS, NUM_STEPS = 2, 8
-TINY = [
-    "sim.resolution=16",
-    "policy.encoder=simple_cnn",
-    "policy.base_planes=8",
-    "policy.hidden_size=32",
-    "policy.rnn_type=gru",
-    "policy.num_recurrent_layers=1",
-    f"ppo.num_envs={NUM_ENVS}",
-    f"ppo.num_steps={NUM_STEPS}",
-    "ppo.num_mini_batch=1",
-    "eval_episodes=0",
-    "device=cpu",
-    "ddppo.backend=gloo",
-    "log_interval=1",
-]
+TINY = tiny(NUM_ENVS, NUM_STEPS, "ddppo.backend=gloo", "log_interval=1")
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +265,11 @@ def test_straggler_preemption_cuts_only_the_slow_rank(data_dir, tmp_path):
         total += NUM_ENVS * (f + s)
         expected_steps.append(total)
     assert steps == expected_steps
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == (torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu"))
+    # a bare "cuda" is the worker's own GPU; an explicit index is kept
+    assert resolve_device("cuda", local_rank=3) == torch.device("cuda:3")
+    assert resolve_device("cuda:1", local_rank=3) == torch.device("cuda:1")
