@@ -6,7 +6,7 @@
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
-export OMP_WAIT_POLICY=PASSIVE PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 log() { echo "== $*" | tee -a "$OUT/log.txt"; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -25,7 +25,7 @@ timeout 45 python -m ddppo bench sim --device cuda --num-envs 1024 --resolution 
   --warmup 20 --data-dir data/pointnav_small > "$OUT/sim_rgbd128_n1024.json" 2>>"$OUT/log.txt"
 
 log "end to end on CUDA, small ResNet at depth 64² (target >= 19,000 frames/s)"
-timeout 60 python -m ddppo bench train --updates 3 device=cuda sim.device=cuda sim.resolution=64 \
+timeout 180 python -m ddppo bench train --updates 3 device=cuda sim.device=cuda sim.resolution=64 \
   policy.encoder=resnet18 policy.base_planes=16 policy.hidden_size=256 ppo.num_envs=256 ppo.num_steps=64 \
   > "$OUT/train_resnet18_depth64.json" 2>>"$OUT/log.txt"
 

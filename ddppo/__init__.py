@@ -1,14 +1,12 @@
 """ddppo: Decentralized Distributed PPO for embodied PointGoal navigation."""
 
-import os
-
-# torch's OpenMP workers spin for a while after each op; the simulator's numba kernels then fight them for the
-# cores (measured: 2x slower stepping on 2 cores). Passive waiting hands the cores over. Only effective when
-# ddppo is imported before torch, which is the case for the ddppo command and ddppo/train.py.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's wait policy is left to the runtime (libgomp: spin briefly after each parallel region, then sleep). Forcing
+# OMP_WAIT_POLICY=PASSIVE, as ddppo did before 2026-11-28, cost ~6-10% of training throughput on 2 cores (bench/
+# RESULTS.md); ACTIVE gains a few % more but keeps idle threads spinning for good, stealing cores from child
+# processes (torchrun workers, SLURM tasks) and from anything else on the machine.
 
 __version__ = "0.1.0"
 
-import gymnasium  # noqa: E402
+import gymnasium
 
 gymnasium.register(id="ddppo/PointNav-v0", entry_point="ddppo.sim.gym_env:PointNavEnv")

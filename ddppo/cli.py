@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-import ddppo  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+import ddppo  # noqa: F401  (registers the gymnasium environment)
 
 
 def _dataset_generate(args) -> int:

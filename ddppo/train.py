@@ -24,8 +24,6 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (torchrun ddppo/train.py): import the package, not its files
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
-# before torch loads its OpenMP runtime (see ddppo/__init__.py)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numba  # noqa: E402
 import torch  # noqa: E402
