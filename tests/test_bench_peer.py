@@ -15,6 +15,7 @@ from importlib.util import find_spec
 import numpy as np
 import pytest
 import torch
+from tiny import TINY_AGENT
 
 from ddppo.cli import main as cli_main
 from ddppo.config import load_config
@@ -26,9 +27,7 @@ needs_sb3 = pytest.mark.skipif(
     reason='stable-baselines3 / sb3-contrib not installed (pip install -e ".[dev]" or ".[bench]")',
 )
 
-TINY = ["sim.resolution=16", "sim.sensors=[depth]", "policy.encoder=simple_cnn", "policy.base_planes=8",
-        "policy.hidden_size=32", "policy.rnn_type=gru", "policy.num_recurrent_layers=1", "ppo.num_envs=4",
-        "ppo.num_steps=8", "device=cpu", "task.max_episode_steps=20"]
+TINY = [*TINY_AGENT, "ppo.num_envs=4", "ppo.num_steps=8", "task.max_episode_steps=20"]
 
 
 def config(data_dir, *extra):

@@ -5,12 +5,11 @@ bench/RESULTS.md; a shared 2-core machine is too noisy to assert a speed here.""
 from __future__ import annotations
 
 import pytest
+from tiny import TINY_AGENT
 
 from ddppo.bench import bench_scaling
 
-TOY = ["sim.resolution=16", "sim.sensors=[depth]", "policy.encoder=simple_cnn", "policy.base_planes=8",
-       "policy.hidden_size=32", "policy.rnn_type=gru", "policy.num_recurrent_layers=1", "ppo.num_envs=2",
-       "ppo.num_steps=8", "ppo.num_mini_batch=1"]
+TOY = [*TINY_AGENT, "ppo.num_envs=2", "ppo.num_steps=8", "ppo.num_mini_batch=1"]
 
 
 @pytest.mark.timeout(600)

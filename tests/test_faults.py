@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny import tiny
 
 import ddppo.atomic
 import ddppo.train as trainer
@@ -36,21 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 LONG = os.environ.get("DDPPO_LONG_TESTS") == "1"  # longer forms of the signal and soak tests
 NUM_ENVS, NUM_STEPS = 2, 8
 PER_UPDATE = NUM_ENVS * NUM_STEPS
-TINY = [
-    "sim.resolution=16",
-    "sim.sensors=[depth]",
-    "policy.encoder=simple_cnn",
-    "policy.base_planes=8",
-    "policy.hidden_size=32",
-    "policy.rnn_type=gru",
-    "policy.num_recurrent_layers=1",
-    f"ppo.num_envs={NUM_ENVS}",
-    f"ppo.num_steps={NUM_STEPS}",
-    "ppo.num_mini_batch=1",
-    "eval_episodes=0",
-    "device=cpu",
-    "task.max_episode_steps=50",
-]
+TINY = tiny(NUM_ENVS, NUM_STEPS, "task.max_episode_steps=50")
 
 
 def quiet(*_args, **_kwargs) -> None:

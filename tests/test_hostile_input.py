@@ -26,6 +26,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
+from tiny import tiny
 
 import ddppo.train as trainer
 from ddppo import checkpoint
@@ -35,12 +36,7 @@ from ddppo.envs import make_vector_env
 from ddppo.sim.data import episodes_path, generate_dataset
 from ddppo.sim.dataset import load_episodes
 
-TINY = [
-    "sim.resolution=16", "sim.sensors=[depth]", "policy.encoder=simple_cnn", "policy.base_planes=8",
-    "policy.hidden_size=32", "policy.rnn_type=gru", "policy.num_recurrent_layers=1", "ppo.num_envs=2",
-    "ppo.num_steps=8", "ppo.num_mini_batch=1", "eval_episodes=0", "device=cpu", "task.max_episode_steps=50",
-    "log_interval=1", "checkpoint_interval=1",
-]
+TINY = tiny(2, 8, "task.max_episode_steps=50", "log_interval=1", "checkpoint_interval=1")
 
 
 def quiet(*_args, **_kwargs) -> None:

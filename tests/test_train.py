@@ -21,6 +21,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny import tiny
 
 from ddppo import checkpoint
 from ddppo.cli import main as cli_main
@@ -31,21 +32,7 @@ from ddppo.train import train
 
 NUM_ENVS, NUM_STEPS = 2, 8
 PER_UPDATE = NUM_ENVS * NUM_STEPS
-TINY = [
-    "sim.resolution=16",
-    "sim.sensors=[depth]",
-    "policy.encoder=simple_cnn",
-    "policy.base_planes=8",
-    "policy.hidden_size=32",
-    "policy.rnn_type=gru",
-    "policy.num_recurrent_layers=1",
-    f"ppo.num_envs={NUM_ENVS}",
-    f"ppo.num_steps={NUM_STEPS}",
-    "ppo.num_mini_batch=1",
-    "eval_episodes=0",
-    "device=cpu",
-    "task.max_episode_steps=50",
-]
+TINY = tiny(NUM_ENVS, NUM_STEPS, "task.max_episode_steps=50")
 EPISODE_TAGS = {f"episode/{k}" for k in ("success", "spl", "softspl", "distance_to_goal", "reward", "collisions")}
 TRAIN_TAGS = {
     "perf/fps", "perf/env_fps", "perf/learner_fps", "perf/sim_time_frac",

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tiny import tiny
 
 from ddppo import checkpoint
 from ddppo.config import ConfigError, SimConfig, TaskConfig, TrainConfig, load_config
@@ -32,10 +33,7 @@ from ddppo.train import train
 from ddppo.transfer.loading import CORE_MODULES, ENCODER_MODULES, apply_transfer
 from ddppo.transfer.tasks import COVERAGE_CELL, ExplorationVectorEnv, FleeVectorEnv
 
-TINY = ["sim.resolution=16", "sim.sensors=[depth]", "policy.encoder=simple_cnn", "policy.base_planes=8",
-        "policy.hidden_size=32", "policy.rnn_type=gru", "policy.num_recurrent_layers=1", "ppo.num_envs=2",
-        "ppo.num_steps=8", "ppo.num_mini_batch=1", "eval_episodes=0", "device=cpu", "task.max_episode_steps=40",
-        "total_steps=32", "checkpoint_interval=1", "log_interval=1"]
+TINY = tiny(2, 8, "task.max_episode_steps=40", "total_steps=32", "checkpoint_interval=1", "log_interval=1")
 
 # east 2 m along z = 1.5, south 1.25 m round the wall's end, west 2 m behind the wall (TURN_RIGHT x 9 = -90°)
 AROUND_THE_WALL = [TURN_RIGHT] * 9 + [MOVE_FORWARD] * 8 + [TURN_RIGHT] * 9 + [MOVE_FORWARD] * 5 + \

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import tiny
 
 from ddppo.cli import main as cli_main
 from ddppo.config import load_config
@@ -20,10 +21,7 @@ from ddppo.train import train
 from ddppo.transfer.compare import compare, probe_observations
 from ddppo.transfer.similarity import InsufficientDatapointsWarning
 
-TINY = ["sim.resolution=16", "sim.sensors=[depth]", "policy.encoder=simple_cnn", "policy.base_planes=8",
-        "policy.hidden_size=32", "policy.rnn_type=gru", "policy.num_recurrent_layers=1", "ppo.num_envs=2",
-        "ppo.num_steps=8", "ppo.num_mini_batch=1", "eval_episodes=0", "device=cpu", "task.max_episode_steps=40",
-        "total_steps=32", "checkpoint_interval=2"]
+TINY = tiny(2, 8, "task.max_episode_steps=40", "total_steps=32", "checkpoint_interval=2")
 LAYERS = ["layers.0", "layers.1", "layers.2", "visual_fc"]  # SimpleCNN's three convs, then the FC
 
 
