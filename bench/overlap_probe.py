@@ -1,0 +1,126 @@
+"""Would overlapping simulation with inference pay on this machine? Rollout-only env-steps/s, printed as JSON.
+
+    python bench/overlap_probe.py [--steps 200] [--threads 2] [key=value ...]
+
+Two ways to collect the same rollout with the config's policy (untrained) and environments:
+- ``sequential``: one batched environment of ``ppo.num_envs``; act on all, then step all (what ddppo's trainer does);
+- ``overlapped``: two halves (environment streams 0..N/2-1 and N/2..N-1, so the same episodes), double-buffered: one
+  half is stepped in a worker thread while the policy acts on the other (the simulator's numba kernels release the
+  GIL with ``--nogil``, recompiled in this process only).
+Alternated ``--repeats`` times; ``overlap_speedup`` = overlapped ÷ sequential, best of each. No learning: this
+measures only the part of a step that overlapping could hide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numba
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ddppo.bench import machine  # noqa: E402
+from ddppo.config import load_config  # noqa: E402
+from ddppo.envs import make_vector_env  # noqa: E402
+from ddppo.policy import build_policy  # noqa: E402
+from ddppo.sim.data import ensure_dataset  # noqa: E402
+
+
+def release_gil() -> None:
+    """Recompile the simulator's kernels with nogil=True (this process only; the cached builds stay as they are)."""
+    from ddppo.sim import physics, render
+
+    for module, name in ((render, "_render_numba"), (physics, "_move_numba"), (physics, "_geodesic_numba")):
+        kernel = getattr(module, name)
+        options = {**kernel.targetoptions, "nogil": True}
+        options.pop("boundscheck", None)
+        setattr(module, name, numba.njit(**options)(kernel.py_func))
+
+
+class Half:
+    """One environment batch with the policy inputs of its next action."""
+
+    def __init__(self, env, policy):
+        self.env, self.policy = env, policy
+        n = env.num_envs
+        self.obs = policy.preprocess(env.reset())
+        self.hidden = policy.initial_hidden(n)
+        self.prev = torch.zeros(n, dtype=torch.long)
+        self.masks = torch.zeros(n)
+        self.pending = None
+
+    def act(self) -> torch.Tensor:
+        with torch.no_grad():
+            actions, _, _, self.hidden = self.policy.act(self.obs, self.prev, self.masks, self.hidden)
+        self.prev = actions
+        return actions
+
+    def take(self, result) -> None:
+        self.obs = self.policy.preprocess(result.obs)
+        self.masks = (~result.done).float()
+
+
+def sequential(cfg, policy, steps: int) -> float:
+    half = Half(make_vector_env(cfg, "train", cfg.ppo.num_envs, seed=cfg.seed, env_offset=0), policy)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        half.take(half.env.step(half.act()))
+    return steps * cfg.ppo.num_envs / (time.perf_counter() - t0)
+
+
+def overlapped(cfg, policy, steps: int) -> float:
+    n = cfg.ppo.num_envs // 2
+    halves = [Half(make_vector_env(cfg, "train", n, seed=cfg.seed, env_offset=k * n), policy) for k in (0, 1)]
+    with ThreadPoolExecutor(1) as pool:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            for half in halves:  # while this half acts, the other one's step runs in the worker thread
+                if half.pending is not None:
+                    half.take(half.pending.result())
+                half.pending = pool.submit(half.env.step, half.act())
+        for half in halves:
+            half.take(half.pending.result())
+        return steps * 2 * n / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"))
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch and numba threads")
+    p.add_argument("--nogil", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if cfg.ppo.num_envs < 2 or cfg.ppo.num_envs % 2:
+        raise SystemExit(f"overlap_probe: ppo.num_envs={cfg.ppo.num_envs} must be even")
+    torch.set_num_threads(args.threads)
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    if args.nogil:
+        release_gil()
+    ensure_dataset(cfg.task, cfg.dataset, log=lambda *_: None)
+    torch.manual_seed(cfg.seed)
+    env = make_vector_env(cfg, "train", 2, seed=cfg.seed)
+    policy = build_policy(cfg.policy, env.obs_spaces).eval()
+    sequential(cfg, policy, min(args.steps, 20))  # compile the kernels, warm the caches
+    runs: dict[str, list[float]] = {"sequential": [], "overlapped": []}
+    for _ in range(args.repeats):
+        runs["sequential"].append(sequential(cfg, policy, args.steps))
+        runs["overlapped"].append(overlapped(cfg, policy, args.steps))
+    out = {"bench": "overlap_probe", "fps_sequential": max(runs["sequential"]),
+           "fps_overlapped": max(runs["overlapped"]), "runs": runs, "steps": args.steps,
+           "num_envs": cfg.ppo.num_envs, "threads": args.threads, "nogil": args.nogil, "machine": machine()}
+    out["overlap_speedup"] = out["fps_overlapped"] / out["fps_sequential"]
+    print(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
