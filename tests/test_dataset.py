@@ -335,6 +335,46 @@ def test_generate_dataset_refuses_to_overwrite_without_force(tmp_path):
     assert load_episodes(episodes_path(out, "val")) == first  # deterministic in the seed
 
 
+def test_parallel_generation_gives_the_same_dataset(tmp_path):
+    """Scenes generated in worker processes: the same files and arrays, episode ids in scene order over the split."""
+    cfg = DatasetConfig(scenes={"train": 3, "val": 2}, episodes_per_scene={"train": 4, "val": 3}, min_extent=5.0,
+                        max_extent=6.0)
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    generate_dataset(serial, cfg, log=lambda *_: None, workers=1)
+    generate_dataset(parallel, cfg, log=lambda *_: None, workers=2)
+    files = sorted(p.relative_to(serial) for p in serial.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(parallel) for p in parallel.rglob("*") if p.is_file())
+    assert len([f for f in files if f.parts[0] == "scenes"]) == 5
+    for f in files:  # gzip and zip (npz) headers hold time stamps: compare what the files hold
+        if f.suffix == ".gz":
+            assert load_episodes(serial / f) == load_episodes(parallel / f), f
+        else:
+            with np.load(serial / f) as a, np.load(parallel / f) as b:
+                assert sorted(a.files) == sorted(b.files), f
+                for key in a.files:
+                    np.testing.assert_array_equal(a[key], b[key], err_msg=f"{f}: {key}")
+    train = load_episodes(episodes_path(parallel, "train"))
+    assert [e.episode_id for e in train] == [str(i) for i in range(12)]
+    assert [e.scene_id for e in train] == [f"train_{k:04d}" for k in range(3) for _ in range(4)]
+
+
+def test_failed_generation_worker_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    cfg = DatasetConfig(scenes={"val": 2}, episodes_per_scene={"val": 2}, min_extent=5.0, max_extent=6.0)
+    monkeypatch.setattr(data_mod.sys, "executable", shutil.which("false"))  # a worker that dies at once
+    with pytest.raises(RuntimeError, match=r"split val: worker exited with code 1"):
+        generate_dataset(tmp_path / "ds", cfg, log=lambda *_: None, workers=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generation_workers_follow_the_cores(monkeypatch):
+    monkeypatch.setattr(data_mod.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3}, raising=False)
+    assert data_mod.generation_workers(10, 20) == 1  # small splits: no start-up cost
+    assert data_mod.generation_workers(60, 100) == 4
+    assert data_mod.generation_workers(2, 1000) == 2  # no more workers than scenes
+    monkeypatch.setattr(data_mod.os, "sched_getaffinity", lambda _pid: {0}, raising=False)
+    assert data_mod.generation_workers(60, 100) == 1
+
+
 def fail_on_second_scene(monkeypatch):
     real = data_mod.generate_episodes
     calls = []

@@ -6,7 +6,12 @@ a half dataset where a complete one is expected.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,8 +45,77 @@ def has_dataset(data_dir: str | Path, split: str) -> bool:
     return episodes_path(data_dir, split).is_file()
 
 
-def generate_dataset(out_dir: str | Path, cfg, force: bool = False, log=print) -> Path:
-    """Scenes and episodes for every split named in ``cfg.scenes`` (a DatasetConfig)."""
+PARALLEL_MIN_EPISODES = 1000
+"""Splits with fewer episodes are generated in this process: a worker's start-up (~3 s of imports) would cost more
+than it saves (measured on 2 cores: 10 scenes x 20 episodes take ~1 s in-process, ~5 s in two workers)."""
+
+
+def _generate_scene(k: int, *, split: str, base_seed: int, plan: FloorPlanConfig, n_eps: int, episodes_per_goal: int,
+                    min_geodesic: float, max_geodesic: float, out: Path | str) -> list[Episode]:
+    """Scene ``k`` of ``split``: its floor plan, episodes (numbered from 0) and stored geodesic fields, written under
+    ``out``. Everything derives from (base_seed, split, k), so scenes can be generated in any order or process."""
+    name, out = f"{split}_{k:04d}", Path(out)
+    seed = scene_seed(base_seed, split, k)
+    scene = generate_floor_plan(seed, name, plan)
+    save_scene(scene, out / "scenes" / f"{name}.npz")
+    nav = NavGrid(scene)
+    rng = np.random.default_rng(seed.spawn(1)[0])
+    cache = GeodesicCache(max_bytes=2**40)  # keep every field: they are saved below
+    episodes = generate_episodes(nav, n_eps, rng, scene_id=name, episodes_per_goal=episodes_per_goal,
+                                 min_geodesic=min_geodesic, max_geodesic=max_geodesic, cache=cache)
+    used = {(e.goal_position[0], e.goal_position[2]) for e in episodes}
+    GeodesicStore.write(geodesic_store_path(out, split, name), {goal_key(*g): cache.get(nav, *g) for g in used})
+    return episodes
+
+
+def _parts_path(out: Path | str, split: str, k: int) -> Path:
+    return Path(out) / ".parts" / f"{split}_{k:04d}.json.gz"
+
+
+def _generate_scenes_in_workers(job: dict, n_scenes: int, workers: int) -> list[list[Episode]]:
+    """Scenes k = w, w + workers, ... of a split in worker w, each worker a fresh ``python -m ddppo.sim.data``
+    process; each scene's episodes come back through a file. (multiprocessing would fork this process's torch and
+    numba threads, or with spawn re-run the caller's ``__main__``: a script without a main guard would recurse.)"""
+    spec = json.dumps({**job, "plan": dataclasses.asdict(job["plan"]), "out": str(job["out"])})
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    procs = [subprocess.Popen([sys.executable, "-m", "ddppo.sim.data", spec, str(w), str(workers), str(n_scenes)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env) for w in range(workers)]
+    try:
+        failures = []
+        for proc in procs:
+            _, err = proc.communicate()
+            if proc.returncode:
+                last = (err.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+                failures.append(f"worker exited with code {proc.returncode}: {last}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if failures:
+        raise RuntimeError(f"dataset generation, split {job['split']}: {failures[0]}")
+    return [load_episodes(_parts_path(job["out"], job["split"], k)) for k in range(n_scenes)]
+
+
+def _worker_main(argv: list[str]) -> None:
+    """``python -m ddppo.sim.data JOB_JSON W WORKERS N_SCENES``: the scenes of one generation worker."""
+    job = json.loads(argv[0])
+    job["plan"] = FloorPlanConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["plan"].items()})
+    w, workers, n_scenes = (int(a) for a in argv[1:4])
+    for k in range(w, n_scenes, workers):
+        save_episodes(_generate_scene(k, **job), _parts_path(job["out"], job["split"], k))
+
+
+def generation_workers(n_scenes: int, episodes_per_scene: int) -> int:
+    """Processes for a split: one per usable core (at most one per scene), none (this process) for small splits."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, n_scenes) if n_scenes * episodes_per_scene >= PARALLEL_MIN_EPISODES else 1
+
+
+def generate_dataset(out_dir: str | Path, cfg, force: bool = False, log=print, workers: int | None = None) -> Path:
+    """Scenes and episodes for every split named in ``cfg.scenes`` (a DatasetConfig), scenes generated in ``workers``
+    processes (default: ``generation_workers``); the result does not depend on the number of processes."""
     out = Path(out_dir)
     if out.exists() and not force:
         raise FileExistsError(f"dataset directory {out} exists; pass --force to replace it")
@@ -55,25 +129,19 @@ def generate_dataset(out_dir: str | Path, cfg, force: bool = False, log=print) -
     t0 = time.perf_counter()
     try:
         for split, n_scenes in cfg.scenes.items():
-            n_eps = int(cfg.episodes_per_scene.get(split, 0))
-            episodes: list[Episode] = []
-            for k in range(int(n_scenes)):
-                name = f"{split}_{k:04d}"
-                seed = scene_seed(cfg.seed, split, k)
-                scene = generate_floor_plan(seed, name, plan)
-                save_scene(scene, tmp / "scenes" / f"{name}.npz")
-                nav = NavGrid(scene)
-                rng = np.random.default_rng(seed.spawn(1)[0])
-                cache = GeodesicCache(max_bytes=2**40)  # keep every field: they are saved below
-                new = generate_episodes(
-                    nav, n_eps, rng, scene_id=name, first_id=len(episodes),
-                    episodes_per_goal=cfg.episodes_per_goal, min_geodesic=cfg.min_geodesic,
-                    max_geodesic=cfg.max_geodesic, cache=cache,
-                )
-                used = {(e.goal_position[0], e.goal_position[2]) for e in new}
-                fields = {goal_key(*g): cache.get(nav, *g) for g in used}
-                GeodesicStore.write(geodesic_store_path(tmp, split, name), fields)
-                episodes += new
+            n_scenes = int(n_scenes)
+            job = dict(split=split, base_seed=int(cfg.seed), plan=plan, n_eps=int(cfg.episodes_per_scene.get(split, 0)),
+                       episodes_per_goal=int(cfg.episodes_per_goal), min_geodesic=float(cfg.min_geodesic),
+                       max_geodesic=float(cfg.max_geodesic), out=tmp)
+            n_workers = min(workers or generation_workers(n_scenes, job["n_eps"]), n_scenes)
+            if n_workers > 1:
+                per_scene = _generate_scenes_in_workers(job, n_scenes, n_workers)
+                shutil.rmtree(tmp / ".parts")
+            else:
+                per_scene = [_generate_scene(k, **job) for k in range(n_scenes)]
+            # episode ids run over the whole split, in scene order
+            episodes = [dataclasses.replace(e, episode_id=str(i))
+                        for i, e in enumerate(e for scene_eps in per_scene for e in scene_eps)]
             save_episodes(episodes, episodes_path(tmp, split))
             log(f"dataset: {split}: {n_scenes} scenes, {len(episodes)} episodes ({time.perf_counter() - t0:.1f} s)")
         if out.exists():
@@ -117,3 +185,7 @@ def ensure_dataset(task_cfg, dataset_cfg, log=print) -> None:
         )
     log(f"dataset: none at {task_cfg.data_dir}; generating the embedded PointNav dataset")
     generate_dataset(task_cfg.data_dir, dataset_cfg, force=True, log=log)
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1:])
