@@ -39,7 +39,7 @@ def release_gil() -> None:
     for module, name in ((render, "_render_numba"), (physics, "_move_numba"), (physics, "_geodesic_numba")):
         kernel = getattr(module, name)
         options = {**kernel.targetoptions, "nogil": True}
-        options.pop("boundscheck", None)
+        options.pop("nopython", None)  # implied by njit
         setattr(module, name, numba.njit(**options)(kernel.py_func))
 
 
