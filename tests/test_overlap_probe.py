@@ -8,6 +8,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numba
+import pytest
 import torch
 from tiny import TINY_AGENT
 
@@ -26,12 +28,25 @@ def load_probe():
     return module
 
 
-def test_probe_runs_and_releases_the_gil(small_dataset, monkeypatch, capsys):
+@pytest.fixture
+def restore_threads():
+    """The probe sets torch's and numba's thread counts for this process: put them back (later tests compare runs
+    in this process with runs in fresh ones, which must use the same kernels)."""
+    before = torch.get_num_threads(), numba.get_num_threads()
+    yield
+    torch.set_num_threads(before[0])
+    numba.set_num_threads(before[1])
+
+
+def test_probe_runs_and_releases_the_gil(small_dataset, monkeypatch, capsys, restore_threads):
     for module, name in ((render, "_render_numba"), (physics, "_move_numba"), (physics, "_geodesic_numba")):
         monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
         assert not getattr(module, name).targetoptions.get("nogil")
     probe = load_probe()
-    out = probe.main(["--steps", "3", "--repeats", "1", "--threads", "1", *TINY, f"task.data_dir={small_dataset}"])
+    threads = torch.get_num_threads()
+    out = probe.main(["--steps", "3", "--repeats", "1", "--threads", str(threads), *TINY,
+                      f"task.data_dir={small_dataset}"])
+    assert out["threads"] == threads
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(out))
     assert out["fps_sequential"] > 0 and out["fps_overlapped"] > 0
     assert out["overlap_speedup"] == out["fps_overlapped"] / out["fps_sequential"]
