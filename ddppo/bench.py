@@ -112,7 +112,7 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
     from omegaconf import OmegaConf
 
     from ddppo.config import load_config
-    from ddppo.distributed import DistInfo, resolve_device
+    from ddppo.distributed import DistInfo, resolve_device, resolve_sim_device
     from ddppo.envs import make_vector_env
     from ddppo.policy import build_policy
     from ddppo.rl.storage import RolloutStorage
@@ -125,7 +125,7 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
         ensure_dataset(cfg.task, cfg.dataset, log=lambda *_: None)
         # each term on the devices the trainer uses (see train() and init_distributed)
         device = resolve_device(cfg.device)
-        sim_device = device if cfg.sim.device == "auto" else torch.device(cfg.sim.device)
+        sim_device = resolve_sim_device(cfg.sim.device, device)
         clock = _device_clock(device, sim_device)
         env = make_vector_env(cfg, cfg.task.split, n, seed=cfg.seed, device=sim_device)
         policy = build_policy(cfg.policy, env.obs_spaces).to(device)

@@ -27,7 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from ddppo.distributed import resolve_device
+from ddppo.distributed import resolve_device, resolve_sim_device
 from ddppo.memory import peak_memory, reset_peak_rss
 from ddppo.policy import GOAL_SENSOR, build_policy, goal_features
 from ddppo.sim.gym_env import _observation_space
@@ -263,7 +263,7 @@ def run_peer(kind: str, cfg, val_episodes: int, device: str) -> dict:
 
     reset_peak_rss()
     t0, c0, load = time.perf_counter(), time.process_time(), LoadSampler()
-    sim_device = device if cfg.sim.device == "auto" else cfg.sim.device
+    sim_device = resolve_sim_device(cfg.sim.device, device)
     venv = SB3VecEnv(make_vector_env(cfg, cfg.task.split, cfg.ppo.num_envs, seed=cfg.seed, device=sim_device))
     model = make_peer(kind, cfg, venv, device)
     progress = _Progress()

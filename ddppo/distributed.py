@@ -64,6 +64,11 @@ def resolve_device(device_cfg: str = "auto", local_rank: int = 0) -> torch.devic
     return torch.device(f"cuda:{local_rank}") if device.type == "cuda" and device.index is None else device
 
 
+def resolve_sim_device(sim_device_cfg: str, device: torch.device | str) -> torch.device:
+    """Where the simulator runs: ``sim.device``, or with ``auto`` the training device."""
+    return torch.device(device) if sim_device_cfg == "auto" else torch.device(sim_device_cfg)
+
+
 def init_distributed(device_cfg: str = "auto", backend: str = "auto", timeout_s: float = 600) -> DistInfo:
     rank, local_rank, world = ranks_from_env()
     device = resolve_device(device_cfg, local_rank)

@@ -37,6 +37,7 @@ from ddppo.distributed import (  # noqa: E402
     all_reduce_sum,
     broadcast_module,
     init_distributed,
+    resolve_sim_device,
 )
 from ddppo.envs import make_vector_env  # noqa: E402
 from ddppo.evaluation import evaluate_policy  # noqa: E402
@@ -79,7 +80,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
         save_config(cfg, run_dir / "config.yaml")
     if info.enabled:
         dist.barrier()
-    sim_device = info.device if cfg.sim.device == "auto" else torch.device(cfg.sim.device)
+    sim_device = resolve_sim_device(cfg.sim.device, info.device)
     n_envs = cfg.ppo.num_envs
     envs = make_vector_env(cfg, cfg.task.split, n_envs, seed=cfg.seed, env_offset=info.rank * n_envs,
                            device=sim_device)

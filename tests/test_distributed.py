@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tiny import tiny
 
 from ddppo.config import load_config
-from ddppo.distributed import resolve_device
+from ddppo.distributed import resolve_device, resolve_sim_device
 from ddppo.policy import build_policy
 from ddppo.rl.ppo import ppo_loss
 from ddppo.sim.data import generate_dataset
@@ -273,3 +273,5 @@ def test_resolve_device():
     # a bare "cuda" is the worker's own GPU; an explicit index is kept
     assert resolve_device("cuda", local_rank=3) == torch.device("cuda:3")
     assert resolve_device("cuda:1", local_rank=3) == torch.device("cuda:1")
+    assert resolve_sim_device("auto", torch.device("cuda:2")) == torch.device("cuda:2")
+    assert resolve_sim_device("cpu", torch.device("cuda:2")) == torch.device("cpu")

@@ -95,7 +95,9 @@ def _generate_scenes_in_workers(job: dict, n_scenes: int, workers: int) -> list[
                 proc.wait()
     if failures:
         raise RuntimeError(f"dataset generation, split {job['split']}: {failures[0]}")
-    return [load_episodes(_parts_path(job["out"], job["split"], k)) for k in range(n_scenes)]
+    per_scene = [load_episodes(_parts_path(job["out"], job["split"], k)) for k in range(n_scenes)]
+    shutil.rmtree(Path(job["out"]) / ".parts")
+    return per_scene
 
 
 def _worker_main(argv: list[str]) -> None:
@@ -136,7 +138,6 @@ def generate_dataset(out_dir: str | Path, cfg, force: bool = False, log=print, w
             n_workers = min(workers or generation_workers(n_scenes, job["n_eps"]), n_scenes)
             if n_workers > 1:
                 per_scene = _generate_scenes_in_workers(job, n_scenes, n_workers)
-                shutil.rmtree(tmp / ".parts")
             else:
                 per_scene = [_generate_scene(k, **job) for k in range(n_scenes)]
             # episode ids run over the whole split, in scene order
