@@ -137,6 +137,14 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
     metrics: dict[str, float] = {}
     progress: list[tuple[float, int]] = []  # (wall clock, env steps) after each update, for benchmarks
 
+    # the rollout loop's settings as plain numbers: an OmegaConf attribute read costs ~25 us, several per step
+    num_steps, gamma = cfg.ppo.num_steps, cfg.ppo.gamma
+    slowdown = cfg.ddppo.slowdown if info.rank == cfg.ddppo.slow_rank else 0.0
+    # straggler preemption: once sync_frac of the workers are done, stop at any step past min_rollout_frac
+    preempt = info.enabled and cfg.ddppo.preemption
+    preempt_quorum = cfg.ddppo.sync_frac * info.world_size
+    preempt_from = cfg.ddppo.min_rollout_frac * num_steps
+
     # ------------------------------------------------------------------------------------------- loop
     with stop_requests() as stop_signal:
         while state["env_steps"] < cfg.total_steps:
@@ -144,7 +152,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
             policy.eval()
             t0 = time.perf_counter()
             t_sim = t_act = 0.0
-            for t in range(cfg.ppo.num_steps):
+            for t in range(num_steps):
                 ta = time.perf_counter()
                 with torch.no_grad():
                     obs_t = {k: v[t] for k, v in storage.obs.items()}
@@ -153,8 +161,8 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
                     )
                 tb = time.perf_counter()
                 result = envs.step(actions.to(sim_device))
-                if cfg.ddppo.slowdown > 0 and info.rank == cfg.ddppo.slow_rank:
-                    time.sleep(cfg.ddppo.slowdown)
+                if slowdown > 0:
+                    time.sleep(slowdown)
                 tc = time.perf_counter()
                 t_act += tb - ta
                 t_sim += tc - tb
@@ -163,8 +171,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
                     with torch.no_grad():
                         final_obs = {k: v.to(info.device) for k, v in result.final_obs.items()}
                         _, final_values, _ = policy(final_obs, actions, torch.ones_like(rewards), hidden)
-                    rewards = bootstrap_truncated(rewards, result.truncated.to(info.device), final_values,
-                                                  cfg.ppo.gamma)
+                    rewards = bootstrap_truncated(rewards, result.truncated.to(info.device), final_values, gamma)
                 done = result.done.to(info.device)
                 stored_obs = policy.preprocess({k: v.to(info.device) for k, v in result.obs.items()})
                 storage.insert(stored_obs, hidden, actions, log_probs, values, rewards, (~done).float(),
@@ -173,14 +180,10 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
                 ended = result.done.nonzero().flatten()
                 if len(ended):
                     window[0] += len(ended)
-                    window[1] += episode_return[ended].sum().item()
-                    for k, name in enumerate(episode_stats[1:], start=2):
-                        window[k] += result.info[name][ended].double().sum().item()
+                    window[1:] += torch.stack([episode_return[ended].double()] + [
+                        result.info[name][ended].double() for name in episode_stats[1:]]).sum(1).cpu()
                     episode_return[ended] = 0
-                # straggler preemption: enough of the others are done and we have the minimum share of steps
-                if (info.enabled and cfg.ddppo.preemption and t + 1 < cfg.ppo.num_steps
-                        and t + 1 >= cfg.ddppo.min_rollout_frac * cfg.ppo.num_steps
-                        and counter.count() >= cfg.ddppo.sync_frac * info.world_size):
+                if preempt and preempt_from <= t + 1 < num_steps and counter.count() >= preempt_quorum:
                     break
             counter.finished()
             rollout_steps = storage.step
@@ -197,8 +200,8 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
             storage.compute_returns(next_value, cfg.ppo.gamma, cfg.ppo.tau)
             policy.train()  # from here on the visual normaliser updates (a collective: same count on every rank)
             t_wait = time.perf_counter()  # the first collective after the rollout: a fast rank waits here
-            totals = all_reduce_sum([storage.num_samples, float(rollout_steps < cfg.ppo.num_steps),
-                                     rollout_steps / cfg.ppo.num_steps], info)
+            totals = all_reduce_sum([storage.num_samples, float(rollout_steps < num_steps),
+                                     rollout_steps / num_steps], info)
             t_wait = time.perf_counter() - t_wait
             global_samples = int(totals[0])
             losses = ppo_update(policy, optimizer, params, storage, cfg.ppo, info)
@@ -334,10 +337,10 @@ def ppo_update(policy, optimizer, params, storage: RolloutStorage, ppo, info) ->
         if bad:
             break
         for batch in storage.minibatches(ppo.num_mini_batch):
-            with no_distribution_checks():  # NaN logits become a NaN loss, caught below, instead of a ValueError
-                log_probs, values, entropy = policy.evaluate_actions(
-                    batch["obs"], batch["prev_actions"], batch["masks"], batch["hidden0"], batch["actions"]
-                )
+            # NaN logits give a NaN loss, caught below on every rank
+            log_probs, values, entropy = policy.evaluate_actions(
+                batch["obs"], batch["prev_actions"], batch["masks"], batch["hidden0"], batch["actions"]
+            )
             loss, terms = ppo_loss(
                 log_probs, batch["old_log_probs"], batch["advantages"], values, batch["old_values"],
                 batch["returns"], entropy, clip=ppo.clip, value_coef=ppo.value_coef,
@@ -368,17 +371,6 @@ def ppo_update(policy, optimizer, params, storage: RolloutStorage, ppo, info) ->
         return torch.tensor([math.nan] * 6 + [1.0], dtype=torch.float64)
     # sums[:5] are already global means per minibatch once summed over ranks
     return torch.cat([all_reduce_sum(sums.tolist(), info) / n_minibatches, torch.zeros(1, dtype=torch.float64)])
-
-
-@contextlib.contextmanager
-def no_distribution_checks():
-    """torch.distributions' argument validation off: it raises on one rank while the others wait in a collective."""
-    previous = torch.distributions.Distribution._validate_args
-    torch.distributions.Distribution.set_default_validate_args(False)
-    try:
-        yield
-    finally:
-        torch.distributions.Distribution.set_default_validate_args(previous)
 
 
 @contextlib.contextmanager

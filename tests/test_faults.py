@@ -575,6 +575,28 @@ def test_k_bad_updates_in_a_row_stop_the_run_with_the_state_from_before(data_dir
     assert result["resumed_from_update"] == 4 and result["updates"] == 6
 
 
+def test_nan_observation_in_a_rollout_stops_with_one_line(data_dir, tmp_path, monkeypatch, capsys):
+    """A simulator that starts returning NaN depth mid-run (a broken sensor): the policy's logits turn NaN at the
+    next action and `ddppo train` stops with one line that says so, not a torch.distributions traceback."""
+    from ddppo.sim.vector_env import PointNavVectorEnv
+
+    real_step, calls = PointNavVectorEnv.step, []
+
+    def step(self, actions):
+        result = real_step(self, actions)
+        calls.append(1)
+        if len(calls) >= 5:
+            result.obs["depth"][0] = float("nan")
+        return result
+
+    monkeypatch.setattr(PointNavVectorEnv, "step", step)
+    capsys.readouterr()
+    assert trainer.main(overrides(data_dir, tmp_path, "nan_obs", 3)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "NaN/Inf" in err and "observations" in err, err
+    assert len(calls) == 5  # it stopped at the first action on the bad observation
+
+
 @pytest.mark.distributed
 def test_nan_on_one_rank_skips_the_update_on_every_rank(data_dir, tmp_path):
     """2 Gloo ranks under torchrun, a NaN loss on rank 1 only, in update 2 of 4: both ranks skip that update (no

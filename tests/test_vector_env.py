@@ -11,7 +11,7 @@ import torch
 
 from ddppo.config import SimConfig, TaskConfig
 from ddppo.sim.data import load_split
-from ddppo.sim.dataset import Episode
+from ddppo.sim.dataset import Episode, check_episodes_in_scenes
 from ddppo.sim.geometry import MOVE_FORWARD, STOP, TURN_LEFT, TURN_RIGHT, heading_to_quaternion
 from ddppo.sim.navmesh import NavGrid
 from ddppo.sim.oracle import ShortestPathFollower
@@ -377,11 +377,10 @@ def test_numba_and_torch_backends_agree_on_a_rollout(small_dataset):
 
 
 def test_episode_off_the_navigable_floor_is_rejected(room):
-    bad = ep(7, (0.05, 2.0), (2.0, 2.0))  # inside the west wall
-    env = make_env([bad], room)
-    with pytest.raises(ValueError) as err:
-        env.reset()
-    assert "'start_position'" in str(err.value) and "'7'" in str(err.value) and "room" in str(err.value)
+    good, bad = ep(6, (2.0, 2.0), (3.0, 2.0)), ep(7, (0.05, 2.0), (2.0, 2.0))  # the bad start: in the west wall
+    with pytest.raises(ValueError) as err:  # at construction, before any environment reaches it
+        make_env([good, bad], room)
+    assert "episode 1 (id '7')" in str(err.value) and "'start_position'" in str(err.value) and "room" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -406,3 +405,17 @@ def test_reward_hand_cases():
     success = torch.tensor([False, False, True, False, False])
     np.testing.assert_allclose(pointnav_reward(prev, now, success).numpy(),
                                [-0.01 + 0.25, -0.01 - 0.25, -0.01 + 2.5, -0.01, -0.01], atol=1e-6)
+
+
+def test_episode_check_names_the_first_bad_episode_across_scenes(make_scene):
+    navs = {name: NavGrid(make_scene(np.zeros((84, 84), np.uint8), name=name)) for name in ("a", "b")}
+    eps = [ep(0, (2.0, 2.0), (3.0, 2.0), scene="a"), ep(1, (2.0, 2.0), (3.0, 3.0), scene="b"),
+           ep(2, (2.0, 2.0), (3.0, 3.0), scene="a")]
+    check_episodes_in_scenes(eps, navs, lambda k: f"ep {k}")  # all good: no error
+    off_floor = Episode("3", "b", (2.0, 0.0, 2.0), eps[0].start_rotation, (3.0, 1.2, 3.0), 1.0)
+    in_wall = ep(4, (2.0, 2.0), (4.15, 2.0), scene="a")
+    with pytest.raises(ValueError, match=r"ep 3 \(id '3'\): field 'goals\[0\].position' y=1.2 is not on the floor"):
+        check_episodes_in_scenes([*eps, off_floor, in_wall], navs, lambda k: f"ep {k}")
+    wall = r"ep 3 \(id '4'\): field 'goals\[0\].position' \(4.15, 2.00\) is not navigable in scene 'a'"
+    with pytest.raises(ValueError, match=wall):
+        check_episodes_in_scenes([*eps, in_wall, off_floor], navs, lambda k: f"ep {k}")

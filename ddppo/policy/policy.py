@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Categorical
 
 from ddppo.policy.encoders import ENCODERS, make_encoder
 from ddppo.policy.packing import episode_segments, run_packed
@@ -107,6 +106,12 @@ def block_mean(images: Tensor, k: int) -> Tensor:
     h2, w2 = h // k, w // k
     rows = images[:, : h2 * k, : w2 * k].reshape(n, h2, k, w2 * k, c).sum(2, dtype=torch.float32)
     return rows.view(n, h2, w2, k, c).sum(3) / (k * k)
+
+
+def action_log_probs(logits: Tensor, actions: Tensor) -> Tensor:
+    """log softmax(logits)[action] per row: Categorical(logits=logits).log_prob(actions) without building one (its
+    construction and argument checks cost more than the policy's heads at rollout batch sizes)."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
 
 
 def goal_features(goal: Tensor) -> Tensor:
@@ -298,9 +303,14 @@ class Policy(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Pick actions -> (actions [N] long, log_probs [N], values [N], new hidden)."""
         logits, values, hidden = self.forward(obs, prev_actions, masks, hidden)
-        dist = Categorical(logits=logits)
-        actions = logits.argmax(dim=-1) if deterministic else dist.sample()
-        return actions, dist.log_prob(actions), values, hidden
+        if not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError("the policy's action logits are NaN/Inf: check the observations (NaN or Inf in "
+                                     "a sensor reading?) and the weights")
+        if deterministic:
+            actions = logits.argmax(dim=-1)
+        else:  # what Categorical(logits).sample() draws, without its per-call construction and checks
+            actions = torch.multinomial(torch.softmax(logits, dim=-1), 1, replacement=True).squeeze(-1)
+        return actions, action_log_probs(logits, actions), values, hidden
 
     def evaluate_actions(
         self,
@@ -329,9 +339,10 @@ class Policy(nn.Module):
         out, _ = self._run_core(x, m, hidden0)
         logits = self.actor(out)
         values = self.critic(out).squeeze(-1)
-        dist = Categorical(logits=logits)
+        log_p = torch.log_softmax(logits, dim=-1)
         actions = _as_tensor(actions_seq, device).long().reshape(t_len, n)
-        return dist.log_prob(actions), values, dist.entropy()
+        entropy = -(log_p.exp() * log_p).sum(-1)
+        return log_p.gather(-1, actions.unsqueeze(-1)).squeeze(-1), values, entropy
 
 
 def build_policy(cfg: Any, obs_spaces: ObsSpaces, num_actions: int = 4) -> Policy:

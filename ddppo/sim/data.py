@@ -20,7 +20,7 @@ import numpy as np
 
 from ddppo.sim.dataset import (
     Episode,
-    check_episode_in_scene,
+    check_episodes_in_scenes,
     generate_episodes,
     load_episodes,
     save_episodes,
@@ -164,8 +164,7 @@ def load_split(data_dir: str | Path, split: str, scenes_dir: str | Path | None =
     for name in sorted({scene_name(e.scene_id) for e in episodes}):
         navs[name] = NavGrid(load_scene(scenes_dir / f"{name}.npz"),
                              store=GeodesicStore(geodesic_store_path(data_dir, split, name)))
-    for k, ep in enumerate(episodes):
-        check_episode_in_scene(ep, navs[scene_name(ep.scene_id)], f"dataset file {path}: episode {k}")
+    check_episodes_in_scenes(episodes, navs, lambda k: f"dataset file {path}: episode {k}")
     return episodes, navs
 
 

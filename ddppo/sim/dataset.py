@@ -144,6 +144,24 @@ def check_episode_in_scene(ep: Episode, nav: NavGrid, where: str) -> None:
             )
 
 
+def check_episodes_in_scenes(episodes: list[Episode], navs: dict[str, NavGrid], where) -> None:
+    """``check_episode_in_scene`` for every episode, vectorised per scene (thousands of episodes in milliseconds);
+    the first bad episode raises its error. ``where(k)`` names episode ``k`` in the message."""
+    by_scene: dict[str, list[int]] = {}
+    for k, ep in enumerate(episodes):
+        by_scene.setdefault(scene_name(ep.scene_id), []).append(k)
+    first_bad = None
+    for name, ks in by_scene.items():
+        pos = np.array([(episodes[k].start_position, episodes[k].goal_position) for k in ks])  # [n, 2, xyz]
+        ok = (np.abs(pos[..., 1]) <= 0.5) & navs[name].is_navigable(pos[..., 0], pos[..., 2])
+        bad = np.flatnonzero(~ok.all(axis=1))
+        if len(bad) and (first_bad is None or ks[bad[0]] < first_bad):
+            first_bad = ks[bad[0]]
+    if first_bad is not None:
+        ep = episodes[first_bad]
+        check_episode_in_scene(ep, navs[scene_name(ep.scene_id)], where(first_bad))
+
+
 def ratio_keep_probability(ratio: float) -> float:
     """Habitat's generator keeps near-straight episodes (geodesic/euclid < 1.1) with this probability."""
     return 20.0 * (ratio - 0.98) ** 2

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ddppo.sim.batch_sim import BatchSimulator, SceneAtlas
-from ddppo.sim.dataset import Episode, check_episode_in_scene, scene_name
+from ddppo.sim.dataset import Episode, check_episodes_in_scenes, scene_name
 from ddppo.sim.geometry import STOP, episodic_gps, pointgoal_polar, wrap_angle
 from ddppo.sim.navmesh import GeodesicCache, NavGrid
 from ddppo.sim.task import METRICS, episode_ends, pointnav_step
@@ -124,7 +124,12 @@ class PointNavVectorEnv:
         if missing:
             raise ValueError(f"episodes name scene(s) {missing[:3]} that are not loaded")
         self.navs = [navs[n] for n in names]
+        check_episodes_in_scenes(episodes, navs, lambda k: f"episode {k}")
         self.atlas = SceneAtlas(self.navs, self.device)
+        # the episodes as arrays, so starting episodes is a gather rather than a walk over Episode objects
+        self.episode_scene = np.array([self.atlas.index[scene_name(e.scene_id)] for e in episodes], np.int64)
+        self.episode_start = np.array([(e.start_position[0], e.start_position[2], e.start_heading) for e in episodes])
+        self.episode_goal = np.array([(e.goal_position[0], e.goal_position[2]) for e in episodes])
         self.sim = BatchSimulator(
             self.atlas, num_envs, sim_cfg.resolution, tuple(sim_cfg.sensors), renderer=sim_cfg.renderer,
             forward_step=sim_cfg.forward_step, turn_angle=sim_cfg.turn_angle, max_depth=sim_cfg.max_depth,
@@ -139,7 +144,6 @@ class PointNavVectorEnv:
         self.steps, self.collisions = z(torch.long), z(torch.long)
         self.episode_index = z(torch.long)
         self.active = torch.ones(num_envs, dtype=torch.bool, device=self.device)
-        self._checked: set[int] = set()
         self.reset_seconds = 0.0
         """Wall time spent starting episodes (geodesic fields included): the reset share of a benchmark."""
 
@@ -167,28 +171,21 @@ class PointNavVectorEnv:
             self.reset_seconds += time.perf_counter() - t0
 
     def _start_episodes_untimed(self, env_ids: list[int]) -> list[int]:
-        started, scene_idx, xs, zs, ths, gxs, gzs, fields = [], [], [], [], [], [], [], []
-        for e in env_ids:
-            k = self.iterators[e].next() if self.active[e] else None
+        started, ks = [], []
+        for e, active in zip(env_ids, self.active[env_ids].tolist()):
+            k = self.iterators[e].next() if active else None
             if k is None:
                 self.active[e] = False
-                continue
-            ep = self.episodes[k]
-            nav = self.navs[self.atlas.index[scene_name(ep.scene_id)]]
-            if k not in self._checked:
-                check_episode_in_scene(ep, nav, f"episode {k}")
-                self._checked.add(k)
-            started.append(e)
-            scene_idx.append(self.atlas.index[nav.scene.name])
-            xs.append(ep.start_position[0])
-            zs.append(ep.start_position[2])
-            ths.append(ep.start_heading)
-            gxs.append(ep.goal_position[0])
-            gzs.append(ep.goal_position[2])
-            fields.append(self.cache.get(nav, ep.goal_position[0], ep.goal_position[2]))
-            self.episode_index[e] = k
+            else:
+                started.append(e)
+                ks.append(k)
         if not started:
             return started
+        ks = np.array(ks)
+        scene_idx, (xs, zs, ths), (gxs, gzs) = self.episode_scene[ks], self.episode_start[ks].T, self.episode_goal[ks].T
+        fields = [self.cache.get(self.navs[s], gx, gz)
+                  for s, gx, gz in zip(scene_idx.tolist(), gxs.tolist(), gzs.tolist())]
+        self.episode_index[started] = torch.as_tensor(ks, device=self.device)
         ids = torch.tensor(started, device=self.device)
         self.sim.place(ids, scene_idx, xs, zs, ths, fields, gxs, gzs)
         self.start_x[ids], self.start_z[ids] = self.sim.x[ids], self.sim.z[ids]
