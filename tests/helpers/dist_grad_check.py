@@ -26,7 +26,7 @@ import ddppo.train as trainer
 from ddppo.config import load_config
 from ddppo.distributed import all_reduce_grads, all_reduce_sum, broadcast_module, init_distributed
 from ddppo.policy import build_policy
-from ddppo.rl.ppo import ppo_loss
+from ddppo.rl.ppo import make_adam, ppo_loss
 from ddppo.rl.storage import RolloutStorage
 
 NUM_STEPS = 8
@@ -67,7 +67,7 @@ def main() -> int:
     init_state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
     params = [p for p in policy.parameters() if p.requires_grad]
     names = [n for n, p in policy.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.ppo.lr, eps=cfg.ppo.eps)
+    optimizer = make_adam(params, lr=cfg.ppo.lr, eps=cfg.ppo.eps)
 
     gen = torch.Generator().manual_seed(1234 + info.rank)
     storage = RolloutStorage(NUM_STEPS, NUM_ENVS, OBS_SPACES, (policy.num_hidden_layers, cfg.policy.hidden_size))
@@ -111,7 +111,7 @@ def main() -> int:
 
     # the trainer's own update function, same data, same starting point
     copy_params = [p for p in policy_copy.parameters() if p.requires_grad]
-    copy_optimizer = torch.optim.Adam(copy_params, lr=cfg.ppo.lr, eps=cfg.ppo.eps)
+    copy_optimizer = make_adam(copy_params, lr=cfg.ppo.lr, eps=cfg.ppo.eps)
     policy_copy.train()
     trainer_losses = trainer.ppo_update(policy_copy, copy_optimizer, copy_params, storage, cfg.ppo, info)
 
