@@ -69,6 +69,9 @@ def run_eval(args) -> int:
     # a run directory stands for its newest checkpoint that loads (a damaged newer one is skipped with a warning)
     args.checkpoint = str(checkpoint.latest(args.checkpoint))
     policy, cfg = policy_from_checkpoint(args.checkpoint, args.overrides)
+    if args.video and cfg.sim.backend != "embedded":  # before any evaluation runs
+        raise ValueError(f"--video draws the embedded simulator's top-down map: it needs sim.backend=embedded, "
+                         f"not {cfg.sim.backend!r}")
     info = init_distributed(cfg.device)
     policy = policy.to(info.device)
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / "eval" / args.split
@@ -103,12 +106,14 @@ def run_eval(args) -> int:
 
 
 def _videos(cfg, policy, args, out: Path, device) -> None:
+    from ddppo.envs import TASKS
     from ddppo.telemetry import TBWriter
     from ddppo.video import add_video_to_tensorboard, record_episodes, write_mp4
 
     task, episodes, navs = split_episodes(cfg, args.split, args.video)
     videos = record_episodes(episodes, navs, cfg.sim, task,
-                             lambda envs: PolicyAgent(policy, envs.num_envs, device, not args.sample))
+                             lambda envs: PolicyAgent(policy, envs.num_envs, device, not args.sample),
+                             env_class=TASKS[cfg.task.type])
     writer = TBWriter(out / "tb")
     for ep, frames in zip(episodes, videos):
         path = write_mp4(frames, out / "videos" / f"episode_{ep.episode_id}.mp4")

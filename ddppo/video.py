@@ -33,18 +33,20 @@ def episode_frame(obs: dict[str, torch.Tensor], envs: PointNavVectorEnv, topdown
         panels.append(obs["rgb"][env].cpu().numpy())
     if "depth" in obs:
         panels.append((obs["depth"][env, ..., 0].cpu().numpy() * 255).astype(np.uint8))
-    panels.append(topdown.render((float(envs.goal_x[env]), float(envs.goal_z[env])), agent_xz,
-                                 float(envs.sim.theta[env])))
+    goal = (float(envs.goal_x[env]), float(envs.goal_z[env])) if envs.has_goal else None
+    panels.append(topdown.render(goal, agent_xz, float(envs.sim.theta[env])))
     frame = np.concatenate([_fit_height(p, height) for p in panels], axis=1)
     return frame[:, : frame.shape[1] // 2 * 2]  # even width for the H.264 encoder
 
 
 @torch.no_grad()
-def record_episodes(episodes, navs, cfg_sim, task, make_agent, max_frames: int = 600) -> list[list[np.ndarray]]:
-    """Frames of each given episode, run one at a time with the agent."""
+def record_episodes(episodes, navs, cfg_sim, task, make_agent, max_frames: int = 600,
+                    env_class: type[PointNavVectorEnv] = PointNavVectorEnv) -> list[list[np.ndarray]]:
+    """Frames of each given episode, run one at a time with the agent in ``env_class`` (the task's batched
+    environment: PointNav, Flee or Exploration)."""
     videos = []
     for ep in episodes:
-        envs = PointNavVectorEnv([ep], navs, 1, cfg_sim, task, order="partition")
+        envs = env_class([ep], navs, 1, cfg_sim, task, order="partition")
         agent = make_agent(envs)
         obs = envs.reset()
         nav = envs.navs[int(envs.sim.scene_of[0])]

@@ -13,6 +13,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import torch
 
 from ddppo.cli import main as cli_main
 from ddppo.config import load_config
@@ -117,6 +118,54 @@ def test_video_decodes_to_one_frame_per_step_and_tensorboard_has_it(trained, tmp
     acc = EventAccumulator(str(tmp_path / "ev" / "tb"))
     acc.Reload()
     assert "video/episode_0" in acc.Tags()["images"]
+
+
+def test_video_of_a_flee_or_exploration_run_shows_that_task(trained, tmp_path):
+    """Videos run the checkpoint's own task: a PointNav episode shows its goal, the same episode as Flee or
+    Exploration does not (their agents ignore the goal), and `ddppo eval --video` records the task's episodes."""
+    from ddppo.sim.topdown import GOAL
+    from ddppo.transfer.tasks import ExplorationVectorEnv, FleeVectorEnv
+    from ddppo.video import record_episodes
+
+    cfg = load_config(None, [*trained["overrides"], "task.max_episode_steps=6"])
+    episodes, navs = load_split(trained["data"], "val")
+
+    class Forward:
+        def act(self, obs, prev, masks):
+            return torch.ones(1, dtype=torch.long)
+
+    seen = []
+
+    def make_agent(envs):
+        seen.append(type(envs))
+        return Forward()
+
+    def goal_pixels(frames):
+        return sum(int(np.all(f == np.array(GOAL, np.uint8), axis=-1).sum()) for f in frames)
+
+    for env_class, shows_goal in ((None, True), (FleeVectorEnv, False), (ExplorationVectorEnv, False)):
+        kw = {"env_class": env_class} if env_class else {}
+        (frames,) = record_episodes(episodes[:1], navs, cfg.sim, cfg.task, make_agent, **kw)
+        assert len(frames) == 7  # the first observation and 6 steps to the step limit
+        assert (goal_pixels(frames) > 0) == shows_goal, env_class
+    assert [c.__name__ for c in seen] == ["PointNavVectorEnv", "FleeVectorEnv", "ExplorationVectorEnv"]
+
+    assert eval_cli(trained, tmp_path / "ev", "--agents", "", "--video", "1", "task.type=flee") == 0
+    record = read_jsonl(tmp_path / "ev" / "checkpoint.jsonl")[0]
+    assert "distance_from_start" in record and "spl" not in record
+    assert iio.imread(tmp_path / "ev" / "videos" / "episode_0.mp4").shape[0] == record["steps"] + 1
+
+
+def test_video_is_refused_for_the_habitat_backend(trained, tmp_path, capsys):
+    """Videos draw the embedded simulator's top-down map: with sim.backend=habitat, `ddppo eval --video` stops with
+    one line before evaluating anything."""
+    pytest.importorskip("habitat_sim", reason="habitat-sim is not installed: the habitat backend cannot be configured")
+    capsys.readouterr()
+    habitat = ("sim.backend=habitat", "task.generate_if_missing=false", f"task.scenes_dir={tmp_path}")
+    assert eval_cli(trained, tmp_path / "hab", "--video", "1", *habitat) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--video" in err and "sim.backend=embedded" in err, err
+    assert not (tmp_path / "hab").exists()
 
 
 def test_plot_writes_a_png(trained, tmp_path):

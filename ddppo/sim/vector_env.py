@@ -108,6 +108,8 @@ class PointNavVectorEnv:
     """Keys of ``StepResult.info`` that describe an episode when it ends: the trainer logs their means."""
     record_metrics = METRICS
     """Keys of ``StepResult.info`` that evaluation records per episode and summarises."""
+    has_goal = True
+    """The episode's goal is part of the task (videos draw it); Flee and Exploration ignore it."""
 
     def __init__(self, episodes: list[Episode], navs: dict[str, NavGrid], num_envs: int, sim_cfg, task_cfg,
                  seed: int = 0, env_offset: int = 0, device: str | torch.device = "cpu", order: str = "shuffle",

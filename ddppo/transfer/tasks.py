@@ -48,6 +48,7 @@ class FleeVectorEnv(PointNavVectorEnv):
     """Flee: get as far (geodesically) from the episode's start as possible. See the module docstring."""
 
     episode_metrics = ("distance_from_start", "collisions")
+    has_goal = False
     record_metrics = ("distance_from_start", "collisions", "steps", "path_length")
     _STATE = PointNavVectorEnv._STATE + ("prev_from_start",)
 
@@ -126,6 +127,7 @@ class ExplorationVectorEnv(PointNavVectorEnv):
     """Exploration: cover as much navigable area as possible. See the module docstring."""
 
     episode_metrics = ("area_covered", "collisions")
+    has_goal = False
     record_metrics = ("area_covered", "collisions", "steps", "path_length")
     _STATE = PointNavVectorEnv._STATE + ("visited", "area_covered")
 
