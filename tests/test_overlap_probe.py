@@ -1,11 +1,12 @@
 """bench/overlap_probe.py (the measurement behind "overlapping simulation with inference does not pay on cpu2"): it
-runs end to end, its two halves draw the episodes of the one batched environment, and --nogil really recompiles
-the simulator's kernels without the GIL."""
+runs end to end, threaded and with a worker process, its two halves draw the episodes of the one batched
+environment, and --nogil really recompiles the simulator's kernels without the GIL."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numba
@@ -21,9 +22,13 @@ SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "overlap_probe.py"
 TINY = [*TINY_AGENT, "ppo.num_envs=4"]
 
 
-def load_probe():
+def load_probe(monkeypatch):
+    """The script as module ``overlap_probe``, importable by name (its worker process imports it to unpickle its
+    target, as it imports ``__main__`` when the script runs)."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("overlap_probe", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "overlap_probe", module)
     spec.loader.exec_module(module)
     return module
 
@@ -42,14 +47,15 @@ def test_probe_runs_and_releases_the_gil(small_dataset, monkeypatch, capsys, res
     for module, name in ((render, "_render_numba"), (physics, "_move_numba"), (physics, "_geodesic_numba")):
         monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
         assert not getattr(module, name).targetoptions.get("nogil")
-    probe = load_probe()
+    probe = load_probe(monkeypatch)
     threads = torch.get_num_threads()
     out = probe.main(["--steps", "3", "--repeats", "1", "--threads", str(threads), *TINY,
                       f"task.data_dir={small_dataset}"])
     assert out["threads"] == threads
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(out))
-    assert out["fps_sequential"] > 0 and out["fps_overlapped"] > 0
+    assert out["fps_sequential"] > 0 and out["fps_overlapped"] > 0 and out["fps_overlapped_process"] > 0
     assert out["overlap_speedup"] == out["fps_overlapped"] / out["fps_sequential"]
+    assert out["process_overlap_speedup"] == out["fps_overlapped_process"] / out["fps_sequential"]
     for module, name in ((render, "_render_numba"), (physics, "_move_numba"), (physics, "_geodesic_numba")):
         assert getattr(module, name).targetoptions["nogil"] is True, name
 
