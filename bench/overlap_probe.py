@@ -41,7 +41,7 @@ def release_gil() -> None:
     """Recompile the simulator's kernels with nogil=True (this process only; the cached builds stay as they are)."""
     from ddppo.sim import physics, render
 
-    for module, name in ((render, "_render_numba"), (physics, "_move_numba"), (physics, "_geodesic_numba")):
+    for module, name in ((render, "_render_numba"), (physics, "_step_numba"), (physics, "_geodesic_numba")):
         kernel = getattr(module, name)
         options = {**kernel.targetoptions, "nogil": True}
         options.pop("nopython", None)  # implied by njit

@@ -44,7 +44,7 @@ def restore_threads():
 
 
 def test_probe_runs_and_releases_the_gil(small_dataset, monkeypatch, capsys, restore_threads):
-    for module, name in ((render, "_render_numba"), (physics, "_move_numba"), (physics, "_geodesic_numba")):
+    for module, name in ((render, "_render_numba"), (physics, "_step_numba"), (physics, "_geodesic_numba")):
         monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
         assert not getattr(module, name).targetoptions.get("nogil")
     probe = load_probe(monkeypatch)
@@ -56,7 +56,7 @@ def test_probe_runs_and_releases_the_gil(small_dataset, monkeypatch, capsys, res
     assert out["fps_sequential"] > 0 and out["fps_overlapped"] > 0 and out["fps_overlapped_process"] > 0
     assert out["overlap_speedup"] == out["fps_overlapped"] / out["fps_sequential"]
     assert out["process_overlap_speedup"] == out["fps_overlapped_process"] / out["fps_sequential"]
-    for module, name in ((render, "_render_numba"), (physics, "_move_numba"), (physics, "_geodesic_numba")):
+    for module, name in ((render, "_render_numba"), (physics, "_step_numba"), (physics, "_geodesic_numba")):
         assert getattr(module, name).targetoptions["nogil"] is True, name
 
 

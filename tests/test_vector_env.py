@@ -15,7 +15,7 @@ from ddppo.sim.dataset import Episode, check_episodes_in_scenes
 from ddppo.sim.geometry import MOVE_FORWARD, STOP, TURN_LEFT, TURN_RIGHT, heading_to_quaternion
 from ddppo.sim.navmesh import NavGrid
 from ddppo.sim.oracle import ShortestPathFollower
-from ddppo.sim.task import pointnav_reward, soft_spl, spl
+from ddppo.sim.task import POINTNAV_STEP, TALLY, pointnav_reward, soft_spl, spl
 from ddppo.sim.vector_env import PointNavVectorEnv
 
 TEN_DEG = math.radians(10)
@@ -353,27 +353,89 @@ def test_cpu_and_cuda_agree(small_dataset):
         assert torch.allclose(cpu.sim.x, gpu.sim.x.cpu(), atol=1e-4)
 
 
+def observations_agree(key: str, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Twins' observations agree up to float32-vs-float64 arithmetic: poses drift apart by ~1e-6 m over an episode,
+    which moves depth by up to ~0.3 mm, an RGB value by one level, and the compass across +-pi."""
+    if key == "rgb":
+        return (a.int() - b.int()).abs().max() <= 1
+    if key == "compass":
+        return bool((torch.remainder(a - b + math.pi, 2 * math.pi) - math.pi).abs().max() < 1e-4)
+    if key == "pointgoal_with_gps_compass":  # as a vector: the bearing is ill-conditioned near the goal
+        xy = lambda g: torch.stack([g[:, 0] * torch.cos(g[:, 1]), g[:, 0] * torch.sin(g[:, 1])], 1)  # noqa: E731
+        return torch.allclose(xy(a), xy(b), atol=1e-4)
+    return torch.allclose(a, b, atol=1e-4)
+
+
 def test_numba_and_torch_backends_agree_on_a_rollout(small_dataset):
-    """The CPU stand-in for CPU-vs-CUDA: the torch kernels (what CUDA runs) against the numba ones."""
+    """The CPU stand-in for CPU-vs-CUDA: the torch kernels (what CUDA runs) against the compiled ones, for every
+    output of a step (movement, sensors, the tally, reward and metrics, automatic resets)."""
     episodes, navs = load_split(small_dataset, "val")
-    kw = dict(num_envs=4, res=16, sensors=("rgb", "depth"), order="shuffle", seed=2, max_episode_steps=20)
+    kw = dict(num_envs=6, res=16, sensors=("rgb", "depth"), order="shuffle", seed=2, max_episode_steps=40)
     a_env, b_env = make_env(episodes, navs, renderer="numba", **kw), make_env(episodes, navs, renderer="torch", **kw)
+    assert (a_env.sim.kernels, b_env.sim.kernels) == ("numba", "torch")
     a, b = a_env.reset(), b_env.reset()
     rng = np.random.default_rng(0)
-    ended = 0
-    for step in range(50):
+    outcomes = {"success": 0, "truncated": 0, "failed stop": 0}
+    for step in range(160):
         for k in a:
-            if k == "rgb":
-                assert (a[k].int() - b[k].int()).abs().max() <= 1, (step, k)
-            else:
-                assert torch.allclose(a[k], b[k], atol=1e-5), (step, k)
-        actions = torch.from_numpy(rng.choice(4, size=4, p=[0.02, 0.68, 0.15, 0.15]))
+            assert observations_agree(k, a[k], b[k]), (step, k)
+        # half the envs follow the shortest path (and so reach and STOP at goals), half walk at random
+        actions = torch.from_numpy(rng.choice(4, size=6, p=[0.02, 0.68, 0.15, 0.15]))
+        actions[::2] = a_env.oracle_actions()[::2]
         ra, rb = a_env.step(actions), b_env.step(actions)
-        assert torch.allclose(ra.reward, rb.reward, atol=1e-5)
-        assert torch.equal(ra.done, rb.done) and torch.equal(ra.info["collided"], rb.info["collided"])
-        ended += int(ra.done.sum())
+        assert torch.allclose(ra.reward, rb.reward, atol=1e-5), step
+        assert torch.equal(ra.terminated, rb.terminated) and torch.equal(ra.truncated, rb.truncated), step
+        assert ra.info.keys() == rb.info.keys()
+        for k in ra.info:
+            assert ra.info[k].dtype == rb.info[k].dtype, k
+            if ra.info[k].is_floating_point():
+                assert torch.allclose(ra.info[k], rb.info[k], atol=1e-4), (step, k)
+            else:
+                assert torch.equal(ra.info[k], rb.info[k]), (step, k)
+        for k in ra.final_obs:
+            assert observations_agree(k, ra.final_obs[k], rb.final_obs[k]), (step, k)
+        outcomes["success"] += int(ra.info["success"][ra.terminated].sum())
+        outcomes["failed stop"] += int((ra.info["success"][ra.terminated] == 0).sum())
+        outcomes["truncated"] += int(ra.truncated.sum())
         a, b = ra.obs, rb.obs
-    assert ended >= 4
+    assert all(v >= 2 for v in outcomes.values()), outcomes
+
+
+@pytest.mark.parametrize("kernels", sorted(POINTNAV_STEP))
+def test_pointnav_step_hand_cases(kernels):
+    """Reward, success, SPL and SoftSPL of one step, by hand, for both twins: a success, STOP just outside the 0.2 m
+    radius, a step away, an inactive env, and an unreachable goal (infinite distance: no progress reward)."""
+    task = TaskConfig()
+    stop = torch.tensor([True, True, False, False, False])
+    active = torch.tensor([True, True, True, False, True])
+    prev = torch.tensor([0.3, 0.45, 2.0, 1.0, math.inf])
+    now = torch.tensor([0.1, 0.2, 2.25, 1.0, math.inf])
+    start = torch.tensor([4.0, 4.0, 4.0, 4.0, 4.0])
+    path = torch.tensor([5.0, 3.0, 2.0, 0.0, 1.0])
+    reward, m = POINTNAV_STEP[kernels](task, stop, active, prev, now, start, path)
+    np.testing.assert_allclose(reward.numpy(), [-0.01 + 0.2 + 2.5, -0.01 + 0.25, -0.01 - 0.25, 0.0, -0.01], atol=1e-6)
+    np.testing.assert_array_equal(m["success"].numpy(), [1, 0, 0, 0, 0])
+    np.testing.assert_allclose(m["spl"].numpy(), [0.8, 0, 0, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(m["softspl"].numpy(), [0.975 * 0.8, 0.95, 0.4375, 0.75, 0.0], atol=1e-6)
+    np.testing.assert_array_equal(m["distance_to_goal"].numpy(), now.numpy())
+
+
+@pytest.mark.parametrize("kernels", sorted(TALLY))
+def test_tally_hand_cases(kernels):
+    """Counters and episode ends, by hand, for both twins: STOP terminates, the step limit truncates, an inactive
+    env counts nothing (not even a collision reported for it)."""
+    task = TaskConfig(max_episode_steps=10)
+    actions = torch.tensor([STOP, MOVE_FORWARD, MOVE_FORWARD, STOP])
+    active = torch.tensor([True, True, True, False])
+    collided = torch.tensor([False, True, False, True])
+    moved = torch.tensor([0.0, 0.1, 0.25, 0.0])
+    steps, path, collisions = torch.tensor([3, 9, 4, 7]), torch.tensor([1.0, 2.0, 0.5, 3.0]), torch.tensor([0, 2, 0, 1])
+    stop, terminated, truncated = TALLY[kernels](task, actions, active, collided, moved, steps, path, collisions)
+    assert stop.tolist() == terminated.tolist() == [True, False, False, False]
+    assert truncated.tolist() == [False, True, False, False]
+    assert steps.tolist() == [4, 10, 5, 7] and collisions.tolist() == [0, 3, 0, 1]
+    assert collided.tolist() == [False, True, False, False]
+    np.testing.assert_allclose(path.numpy(), [1.0, 2.1, 0.75, 3.0])
 
 
 def test_episode_off_the_navigable_floor_is_rejected(room):

@@ -8,11 +8,20 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ddppo.sim.geometry import MOVE_FORWARD, TURN_LEFT, TURN_RIGHT, forward_xz, wrap_angle
 from ddppo.sim.navmesh import SENSOR_HEIGHT, NavGrid
-from ddppo.sim.physics import GEODESICS, MOVERS
+from ddppo.sim.physics import GEODESICS, STEPPERS
 from ddppo.sim.render import RENDERERS
 from ddppo.sim.scene import FREE, OBJECT, WALL
+
+
+def put_rows(dst: torch.Tensor, ids, values) -> None:
+    """``dst[ids] = values`` for a few rows (ids and values: lists, arrays or tensors). Through numpy on the CPU,
+    where each of torch's indexed assignments costs ~20 us and starting an episode makes a dozen."""
+    if dst.device.type == "cpu":
+        dst.numpy()[ids.numpy() if isinstance(ids, torch.Tensor) else ids] = (
+            values.numpy() if isinstance(values, torch.Tensor) else values)
+    else:
+        dst[torch.as_tensor(ids, device=dst.device)] = torch.as_tensor(values, device=dst.device, dtype=dst.dtype)
 
 
 class SceneAtlas:
@@ -85,7 +94,9 @@ class BatchSimulator:
         if renderer not in RENDERERS:
             raise ValueError(f"renderer {renderer!r} is not one of {sorted(RENDERERS)} or 'auto'")
         self.renderer = RENDERERS[renderer]
-        self.mover = MOVERS[renderer]
+        self.kernels = renderer
+        """Which twin of every per-step kernel runs ('numba' or 'torch'): the environment's own follow suit."""
+        self.stepper = STEPPERS[renderer]
         self.geodesic_lookup = GEODESICS[renderer]
         self.forward_step = forward_step
         self.turn = math.radians(turn_angle)
@@ -98,46 +109,32 @@ class BatchSimulator:
         self.fields = torch.full((num_envs, *atlas.geo_shape), math.inf, device=self.device)
 
     # ----------------------------------------------------------------------------------------------- state
-    def place(self, env_ids: torch.Tensor, scene_idx, x, z, theta, fields: list[np.ndarray], goal_x=None,
-              goal_z=None):
-        """Put agents at poses and give each its goal's geodesic field (and the goal, without which distances
-        near it come from the field alone)."""
+    def place(self, env_ids, scene_idx, x, z, theta, fields: list[np.ndarray], goal_x=None, goal_z=None):
+        """Put agents ``env_ids`` (a list or tensor) at poses and give each its goal's geodesic field (and the goal,
+        without which distances near it come from the field alone)."""
+        env_ids = env_ids.tolist() if isinstance(env_ids, torch.Tensor) else list(env_ids)
         nan = [math.nan] * len(env_ids)
-        self.goal_x[env_ids] = torch.as_tensor(nan if goal_x is None else goal_x, device=self.device,
-                                               dtype=torch.float32)
-        self.goal_z[env_ids] = torch.as_tensor(nan if goal_z is None else goal_z, device=self.device,
-                                               dtype=torch.float32)
-        self.scene_of[env_ids] = torch.as_tensor(scene_idx, device=self.device, dtype=torch.long)
-        self.x[env_ids] = torch.as_tensor(x, device=self.device, dtype=torch.float32)
-        self.z[env_ids] = torch.as_tensor(z, device=self.device, dtype=torch.float32)
-        self.theta[env_ids] = torch.as_tensor(theta, device=self.device, dtype=torch.float32)
+        put_rows(self.goal_x, env_ids, nan if goal_x is None else goal_x)
+        put_rows(self.goal_z, env_ids, nan if goal_z is None else goal_z)
+        for dst, values in ((self.scene_of, scene_idx), (self.x, x), (self.z, z), (self.theta, theta)):
+            put_rows(dst, env_ids, values)
         if self.device.type == "cpu":
             # numpy on CPU: torch would hand these large copies to its (passively waiting) thread pool
             target = self.fields.numpy()
-            for k, f in zip(env_ids.tolist(), fields):
+            for k, f in zip(env_ids, fields):
                 target[k, : f.shape[0], : f.shape[1]] = f
                 target[k, f.shape[0]:, :] = math.inf
                 target[k, : f.shape[0], f.shape[1]:] = math.inf
         else:
-            for k, f in zip(env_ids.tolist(), fields):
+            for k, f in zip(env_ids, fields):
                 self.fields[k].fill_(math.inf)
                 self.fields[k, : f.shape[0], : f.shape[1]] = torch.from_numpy(f).to(self.device)
 
     # -------------------------------------------------------------------------------------------- dynamics
     def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply actions (0 STOP, 1 FORWARD, 2 LEFT, 3 RIGHT). Returns (collided, distance moved)."""
-        actions = actions.to(self.device)
-        turn = (actions == TURN_LEFT).float() - (actions == TURN_RIGHT).float()
-        self.theta = wrap_angle(self.theta + turn * self.turn)
-        moving = actions == MOVE_FORWARD
-        fx, fz = forward_xz(self.theta)
-        sub = self.forward_step / self.substeps
-        dx = torch.where(moving, fx * sub, 0.0)
-        dz = torch.where(moving, fz * sub, 0.0)
-        x0, z0 = self.x.clone(), self.z.clone()
-        collided = self.mover(self.atlas, self.scene_of, self.x, self.z, dx, dz, self.substeps).to(self.device)
-        moved = torch.sqrt((self.x - x0) ** 2 + (self.z - z0) ** 2)
-        return collided, moved
+        return self.stepper(self.atlas, self.scene_of, self.x, self.z, self.theta, actions.to(self.device),
+                            self.turn, self.forward_step, self.substeps)
 
     # ------------------------------------------------------------------------------------------ perception
     def render(self, env_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -158,6 +155,9 @@ class BatchSimulator:
 
     def geodesic(self, env_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Geodesic distance from each agent to its goal."""
-        idx = torch.arange(self.num_envs, device=self.device) if env_ids is None else env_ids
-        return self.geodesic_lookup(self.fields, idx, self.atlas, self.scene_of[idx], self.x[idx], self.z[idx],
-                                    self.goal_x[idx], self.goal_z[idx]).to(self.device)
+        if env_ids is None:  # no gathers: this runs every step
+            idx = torch.arange(self.num_envs, device=self.device)
+            return self.geodesic_lookup(self.fields, idx, self.atlas, self.scene_of, self.x, self.z, self.goal_x,
+                                        self.goal_z).to(self.device)
+        return self.geodesic_lookup(self.fields, env_ids, self.atlas, self.scene_of[env_ids], self.x[env_ids],
+                                    self.z[env_ids], self.goal_x[env_ids], self.goal_z[env_ids]).to(self.device)

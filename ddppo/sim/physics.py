@@ -1,8 +1,10 @@
-"""Forward moves with sliding collisions, and geodesic look-ups: a compiled CPU kernel and a torch twin.
+"""Habitat's discrete actions (turns, forward moves with sliding collisions) and geodesic look-ups: a compiled CPU
+kernel and a torch twin of each.
 
 A forward move is split into sub-steps no longer than a scene cell; a blocked sub-step keeps whichever axis
 component stays navigable (the larger one when both do). Against axis-aligned walls that is the projection of the
-motion onto the wall, which is what habitat's navmesh ``try_step`` does. tests/test_sim.py checks both twins agree.
+motion onto the wall, which is what habitat's navmesh ``try_step`` does. tests/test_kinematics.py checks
+the twins agree.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numba
 import numpy as np
 import torch
 
+from ddppo.sim.geometry import MOVE_FORWARD, TURN_LEFT, TURN_RIGHT, forward_xz, wrap_angle
 from ddppo.sim.navmesh import NEAR_GOAL
 
 
@@ -26,33 +29,42 @@ def _nav(nav, s, origin, cell, x, z):
 
 
 @numba.njit(cache=True)
-def _move_numba(nav, origin, cell, scene_of, x, z, dx, dz, substeps, collided):
+def _step_numba(nav, origin, cell, scene_of, actions, x, z, theta, turn, sub, substeps, collided, moved):
     for n in range(x.shape[0]):
-        if dx[n] == 0.0 and dz[n] == 0.0:
+        a = actions[n]
+        if a == TURN_LEFT or a == TURN_RIGHT:
+            th = theta[n] + (turn if a == TURN_LEFT else -turn)
+            theta[n] = (th + math.pi) % (2 * math.pi) - math.pi
+        if a != MOVE_FORWARD:
             continue
         s = scene_of[n]
-        px, pz = x[n], z[n]
+        dx, dz = -math.sin(theta[n]) * sub, -math.cos(theta[n]) * sub
+        x0, z0 = x[n], z[n]
+        px, pz = x0, z0
         for _ in range(substeps):
-            if _nav(nav, s, origin, cell, px + dx[n], pz + dz[n]):
-                px += dx[n]
-                pz += dz[n]
+            if _nav(nav, s, origin, cell, px + dx, pz + dz):
+                px += dx
+                pz += dz
                 continue
             collided[n] = True
-            ok_x = _nav(nav, s, origin, cell, px + dx[n], pz)
-            ok_z = _nav(nav, s, origin, cell, px, pz + dz[n])
-            if ok_x and (abs(dx[n]) >= abs(dz[n]) or not ok_z):
-                px += dx[n]
+            ok_x = _nav(nav, s, origin, cell, px + dx, pz)
+            ok_z = _nav(nav, s, origin, cell, px, pz + dz)
+            if ok_x and (abs(dx) >= abs(dz) or not ok_z):
+                px += dx
             elif ok_z:
-                pz += dz[n]
+                pz += dz
         x[n], z[n] = px, pz
+        moved[n] = math.hypot(x[n] - x0, z[n] - z0)
 
 
-def move_numba(atlas, scene_of, x, z, dx, dz, substeps):
-    """In place on CPU tensors x, z; returns the collided flags."""
+def step_numba(atlas, scene_of, x, z, theta, actions, turn, forward_step, substeps):
+    """Habitat's discrete actions, in place on CPU tensors x, z, theta; returns (collided, distance moved)."""
     collided = np.zeros(x.shape[0], np.bool_)
-    _move_numba(atlas.navigable.numpy(), atlas.origin.numpy(), atlas.cell.numpy(), scene_of.numpy(), x.numpy(),
-                z.numpy(), dx.numpy(), dz.numpy(), substeps, collided)
-    return torch.from_numpy(collided)
+    moved = np.zeros(x.shape[0], np.float32)
+    _step_numba(atlas.navigable.numpy(), atlas.origin.numpy(), atlas.cell.numpy(), scene_of.numpy(),
+                actions.numpy(), x.numpy(), z.numpy(), theta.numpy(), turn, forward_step / substeps, substeps,
+                collided, moved)
+    return torch.from_numpy(collided), torch.from_numpy(moved)
 
 
 def navigable_torch(atlas, scene_of, x, z):
@@ -65,24 +77,32 @@ def navigable_torch(atlas, scene_of, x, z):
     return inside & atlas.navigable.reshape(-1)[flat]
 
 
-def move_torch(atlas, scene_of, x, z, dx, dz, substeps):
+def step_torch(atlas, scene_of, x, z, theta, actions, turn, forward_step, substeps):
+    """The twin of ``step_numba`` for any device."""
+    turning = (actions == TURN_LEFT).float() - (actions == TURN_RIGHT).float()
+    theta.copy_(torch.where(turning != 0, wrap_angle(theta + turning * turn), theta))
+    moving = actions == MOVE_FORWARD
+    fx, fz = forward_xz(theta)
+    sub = forward_step / substeps
+    dx = torch.where(moving, fx * sub, 0.0)
+    dz = torch.where(moving, fz * sub, 0.0)
     n = x.shape[0]
     collided = torch.zeros(n, dtype=torch.bool, device=x.device)
-    moving = (dx != 0) | (dz != 0)
     s3 = scene_of.repeat(3)
     px, pz = x.clone(), z.clone()
     for _ in range(substeps):
         # the full move and both axis slides in one gather
         ok, ok_x, ok_z = navigable_torch(atlas, s3, torch.cat([px + dx, px + dx, px]),
-                                    torch.cat([pz + dz, pz, pz + dz])).view(3, n)
+                                         torch.cat([pz + dz, pz, pz + dz])).view(3, n)
         slide_x = ~ok & ok_x & ((dx.abs() >= dz.abs()) | ~ok_z)
         slide_z = ~ok & ok_z & ~slide_x
         px = torch.where(ok | slide_x, px + dx, px)
         pz = torch.where(ok | slide_z, pz + dz, pz)
         collided |= moving & ~ok
+    moved = torch.sqrt((px - x) ** 2 + (pz - z) ** 2)
     x.copy_(px)
     z.copy_(pz)
-    return collided
+    return collided, moved
 
 
 @numba.njit(cache=True)
@@ -141,5 +161,5 @@ def geodesic_torch(fields, rows, atlas, scene_of, x, z, goal_x, goal_z):
     return torch.where(euclid < NEAR_GOAL, euclid, out)
 
 
-MOVERS = {"numba": move_numba, "torch": move_torch}
+STEPPERS = {"numba": step_numba, "torch": step_torch}
 GEODESICS = {"numba": geodesic_numba, "torch": geodesic_torch}

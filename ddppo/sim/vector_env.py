@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
-from ddppo.sim.batch_sim import BatchSimulator, SceneAtlas
+from ddppo.sim.batch_sim import BatchSimulator, SceneAtlas, put_rows
 from ddppo.sim.dataset import Episode, check_episodes_in_scenes, scene_name
-from ddppo.sim.geometry import STOP, episodic_gps, pointgoal_polar, wrap_angle
+from ddppo.sim.geometry import POSE_SENSORS, STOP
 from ddppo.sim.navmesh import GeodesicCache, NavGrid
-from ddppo.sim.task import METRICS, episode_ends, pointnav_step
+from ddppo.sim.task import METRICS, POINTNAV_STEP, TALLY
 
 
 @dataclass
@@ -83,9 +84,8 @@ def start_next_episodes(env, obs: dict[str, torch.Tensor], done: torch.Tensor) -
     final_obs = {k: v.clone() for k, v in obs.items()}
     started = env._start_episodes(ended)
     if started:
-        ids = torch.tensor(started, device=env.device)
-        for k, v in env._observe(ids).items():
-            obs[k][ids] = v
+        for k, v in env._observe(torch.tensor(started, device=env.device)).items():
+            put_rows(obs[k], started, v)
     return final_obs
 
 
@@ -136,7 +136,10 @@ class PointNavVectorEnv:
             self.atlas, num_envs, sim_cfg.resolution, tuple(sim_cfg.sensors), renderer=sim_cfg.renderer,
             forward_step=sim_cfg.forward_step, turn_angle=sim_cfg.turn_angle, max_depth=sim_cfg.max_depth,
         )
-        self.task = task_cfg
+        # a plain object: the step reads these settings every step, and an OmegaConf read costs ~25 us
+        self.task = OmegaConf.to_object(task_cfg) if OmegaConf.is_config(task_cfg) else task_cfg
+        self._tally, self._pose_sensors = TALLY[self.sim.kernels], POSE_SENSORS[self.sim.kernels]
+        self._pointnav_step = POINTNAV_STEP[self.sim.kernels]
         self.cache = cache or GeodesicCache()
         shares = num_shares or num_envs
         self.iterators = [EpisodeIterator(len(episodes), seed, env_offset + e, order, shares) for e in range(num_envs)]
@@ -187,26 +190,19 @@ class PointNavVectorEnv:
         scene_idx, (xs, zs, ths), (gxs, gzs) = self.episode_scene[ks], self.episode_start[ks].T, self.episode_goal[ks].T
         fields = [self.cache.get(self.navs[s], gx, gz)
                   for s, gx, gz in zip(scene_idx.tolist(), gxs.tolist(), gzs.tolist())]
-        self.episode_index[started] = torch.as_tensor(ks, device=self.device)
-        ids = torch.tensor(started, device=self.device)
-        self.sim.place(ids, scene_idx, xs, zs, ths, fields, gxs, gzs)
-        self.start_x[ids], self.start_z[ids] = self.sim.x[ids], self.sim.z[ids]
-        self.start_theta[ids] = self.sim.theta[ids]
-        d0 = self.sim.geodesic(ids)
-        self.start_distance[ids] = d0
-        self.prev_distance[ids] = d0
-        self.path_length[ids] = 0.0
-        self.steps[ids] = 0
-        self.collisions[ids] = 0
+        self.sim.place(started, scene_idx, xs, zs, ths, fields, gxs, gzs)
+        d0 = self.sim.geodesic(torch.tensor(started, device=self.device))
+        for dst, values in ((self.episode_index, ks), (self.start_x, xs), (self.start_z, zs), (self.start_theta, ths),
+                            (self.start_distance, d0), (self.prev_distance, d0), (self.path_length, 0.0),
+                            (self.steps, 0), (self.collisions, 0)):
+            put_rows(dst, started, values)
         return started
 
     def _observe(self, env_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        sl = slice(None) if env_ids is None else env_ids
         obs = self.sim.render(env_ids)
-        x, z, th = self.sim.x[sl], self.sim.z[sl], self.sim.theta[sl]
-        obs["pointgoal_with_gps_compass"] = pointgoal_polar(x, z, th, self.goal_x[sl], self.goal_z[sl])
-        obs["gps"] = episodic_gps(x, z, self.start_x[sl], self.start_z[sl], self.start_theta[sl])
-        obs["compass"] = wrap_angle(th - self.start_theta[sl])[:, None]
+        sim = self.sim
+        obs["pointgoal_with_gps_compass"], obs["gps"], obs["compass"] = self._pose_sensors(
+            env_ids, sim.x, sim.z, sim.theta, self.goal_x, self.goal_z, self.start_x, self.start_z, self.start_theta)
         return obs
 
     # ------------------------------------------------------------------------------------------- API
@@ -219,12 +215,8 @@ class PointNavVectorEnv:
         actions = torch.where(self.active, actions, STOP)
         was_active = self.active.clone()
         collided, moved = self.sim.step(actions)
-        collided &= was_active
-        self.steps += was_active.long()
-        self.path_length += moved
-        self.collisions += collided.long()
-        stop = (actions == STOP) & was_active
-        terminated, truncated = episode_ends(self.task, stop, was_active, self.steps)
+        stop, terminated, truncated = self._tally(self.task, actions, was_active, collided, moved, self.steps,
+                                                  self.path_length, self.collisions)
         reward, metrics = self._reward_and_metrics(stop, was_active)
         done = terminated | truncated
         info = {
@@ -249,8 +241,8 @@ class PointNavVectorEnv:
         """The task's reward for the step just taken and its own entries of ``StepResult.info``, computed before
         the automatic reset replaces ended episodes. Other tasks (ddppo.transfer.tasks) override this."""
         distance = self.sim.geodesic()
-        reward, metrics = pointnav_step(self.task, stop, was_active, self.prev_distance, distance,
-                                        self.start_distance, self.path_length)
+        reward, metrics = self._pointnav_step(self.task, stop, was_active, self.prev_distance, distance,
+                                              self.start_distance, self.path_length)
         self.prev_distance = distance
         return reward, metrics
 
