@@ -10,7 +10,7 @@ import time
 import torch
 
 from ddppo.config import DatasetConfig, SimConfig, TaskConfig
-from ddppo.memory import peak_memory
+from ddppo.memory import keep_freed_memory, peak_memory
 from ddppo.sim.data import ensure_dataset, load_split
 from ddppo.sim.vector_env import PointNavVectorEnv
 
@@ -124,6 +124,8 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
                                         "checkpoint_interval=1000000"])
         n, T = cfg.ppo.num_envs, cfg.ppo.num_steps
         ensure_dataset(cfg.task, cfg.dataset, log=lambda *_: None)
+        if cfg.keep_freed_memory:  # the terms are timed as the trainer runs them
+            keep_freed_memory()
         # each term on the devices the trainer uses (see train() and init_distributed)
         device = resolve_device(cfg.device)
         sim_device = resolve_sim_device(cfg.sim.device, device)

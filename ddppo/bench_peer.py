@@ -5,10 +5,12 @@ The peers are stable-baselines3 PPO (feed-forward; ddppo then also trains its po
 batched environment (``PointNavVectorEnv`` through ``SB3VecEnv``), with the same visual encoder and goal embedding
 (ddppo's own modules, wrapped as an sb3 features extractor) and the same rollout and batch sizes, learning rate
 (and its decay), PPO epochs, minibatches, clipping and coefficients. Each trainer runs the same frame budget, one
-after another in this process. Throughput is measured two ways: wall-clock env-steps/s after the first update
-(start-up excluded, as ``ddppo bench train`` does), and env-steps per second of this process's CPU time, which other
-processes on a shared machine disturb far less. Every trained agent is then evaluated deterministically on the same
-val episodes by the same code.
+after another, each in a fresh process of its own: a peer runs as its users run it, with none of the process-wide
+settings an earlier trainer made (ddppo's ``keep_freed_memory`` allocator setting, thread pools), and each peak
+RSS is that trainer's. Throughput is measured two ways: wall-clock env-steps/s after the first update
+(start-up excluded, as ``ddppo bench train`` does), and env-steps per second of the trainer's CPU time, which other
+processes on a shared machine disturb far less; ``wall_s_<trainer>`` is the whole run, start-up included. Every
+trained agent is then evaluated deterministically on the same val episodes by the same code.
 
 stable-baselines3 and sb3-contrib are a benchmark-only extra: ``pip install "ddppo[bench]"``.
 """
@@ -16,10 +18,12 @@ stable-baselines3 and sb3-contrib are a benchmark-only extra: ``pip install "ddp
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import os
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -273,6 +277,12 @@ def run_peer(kind: str, cfg, val_episodes: int, device: str) -> dict:
     return {**out, "eval": _evaluate(cfg, lambda envs: SB3Agent(model), val_episodes)}
 
 
+def in_own_process(fn, *args):
+    """``fn(*args)`` in a freshly spawned process (a trainer's process-wide settings die with it)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def bench_peer(overrides: list[str], frames: int = 100_000, val_episodes: int = 100,
                config_file: str | None = None, peers: tuple[str, ...] = PEERS) -> dict:
     """Env-steps/s of ddppo's trainer and of each peer on ``frames`` env-steps, and val success of each at that
@@ -299,14 +309,14 @@ def bench_peer(overrides: list[str], frames: int = 100_000, val_episodes: int = 
         ensure_dataset(cfg.task, cfg.dataset, log=lambda *_: None)
         device = str(resolve_device(cfg.device))
         cfg.device = device  # ddppo and the peers on the same device
-        runs = {"ddppo": run_ddppo(cfg, val_episodes, device)}
+        runs = {"ddppo": in_own_process(run_ddppo, cfg, val_episodes, device)}
         if "ppo" in peers and cfg.policy.rnn_type != "none":
             # PPO's network is feed-forward: ddppo trains that network too, for the like-for-like ratio
             ff = copy.deepcopy(cfg)
             ff.policy.rnn_type, ff.name = "none", "ddppo_ff"
-            runs["ddppo_ff"] = run_ddppo(ff, val_episodes, device)
+            runs["ddppo_ff"] = in_own_process(run_ddppo, ff, val_episodes, device)
         for kind in peers:
-            runs[kind] = run_peer(kind, cfg, val_episodes, device)
+            runs[kind] = in_own_process(run_peer, kind, cfg, val_episodes, device)
     out: dict = {"bench": "peer", "frames": frames, "val_episodes": val_episodes}
     for kind in peers:
         ours = runs["ddppo_ff"] if kind == "ppo" and "ddppo_ff" in runs else runs["ddppo"]

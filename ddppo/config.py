@@ -157,6 +157,9 @@ class TrainConfig:
     """Environment steps over all workers."""
     num_threads: int = 0
     """torch threads per worker; 0 = leave torch's default (torchrun sets 1)."""
+    keep_freed_memory: bool = True
+    """Have glibc's malloc keep freed blocks up to 32 MB for reuse rather than unmapping them (ddppo.memory.
+    keep_freed_memory): on CPU, a PPO update otherwise page-faults its activations in afresh every minibatch."""
     checkpoint_interval: int = 50
     """Updates between checkpoints."""
     keep_checkpoints: int = 3

@@ -41,7 +41,7 @@ from ddppo.distributed import (  # noqa: E402
 )
 from ddppo.envs import make_vector_env  # noqa: E402
 from ddppo.evaluation import evaluate_policy  # noqa: E402
-from ddppo.memory import peak_memory  # noqa: E402
+from ddppo.memory import keep_freed_memory, peak_memory  # noqa: E402
 from ddppo.policy import build_policy  # noqa: E402
 from ddppo.resume import load_resume, save_resume, set_aside_previous_run  # noqa: E402
 from ddppo.rl.ppo import bootstrap_truncated, make_adam, ppo_loss  # noqa: E402
@@ -71,6 +71,8 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
     # the simulator's numba kernels get the same thread budget as torch: otherwise every rank of a torchrun job
     # renders on all the machine's cores (2 ranks on 2 cores ran no faster than 1)
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
     run_dir = Path(cfg.run_dir) / cfg.name
     if main:
         ensure_dataset(cfg.task, cfg.dataset, log=log)
@@ -154,7 +156,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
             t_sim = t_act = 0.0
             for t in range(num_steps):
                 ta = time.perf_counter()
-                with torch.no_grad():
+                with torch.inference_mode():  # lighter than no_grad (no version counters): ~6% of an action
                     obs_t = {k: v[t] for k, v in storage.obs.items()}
                     actions, log_probs, values, hidden = policy.act(
                         obs_t, storage.prev_actions[t], storage.masks[t], storage.hidden[t]
@@ -168,7 +170,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
                 t_sim += tc - tb
                 rewards = result.reward.to(info.device)
                 if result.truncated.any():  # a time limit is not a terminal state: bootstrap from V(final obs)
-                    with torch.no_grad():
+                    with torch.inference_mode():
                         final_obs = {k: v.to(info.device) for k, v in result.final_obs.items()}
                         _, final_values, _ = policy(final_obs, actions, torch.ones_like(rewards), hidden)
                     rewards = bootstrap_truncated(rewards, result.truncated.to(info.device), final_values, gamma)
