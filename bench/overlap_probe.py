@@ -37,11 +37,17 @@ from ddppo.policy import build_policy  # noqa: E402
 from ddppo.sim.data import ensure_dataset  # noqa: E402
 
 
+def step_kernels() -> list[tuple[object, str]]:
+    """(module, name) of every compiled kernel an environment step runs."""
+    from ddppo.sim import geometry, physics, render, task
+
+    return [(render, "_render_numba"), (physics, "_step_numba"), (physics, "_geodesic_numba"),
+            (geometry, "_pose_sensors_numba"), (task, "_tally_numba"), (task, "_pointnav_step_numba")]
+
+
 def release_gil() -> None:
     """Recompile the simulator's kernels with nogil=True (this process only; the cached builds stay as they are)."""
-    from ddppo.sim import physics, render
-
-    for module, name in ((render, "_render_numba"), (physics, "_step_numba"), (physics, "_geodesic_numba")):
+    for module, name in step_kernels():
         kernel = getattr(module, name)
         options = {**kernel.targetoptions, "nogil": True}
         options.pop("nopython", None)  # implied by njit

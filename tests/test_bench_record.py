@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from ddppo.bench import machine, record
 from ddppo.cli import main as cli_main
 from ddppo.config import load_config
@@ -70,3 +72,23 @@ def test_train_reports_peak_memory_per_rank(small_dataset, tmp_path):
     assert len(result["peak_rss_mib_per_rank"]) == 1 and result["peak_rss_mib_per_rank"][0] > 50
     summary = json.loads((tmp_path / "mem" / "summary.json").read_text())
     assert summary["peak_rss_mib_per_rank"] == result["peak_rss_mib_per_rank"]
+
+
+def test_bench_train_end_to_end(small_dataset, tmp_path, capsys):
+    """``ddppo bench train`` through the CLI: each term of the serial limit timed, the real trainer timed after its
+    first update, and the ratio between them, recorded with its command."""
+    results = tmp_path / "RESULTS.md"
+    argv = ["bench", "train", "--updates", "2", "--record", "--results", str(results), "sim.resolution=16",
+            "policy.base_planes=8", "policy.hidden_size=32", "ppo.num_envs=2", "ppo.num_steps=8", "device=cpu",
+            f"task.data_dir={small_dataset}"]
+    assert cli_main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["bench"] == "train" and (out["num_envs"], out["num_steps"], out["updates_timed"]) == (2, 8, 2)
+    per_step = out["t_sim_us_per_step"] + out["t_act_us_per_step"] + out["t_learn_us_per_step"]
+    assert min(out["t_sim_us_per_step"], out["t_act_us_per_step"], out["t_learn_us_per_step"]) > 0
+    assert out["serial_limit_env_steps_per_s"] == pytest.approx(1e6 / per_step)
+    assert out["env_steps_per_s"] > 0
+    assert out["ratio_to_serial_limit"] == pytest.approx(out["env_steps_per_s"] / out["serial_limit_env_steps_per_s"])
+    assert out["peak_rss_mib"] > 50
+    [(command, recorded)] = entries(results.read_text())
+    assert command == "ddppo " + " ".join(argv) and recorded == out

@@ -467,3 +467,27 @@ def test_dataset_generate_command(tmp_path, capsys):
     assert cli_main(["dataset", "generate", "--out", str(tmp_path / "x"), "max_extent=1"]) == 2
     assert "max_extent" in capsys.readouterr().err
     assert cli_main(["dataset", "generate", "--out", str(tmp_path / "x"), "scenes={bogus: 1}"]) == 2
+
+
+def test_geodesic_store_reads_members_in_place_and_falls_back_to_np_load(small_dataset, tmp_path):
+    """Stored fields come from a memory map of the .npz (uncompressed members located once); whatever the map cannot
+    place (here: a compressed copy of the same store) is read by np.load, with the same result."""
+    from ddppo.sim.data import geodesic_store_path
+    from ddppo.sim.navmesh import GeodesicStore
+
+    episodes, _ = load_split(small_dataset, "val")
+    path = geodesic_store_path(small_dataset, "val", episodes[0].scene_id)
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    compressed = tmp_path / "compressed.npz"
+    np.savez_compressed(compressed, **arrays)
+    mapped, zipped = GeodesicStore(path), GeodesicStore(compressed)
+    assert len(arrays["goals"]) >= 2
+    for k, (x, z) in enumerate(arrays["goals"]):
+        mm = arrays[f"g{k}"]
+        expected = np.where(mm == GeodesicStore.UNREACHABLE, np.inf, mm / 1000.0).astype(np.float32)
+        np.testing.assert_array_equal(mapped.get(x, z), expected)
+        np.testing.assert_array_equal(zipped.get(x, z), expected)
+    assert set(mapped._spans) == {f"g{k}" for k in range(len(arrays["goals"]))} | {"goals"}
+    assert zipped._spans == {}
+    assert mapped.get(1e6, 1e6) is None

@@ -16,7 +16,6 @@ from tiny import TINY_AGENT
 
 from ddppo.config import load_config
 from ddppo.envs import make_vector_env
-from ddppo.sim import physics, render
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "overlap_probe.py"
 TINY = [*TINY_AGENT, "ppo.num_envs=4"]
@@ -44,10 +43,15 @@ def restore_threads():
 
 
 def test_probe_runs_and_releases_the_gil(small_dataset, monkeypatch, capsys, restore_threads):
-    for module, name in ((render, "_render_numba"), (physics, "_step_numba"), (physics, "_geodesic_numba")):
+    probe = load_probe(monkeypatch)
+    kernels = probe.step_kernels()
+    # every compiled per-step kernel of the simulator's modules is in the list
+    compiled = {(m.__name__, n) for m in {m for m, _ in kernels} for n, v in vars(m).items()
+                if isinstance(v, numba.core.registry.CPUDispatcher) and not v.targetoptions.get("inline")}
+    assert compiled == {(m.__name__, n) for m, n in kernels}
+    for module, name in kernels:
         monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
         assert not getattr(module, name).targetoptions.get("nogil")
-    probe = load_probe(monkeypatch)
     threads = torch.get_num_threads()
     out = probe.main(["--steps", "3", "--repeats", "1", "--threads", str(threads), *TINY,
                       f"task.data_dir={small_dataset}"])
@@ -56,7 +60,7 @@ def test_probe_runs_and_releases_the_gil(small_dataset, monkeypatch, capsys, res
     assert out["fps_sequential"] > 0 and out["fps_overlapped"] > 0 and out["fps_overlapped_process"] > 0
     assert out["overlap_speedup"] == out["fps_overlapped"] / out["fps_sequential"]
     assert out["process_overlap_speedup"] == out["fps_overlapped_process"] / out["fps_sequential"]
-    for module, name in ((render, "_render_numba"), (physics, "_step_numba"), (physics, "_geodesic_numba")):
+    for module, name in kernels:
         assert getattr(module, name).targetoptions["nogil"] is True, name
 
 

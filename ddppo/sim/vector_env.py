@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -136,8 +137,9 @@ class PointNavVectorEnv:
             self.atlas, num_envs, sim_cfg.resolution, tuple(sim_cfg.sensors), renderer=sim_cfg.renderer,
             forward_step=sim_cfg.forward_step, turn_angle=sim_cfg.turn_angle, max_depth=sim_cfg.max_depth,
         )
-        # a plain object: the step reads these settings every step, and an OmegaConf read costs ~25 us
-        self.task = OmegaConf.to_object(task_cfg) if OmegaConf.is_config(task_cfg) else task_cfg
+        # plain attributes: the step reads these settings every step, and an OmegaConf read costs ~25 us
+        self.task = (SimpleNamespace(**OmegaConf.to_container(task_cfg, resolve=True))
+                     if OmegaConf.is_config(task_cfg) else task_cfg)
         self._tally, self._pose_sensors = TALLY[self.sim.kernels], POSE_SENSORS[self.sim.kernels]
         self._pointnav_step = POINTNAV_STEP[self.sim.kernels]
         self.cache = cache or GeodesicCache()
