@@ -418,6 +418,11 @@ def test_pointnav_step_hand_cases(kernels):
     np.testing.assert_allclose(m["spl"].numpy(), [0.8, 0, 0, 0, 0], atol=1e-6)
     np.testing.assert_allclose(m["softspl"].numpy(), [0.975 * 0.8, 0.95, 0.4375, 0.75, 0.0], atol=1e-6)
     np.testing.assert_array_equal(m["distance_to_goal"].numpy(), now.numpy())
+    # a degenerate episode (start on the goal, nothing walked) gives NaN metrics in both twins, not an exception
+    zero = torch.zeros(1)
+    reward, m = POINTNAV_STEP[kernels](task, torch.tensor([True]), torch.tensor([True]), zero, zero, zero, zero)
+    assert reward.item() == pytest.approx(-0.01 + 2.5) and m["success"].item() == 1.0
+    assert math.isnan(m["spl"].item()) and math.isnan(m["softspl"].item())
 
 
 @pytest.mark.parametrize("kernels", sorted(TALLY))

@@ -80,7 +80,7 @@ def pose_sensors_torch(rows, x, z, theta, goal_x, goal_z, start_x, start_z, star
             wrap_angle(th - th0)[:, None])
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _pose_sensors_numba(rows, x, z, theta, goal_x, goal_z, start_x, start_z, start_theta, pointgoal, gps, compass):
     for k in range(rows.shape[0]):
         n = rows[k]

@@ -65,7 +65,7 @@ def tally_torch(task, actions, was_active, collided, moved, steps, path_length, 
     return (stop, *episode_ends(task, stop, was_active, steps))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _tally_numba(actions, was_active, collided, moved, steps, path_length, collisions, max_steps, stop, truncated):
     for n in range(actions.shape[0]):
         collided[n] &= was_active[n]
@@ -85,7 +85,9 @@ def tally_numba(task, actions, was_active, collided, moved, steps, path_length, 
     return stop, stop.clone(), torch.from_numpy(truncated)
 
 
-@numba.njit(cache=True)
+# error_model="numpy": a degenerate episode (its start on the goal) divides by zero into inf/NaN, as the torch twin
+# does, instead of raising ZeroDivisionError
+@numba.njit(cache=True, error_model="numpy")
 def _pointnav_step_numba(stop, was_active, prev_distance, distance, start_distance, path_length, success_distance,
                          slack, success_reward, reward, success, spl, softspl):
     for n in range(stop.shape[0]):
