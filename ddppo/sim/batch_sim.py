@@ -107,6 +107,7 @@ class BatchSimulator:
         self.x, self.z, self.theta = z(), z(), z()
         self.goal_x, self.goal_z = z(), z()
         self.fields = torch.full((num_envs, *atlas.geo_shape), math.inf, device=self.device)
+        self.all_envs = torch.arange(num_envs, device=self.device)
 
     # ----------------------------------------------------------------------------------------------- state
     def place(self, env_ids, scene_idx, x, z, theta, fields: list[np.ndarray], goal_x=None, goal_z=None):
@@ -155,9 +156,7 @@ class BatchSimulator:
 
     def geodesic(self, env_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Geodesic distance from each agent to its goal."""
-        if env_ids is None:  # no gathers: this runs every step
-            idx = torch.arange(self.num_envs, device=self.device)
-            return self.geodesic_lookup(self.fields, idx, self.atlas, self.scene_of, self.x, self.z, self.goal_x,
-                                        self.goal_z).to(self.device)
-        return self.geodesic_lookup(self.fields, env_ids, self.atlas, self.scene_of[env_ids], self.x[env_ids],
-                                    self.z[env_ids], self.goal_x[env_ids], self.goal_z[env_ids]).to(self.device)
+        # all envs (every step) without gathers: a slice is a view
+        rows, sl = (self.all_envs, slice(None)) if env_ids is None else (env_ids, env_ids)
+        return self.geodesic_lookup(self.fields, rows, self.atlas, self.scene_of[sl], self.x[sl], self.z[sl],
+                                    self.goal_x[sl], self.goal_z[sl]).to(self.device)

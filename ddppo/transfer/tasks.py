@@ -76,7 +76,7 @@ class FleeVectorEnv(PointNavVectorEnv):
 
     def distance_from_start(self, env_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Geodesic distance from each agent's episode start to where it is now (metres)."""
-        idx = torch.arange(self.num_envs, device=self.device) if env_ids is None else env_ids
+        idx = self.sim.all_envs if env_ids is None else env_ids
         sim = self.sim
         d = sim.geodesic_lookup(self.start_fields, idx, self.atlas, sim.scene_of[idx], sim.x[idx], sim.z[idx],
                                 self.start_x[idx], self.start_z[idx]).to(self.device)
@@ -164,7 +164,7 @@ class ExplorationVectorEnv(PointNavVectorEnv):
 
     def _reward_and_metrics(self, stop, was_active):
         # an inactive env is not moved (its action is STOP), so it stays in a covered cell and earns nothing
-        reward = self._cover(torch.arange(self.num_envs, device=self.device)) * was_active
+        reward = self._cover(self.sim.all_envs) * was_active
         return reward, {"area_covered": self.area_covered.clone()}
 
     def _observe(self, env_ids=None):
