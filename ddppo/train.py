@@ -44,6 +44,7 @@ from ddppo.evaluation import evaluate_policy  # noqa: E402
 from ddppo.memory import keep_freed_memory, peak_memory  # noqa: E402
 from ddppo.policy import build_policy  # noqa: E402
 from ddppo.resume import load_resume, save_resume, set_aside_previous_run  # noqa: E402
+from ddppo.rl.episode_stats import EpisodeStats  # noqa: E402
 from ddppo.rl.ppo import bootstrap_truncated, make_adam, ppo_loss  # noqa: E402
 from ddppo.rl.storage import RolloutStorage  # noqa: E402
 from ddppo.sim.data import ensure_dataset  # noqa: E402
@@ -86,7 +87,6 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
     n_envs = cfg.ppo.num_envs
     envs = make_vector_env(cfg, cfg.task.split, n_envs, seed=cfg.seed, env_offset=info.rank * n_envs,
                            device=sim_device)
-    episode_stats = ("reward", *envs.episode_metrics)
 
     torch.manual_seed(cfg.seed)  # same initial weights everywhere; the broadcast below makes it certain
     policy = build_policy(cfg.policy, envs.obs_spaces).to(info.device)
@@ -105,9 +105,8 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
     state = {"update": 0, "env_steps": 0, "episodes": 0, "wall_time": 0.0, "world_size": info.world_size,
              "skipped_updates": 0, "bad_in_a_row": 0}
 
-    window = torch.zeros(len(episode_stats) + 1, dtype=torch.float64)  # episodes ended since the last log, sums
+    episodes = EpisodeStats(n_envs, envs.episode_metrics)  # returns, and sums over episodes ended since the last log
     dd_window = torch.zeros(4, dtype=torch.float64)  # preempted ranks, rollout fraction, updates, wait seconds
-    episode_return = torch.zeros(n_envs, device=sim_device)
     resumed_from = 0
     resume_path = run_dir / "resume.pt"
     if resume_path.is_file():
@@ -121,9 +120,8 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
         first_obs = policy.preprocess({k: v.to(info.device) for k, v in envs.observe().items()})
         storage.set_first_observation(first_obs, mine["hidden"].to(info.device), mine["masks"].to(info.device))
         storage.prev_actions[0].copy_(mine["prev_actions"])
-        window.copy_(mine["window"])
+        episodes.load_state_dict(mine)
         dd_window.copy_(mine["dd_window"])
-        episode_return.copy_(mine["episode_return"])
         counter.round = state["update"]
         resumed_from = state["update"]
         log(f"resumed {run_dir} at update {state['update']}, {state['env_steps']} env steps")
@@ -174,17 +172,10 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
                         final_obs = {k: v.to(info.device) for k, v in result.final_obs.items()}
                         _, final_values, _ = policy(final_obs, actions, torch.ones_like(rewards), hidden)
                     rewards = bootstrap_truncated(rewards, result.truncated.to(info.device), final_values, gamma)
-                done = result.done.to(info.device)
+                not_done = (~result.done.to(info.device)).float()
                 stored_obs = policy.preprocess({k: v.to(info.device) for k, v in result.obs.items()})
-                storage.insert(stored_obs, hidden, actions, log_probs, values, rewards, (~done).float(),
-                               (~done).float())
-                episode_return += result.reward
-                ended = result.done.nonzero().flatten()
-                if len(ended):
-                    window[0] += len(ended)
-                    window[1:] += torch.stack([episode_return[ended].double()] + [
-                        result.info[name][ended].double() for name in episode_stats[1:]]).sum(1).cpu()
-                    episode_return[ended] = 0
+                storage.insert(stored_obs, hidden, actions, log_probs, values, rewards, not_done, not_done)
+                episodes.add(result.reward, result.done, result.info)
                 if preempt and preempt_from <= t + 1 < num_steps and counter.count() >= preempt_quorum:
                     break
             counter.finished()
@@ -231,11 +222,9 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
                                       dtype=torch.float64)
             display.update(state["env_steps"], metrics)
             if state["update"] % cfg.log_interval == 0 or state["env_steps"] >= cfg.total_steps or diverged:
-                ep = all_reduce_sum(window.tolist(), info)
-                window.zero_()
+                ep = all_reduce_sum(episodes.take(), info).tolist()
                 state["episodes"] += int(ep[0])
-                metrics = {f"episode/{name}": (ep[k + 1] / ep[0]).item() for k, name in enumerate(episode_stats)} if ep[
-                    0] > 0 else {}
+                metrics = episodes.means(ep)
                 fps = state["env_steps"] / max(state["wall_time"], 1e-9)
                 metrics.update({
                     "perf/fps": fps,
@@ -273,7 +262,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
             finished = state["env_steps"] >= cfg.total_steps
             if state["update"] % cfg.checkpoint_interval == 0 or finished or flag or diverged:
                 save_resume(run_dir, info, policy, optimizer, scheduler, state, envs, storage, cfg,
-                            {"window": window, "dd_window": dd_window, "episode_return": episode_return.cpu()})
+                            {"dd_window": dd_window, **episodes.state_dict()})
             if diverged:  # the skipped updates left the weights alone: the state just saved predates the first
                 if writer:
                     writer.close()

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from ddppo.rl.episode_stats import EpisodeStats
 from ddppo.rl.ppo import bootstrap_truncated, gae, make_adam, ppo_loss
 from ddppo.rl.storage import RolloutStorage
 
@@ -527,3 +528,69 @@ def test_make_adam_is_fused_and_steps_like_plain_adam() -> None:
             opt.step()
     torch.testing.assert_close(w_fused, w_plain, rtol=1e-5, atol=1e-6)
     assert not torch.equal(w_fused, torch.zeros(7, 5))
+
+
+def test_cpu_row_writes_through_numpy_match_torch_copies():
+    """On the CPU insert() writes rows through numpy views; the same steps copied by torch (the other devices' path,
+    forced here) give the same buffers to the bit, [N, 1] arguments and float masks included."""
+    fast = make_storage(4, 3)
+    slow = make_storage(4, 3)
+    slow._host = None
+    for storage in (fast, slow):
+        gen = torch.Generator().manual_seed(5)
+        first = random_step(3, gen)
+        storage.set_first_observation(first["obs"], first["hidden"])
+        for _ in range(4):
+            rec = random_step(3, gen)
+            rec["values"] = rec["values"].unsqueeze(-1)  # [N, 1] fits [N]
+            storage.insert(**rec)
+    for name, value in slow.state_dict().items():
+        if torch.is_tensor(value):
+            assert torch.equal(fast.state_dict()[name], value), name
+    assert fast.step == slow.step == 4
+
+
+def test_row_writes_from_a_tensor_that_requires_grad():
+    storage = make_storage(2, 3)
+    rec = random_step(3, torch.Generator().manual_seed(0))
+    rec["values"] = rec["values"].clone().requires_grad_()
+    storage.insert(**rec)
+    assert torch.equal(storage.values[0], rec["values"].detach())
+
+
+def test_episode_stats_hand_case():
+    """Two environments over four steps: env 0 ends episodes of return 3 and 4, env 1 one of return 2.5 carried
+    across a take(); the metrics are summed at the ended steps only."""
+    stats = EpisodeStats(2, ("success", "collisions"))
+    steps = [  # rewards, done, success, collisions
+        ([1.0, 0.5], [False, False], [0.0, 0.0], [0, 1]),
+        ([2.0, 1.0], [True, False], [1.0, 0.0], [2, 1]),
+        ([4.0, 1.0], [True, True], [0.0, 1.0], [0, 3]),
+        ([0.5, 0.5], [False, False], [1.0, 1.0], [7, 7]),
+    ]
+    sums = []
+    for k, (reward, done, success, collisions) in enumerate(steps):
+        stats.add(torch.tensor(reward), torch.tensor(done),
+                  {"success": torch.tensor(success), "collisions": torch.tensor(collisions)})
+        if k == 1:
+            sums.append(stats.take())
+    sums.append(stats.take())
+    assert sums[0] == [1, 3.0, 1.0, 2.0]
+    assert sums[1] == [2, 4.0 + 2.5, 1.0, 3.0]
+    assert stats.take() == [0, 0.0, 0.0, 0.0]
+    assert stats.episode_return.tolist() == [0.5, 0.5]  # the episodes still running
+    assert stats.means(sums[1]) == {"episode/reward": 3.25, "episode/success": 0.5, "episode/collisions": 1.5}
+    assert stats.means([0, 0.0, 0.0, 0.0]) == {}
+
+
+def test_episode_stats_state_round_trip_and_bad_shape():
+    stats = EpisodeStats(3, ("success",))
+    stats.add(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([False, True, False]), {"success": torch.ones(3)})
+    stats.add(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([False, False, False]), {"success": torch.ones(3)})
+    state = {k: v.clone() for k, v in stats.state_dict().items()}
+    other = EpisodeStats(3, ("success",))
+    other.load_state_dict(state)
+    assert other.take() == stats.take() == [1, 2.0, 1.0]
+    assert other.episode_return.tolist() == stats.episode_return.tolist() == [2.0, 1.0, 4.0]
+    with pytest.raises(ValueError, match="episode_return has shape"):
+        EpisodeStats(4, ("success",)).load_state_dict(state)

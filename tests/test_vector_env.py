@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ddppo.config import SimConfig, TaskConfig
+from ddppo.rows import HostViews, put_rows
 from ddppo.sim.data import load_split
 from ddppo.sim.dataset import Episode, check_episodes_in_scenes
 from ddppo.sim.geometry import MOVE_FORWARD, STOP, TURN_LEFT, TURN_RIGHT, heading_to_quaternion
@@ -486,3 +487,22 @@ def test_episode_check_names_the_first_bad_episode_across_scenes(make_scene):
     wall = r"ep 3 \(id '4'\): field 'goals\[0\].position' \(4.15, 2.00\) is not navigable in scene 'a'"
     with pytest.raises(ValueError, match=wall):
         check_episodes_in_scenes([*eps, in_wall, off_floor], navs, lambda k: f"ep {k}")
+
+
+def test_host_views_write_rows_like_put_rows():
+    """HostViews.put writes through the numpy view it made of a registered tensor, and a tensor it was not given (or
+    an attribute replaced since) through put_rows: the same rows either way, never into a stale tensor."""
+    registered = torch.zeros(5)
+    host = HostViews(registered)
+    host.put(registered, [1, 3], torch.tensor([2.5, -1.0]))
+    host.put(registered, torch.tensor([4]), 7)
+    assert registered.tolist() == [0.0, 2.5, 0.0, -1.0, 7.0]
+    assert host.view(registered).base is not None and host.view(registered)[1] == 2.5
+    replacement = torch.zeros(5, dtype=torch.long)  # another tensor: not registered, put_rows' path
+    host.put(replacement, [0, 2], [3, 4])
+    assert replacement.tolist() == [3, 0, 4, 0, 0] and registered.tolist() == [0.0, 2.5, 0.0, -1.0, 7.0]
+    expected = torch.zeros(2, 3)
+    put_rows(expected, 1, torch.tensor([1.0, 2.0, 3.0]))
+    rows = torch.zeros(2, 3)
+    HostViews(rows).put(rows, 1, torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.equal(rows, expected) and expected.tolist() == [[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]]

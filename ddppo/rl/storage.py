@@ -103,6 +103,7 @@ class RolloutStorage:
         self.step = 0
         self.returns_computed = False
         """True once :meth:`compute_returns` ran for the current ``step``; :meth:`minibatches` requires it."""
+        self._make_host_views()
 
     # ------------------------------------------------------------------ filling
     @property
@@ -162,17 +163,11 @@ class RolloutStorage:
         t = self.step
         if t >= self.num_steps:
             raise RuntimeError(f"RolloutStorage is full ({self.num_steps} steps); call after_update() first")
-        n = self.num_envs
         self._copy_obs(t + 1, obs)
-        self.hidden[t + 1].copy_(hidden)
-        actions = actions.reshape(n)
-        self.actions[t].copy_(actions)
-        self.prev_actions[t + 1].copy_(actions)
-        self.log_probs[t].copy_(log_probs.reshape(n))
-        self.values[t].copy_(values.reshape(n))
-        self.rewards[t].copy_(rewards.reshape(n))
-        self.not_done[t].copy_(not_done.reshape(n))
-        self.masks[t + 1].copy_(masks.reshape(n))
+        for name, index, src in (("hidden", t + 1, hidden), ("actions", t, actions), ("prev_actions", t + 1, actions),
+                                 ("log_probs", t, log_probs), ("values", t, values), ("rewards", t, rewards),
+                                 ("not_done", t, not_done), ("masks", t + 1, masks)):
+            self._write_row(name, index, src)
         self.step = t + 1
         self.returns_computed = False
 
@@ -180,8 +175,24 @@ class RolloutStorage:
         missing = set(self.obs) - set(obs)
         if missing:
             raise KeyError(f"observation is missing keys {sorted(missing)}")
-        for key, buf in self.obs.items():
-            buf[index].copy_(obs[key])
+        for key in self.obs:
+            self._write_row(f"obs.{key}", index, obs[key])
+
+    def _write_row(self, name: str, index: int, src: Tensor) -> None:
+        """``buffer[index] = src`` reshaped to the row (``[N, 1]`` fits ``[N]``). On the CPU through the numpy views:
+        a step writes a dozen small rows, and torch's index + copy_ (+ reshape) cost ~10-15 us each there."""
+        if self._host is not None and src.is_cpu and not src.requires_grad:
+            row = self._host[name][index]
+            row[...] = src.numpy().reshape(row.shape)
+        else:
+            row = (self.obs[name[4:]] if name.startswith("obs.") else getattr(self, name))[index]
+            row.copy_(src.reshape(row.shape))
+
+    def _make_host_views(self) -> None:
+        # numpy views of the buffers, made once per device: Tensor.numpy() itself costs ~3.5 us a call
+        self._host: dict[str, Any] | None = None
+        if self.device.type == "cpu":
+            self._host = {name: buf.numpy() for name, buf in self.state_dict().items() if torch.is_tensor(buf)}
 
     # ------------------------------------------------------------------ returns
     def compute_returns(self, next_value: Tensor, gamma: float, lam: float) -> None:
@@ -266,6 +277,7 @@ class RolloutStorage:
         self.obs = {key: buf.to(self.device) for key, buf in self.obs.items()}
         for name in _STEP_TENSORS:
             setattr(self, name, getattr(self, name).to(self.device))
+        self._make_host_views()
         return self
 
     def state_dict(self) -> dict[str, Any]:

@@ -8,20 +8,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ddppo.rows import HostViews
 from ddppo.sim.navmesh import SENSOR_HEIGHT, NavGrid
 from ddppo.sim.physics import GEODESICS, STEPPERS
 from ddppo.sim.render import RENDERERS
 from ddppo.sim.scene import FREE, OBJECT, WALL
-
-
-def put_rows(dst: torch.Tensor, ids, values) -> None:
-    """``dst[ids] = values`` for a few rows (ids and values: lists, arrays or tensors). Through numpy on the CPU,
-    where each of torch's indexed assignments costs ~20 us and starting an episode makes a dozen."""
-    if dst.device.type == "cpu":
-        dst.numpy()[ids.numpy() if isinstance(ids, torch.Tensor) else ids] = (
-            values.numpy() if isinstance(values, torch.Tensor) else values)
-    else:
-        dst[torch.as_tensor(ids, device=dst.device)] = torch.as_tensor(values, device=dst.device, dtype=dst.dtype)
 
 
 class SceneAtlas:
@@ -108,6 +99,7 @@ class BatchSimulator:
         self.goal_x, self.goal_z = z(), z()
         self.fields = torch.full((num_envs, *atlas.geo_shape), math.inf, device=self.device)
         self.all_envs = torch.arange(num_envs, device=self.device)
+        self.host = HostViews(self.scene_of, self.x, self.z, self.theta, self.goal_x, self.goal_z, self.fields)
 
     # ----------------------------------------------------------------------------------------------- state
     def place(self, env_ids, scene_idx, x, z, theta, fields: list[np.ndarray], goal_x=None, goal_z=None):
@@ -115,13 +107,13 @@ class BatchSimulator:
         without which distances near it come from the field alone)."""
         env_ids = env_ids.tolist() if isinstance(env_ids, torch.Tensor) else list(env_ids)
         nan = [math.nan] * len(env_ids)
-        put_rows(self.goal_x, env_ids, nan if goal_x is None else goal_x)
-        put_rows(self.goal_z, env_ids, nan if goal_z is None else goal_z)
+        self.host.put(self.goal_x, env_ids, nan if goal_x is None else goal_x)
+        self.host.put(self.goal_z, env_ids, nan if goal_z is None else goal_z)
         for dst, values in ((self.scene_of, scene_idx), (self.x, x), (self.z, z), (self.theta, theta)):
-            put_rows(dst, env_ids, values)
+            self.host.put(dst, env_ids, values)
         if self.device.type == "cpu":
             # numpy on CPU: torch would hand these large copies to its (passively waiting) thread pool
-            target = self.fields.numpy()
+            target = self.host.view(self.fields)
             for k, f in zip(env_ids, fields):
                 target[k, : f.shape[0], : f.shape[1]] = f
                 target[k, f.shape[0]:, :] = math.inf

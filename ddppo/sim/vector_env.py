@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from ddppo.sim.batch_sim import BatchSimulator, SceneAtlas, put_rows
+from ddppo.rows import HostViews, put_rows
+from ddppo.sim.batch_sim import BatchSimulator, SceneAtlas
 from ddppo.sim.dataset import Episode, check_episodes_in_scenes, scene_name
 from ddppo.sim.geometry import POSE_SENSORS, STOP
 from ddppo.sim.navmesh import GeodesicCache, NavGrid
@@ -151,6 +152,8 @@ class PointNavVectorEnv:
         self.steps, self.collisions = z(torch.long), z(torch.long)
         self.episode_index = z(torch.long)
         self.active = torch.ones(num_envs, dtype=torch.bool, device=self.device)
+        self.host = HostViews(self.start_x, self.start_z, self.start_theta, self.start_distance, self.prev_distance,
+                              self.path_length, self.steps, self.collisions, self.episode_index)
         self.reset_seconds = 0.0
         """Wall time spent starting episodes (geodesic fields included): the reset share of a benchmark."""
 
@@ -197,7 +200,7 @@ class PointNavVectorEnv:
         for dst, values in ((self.episode_index, ks), (self.start_x, xs), (self.start_z, zs), (self.start_theta, ths),
                             (self.start_distance, d0), (self.prev_distance, d0), (self.path_length, 0.0),
                             (self.steps, 0), (self.collisions, 0)):
-            put_rows(dst, started, values)
+            self.host.put(dst, started, values)
         return started
 
     def _observe(self, env_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -245,7 +248,7 @@ class PointNavVectorEnv:
         distance = self.sim.geodesic()
         reward, metrics = self._pointnav_step(self.task, stop, was_active, self.prev_distance, distance,
                                               self.start_distance, self.path_length)
-        self.prev_distance = distance
+        self.prev_distance.copy_(distance)  # in place: its numpy view (self.host) stays valid
         return reward, metrics
 
     @property
