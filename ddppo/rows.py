@@ -1,23 +1,29 @@
-"""Writing rows of tensors on the CPU through numpy.
+"""CPU tensors through numpy: row writes, and the numba kernels' arguments.
 
 On a small CPU each torch call costs several microseconds of dispatch before any work (index, then ``copy_``:
-~13 us per row written on the 2-core VM), and the per-step bookkeeping of a rollout writes dozens of small rows; a
-numpy assignment into a view of the same memory costs ~1-3 us. Other devices use torch."""
+~13 us per row written on the 2-core VM; even ``Tensor.numpy()`` costs ~3.5 us), and a step of the environment and
+of the rollout's bookkeeping makes dozens of such small calls; a numpy assignment into a view made once costs
+~1 us. Other devices use torch."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
+def as_numpy(a) -> np.ndarray:
+    """``a`` itself when it already is a numpy array (a view made once, see :class:`HostViews`), else
+    ``a.numpy()``: what the numba kernels' wrappers take."""
+    return a if isinstance(a, np.ndarray) else a.numpy()
+
+
 def put_rows(dst: torch.Tensor, ids, values) -> None:
-    """``dst[ids] = values``: ``ids`` an int (one row) or a list, array or tensor of rows, ``values`` a tensor,
-    array, list or number broadcast as numpy / torch indexing would. Values are cast to ``dst``'s dtype."""
+    """``dst[ids] = values`` for a few rows: ``ids`` a list, array or tensor, ``values`` a tensor, array, list or
+    number broadcast as numpy / torch indexing would. Values are cast to ``dst``'s dtype."""
     if dst.device.type == "cpu":
         if isinstance(ids, torch.Tensor):
             ids = ids.numpy()
         dst.numpy()[ids] = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
-    elif isinstance(ids, int):
-        dst[ids] = torch.as_tensor(values, device=dst.device, dtype=dst.dtype)
     else:
         dst[torch.as_tensor(ids, device=dst.device)] = torch.as_tensor(values, device=dst.device, dtype=dst.dtype)
 
@@ -33,10 +39,15 @@ class HostViews:
     def __init__(self, *tensors: torch.Tensor):
         self._views = {id(t): (t, t.numpy()) for t in tensors if t.device.type == "cpu"}
 
-    def view(self, t: torch.Tensor):
+    def view(self, t: torch.Tensor) -> np.ndarray:
         """The numpy view of CPU tensor ``t`` (the one made at construction when there is one)."""
         entry = self._views.get(id(t))
         return entry[1] if entry is not None and entry[0] is t else t.numpy()
+
+    def kernel_arg(self, kernels: str):
+        """How to hand a tensor to a kernel twin: its view (:meth:`view`) to the ``"numba"`` twins, which take numpy
+        arrays, and the tensor itself to the ``"torch"`` twins."""
+        return self.view if kernels == "numba" else _same
 
     def put(self, dst: torch.Tensor, ids, values) -> None:
         """``put_rows(dst, ids, values)``, through the stored view of ``dst`` when there is one."""
@@ -47,3 +58,7 @@ class HostViews:
         if isinstance(ids, torch.Tensor):
             ids = ids.numpy()
         entry[1][ids] = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t

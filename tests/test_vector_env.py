@@ -502,7 +502,7 @@ def test_host_views_write_rows_like_put_rows():
     host.put(replacement, [0, 2], [3, 4])
     assert replacement.tolist() == [3, 0, 4, 0, 0] and registered.tolist() == [0.0, 2.5, 0.0, -1.0, 7.0]
     expected = torch.zeros(2, 3)
-    put_rows(expected, 1, torch.tensor([1.0, 2.0, 3.0]))
+    put_rows(expected, [1], torch.tensor([[1.0, 2.0, 3.0]]))
     rows = torch.zeros(2, 3)
     HostViews(rows).put(rows, 1, torch.tensor([1.0, 2.0, 3.0]))
     assert torch.equal(rows, expected) and expected.tolist() == [[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]]

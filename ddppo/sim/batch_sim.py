@@ -58,6 +58,9 @@ class SceneAtlas:
         self.cell = t(np.array([n.scene.cell_size for n in navs], np.float32))
         self.geo_cell = t(np.array([n.geodesic_cell for n in navs], np.float32))
         self.ceiling = t(np.array([n.scene.ceiling_height for n in navs], np.float32))
+        self.host = HostViews(self.occ, self.cidx, self.navigable, self.skip, self.palette, self.origin, self.cell,
+                              self.geo_cell, self.ceiling)
+        """numpy views of the tables, for the numba kernels (empty off the CPU)"""
 
 
 class BatchSimulator:
@@ -99,7 +102,11 @@ class BatchSimulator:
         self.goal_x, self.goal_z = z(), z()
         self.fields = torch.full((num_envs, *atlas.geo_shape), math.inf, device=self.device)
         self.all_envs = torch.arange(num_envs, device=self.device)
-        self.host = HostViews(self.scene_of, self.x, self.z, self.theta, self.goal_x, self.goal_z, self.fields)
+        self.host = HostViews(self.scene_of, self.x, self.z, self.theta, self.goal_x, self.goal_z, self.fields,
+                              self.all_envs)
+        # the numba twins take the state as numpy views made once (Tensor.numpy() costs ~3.5 us a call on a small
+        # CPU, ~50 calls a step), the torch twins as the tensors themselves
+        self.kernel_arg = self.host.kernel_arg(renderer)
 
     # ----------------------------------------------------------------------------------------------- state
     def place(self, env_ids, scene_idx, x, z, theta, fields: list[np.ndarray], goal_x=None, goal_z=None):
@@ -126,13 +133,14 @@ class BatchSimulator:
     # -------------------------------------------------------------------------------------------- dynamics
     def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply actions (0 STOP, 1 FORWARD, 2 LEFT, 3 RIGHT). Returns (collided, distance moved)."""
-        return self.stepper(self.atlas, self.scene_of, self.x, self.z, self.theta, actions.to(self.device),
+        a = self.kernel_arg
+        return self.stepper(self.atlas, a(self.scene_of), a(self.x), a(self.z), a(self.theta), actions.to(self.device),
                             self.turn, self.forward_step, self.substeps)
 
     # ------------------------------------------------------------------------------------------ perception
     def render(self, env_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if env_ids is None:
-            s, x, z, th = self.scene_of, self.x, self.z, self.theta
+            s, x, z, th = map(self.kernel_arg, (self.scene_of, self.x, self.z, self.theta))
         else:
             s, x, z, th = self.scene_of[env_ids], self.x[env_ids], self.z[env_ids], self.theta[env_ids]
         n, r = s.shape[0], self.resolution
@@ -148,7 +156,8 @@ class BatchSimulator:
 
     def geodesic(self, env_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Geodesic distance from each agent to its goal."""
-        # all envs (every step) without gathers: a slice is a view
-        rows, sl = (self.all_envs, slice(None)) if env_ids is None else (env_ids, env_ids)
-        return self.geodesic_lookup(self.fields, rows, self.atlas, self.scene_of[sl], self.x[sl], self.z[sl],
-                                    self.goal_x[sl], self.goal_z[sl]).to(self.device)
+        a = self.kernel_arg
+        state = (self.scene_of, self.x, self.z, self.goal_x, self.goal_z)
+        # all envs (every step) without gathers
+        rows, state = (self.all_envs, state) if env_ids is None else (env_ids, [v[env_ids] for v in state])
+        return self.geodesic_lookup(a(self.fields), a(rows), self.atlas, *map(a, state)).to(self.device)

@@ -12,6 +12,8 @@ import numba
 import numpy as np
 import torch
 
+from ddppo.rows import as_numpy
+
 ACTION_NAMES = ("STOP", "MOVE_FORWARD", "TURN_LEFT", "TURN_RIGHT")
 STOP, MOVE_FORWARD, TURN_LEFT, TURN_RIGHT = range(4)
 
@@ -97,12 +99,12 @@ def _pose_sensors_numba(rows, x, z, theta, goal_x, goal_z, start_x, start_z, sta
 
 
 def pose_sensors_numba(rows, x, z, theta, goal_x, goal_z, start_x, start_z, start_theta):
-    """The twin of ``pose_sensors_torch`` on CPU tensors, in one pass."""
-    rows = np.arange(x.shape[0]) if rows is None else rows.numpy()
+    """The twin of ``pose_sensors_torch`` on CPU tensors (or their numpy views), in one pass."""
+    rows = np.arange(x.shape[0]) if rows is None else as_numpy(rows)
     n = rows.shape[0]
     pointgoal, gps, compass = np.empty((n, 2), np.float32), np.empty((n, 2), np.float32), np.empty((n, 1), np.float32)
-    _pose_sensors_numba(rows, x.numpy(), z.numpy(), theta.numpy(), goal_x.numpy(), goal_z.numpy(), start_x.numpy(),
-                        start_z.numpy(), start_theta.numpy(), pointgoal, gps, compass)
+    _pose_sensors_numba(rows, *map(as_numpy, (x, z, theta, goal_x, goal_z, start_x, start_z, start_theta)),
+                        pointgoal, gps, compass)
     return torch.from_numpy(pointgoal), torch.from_numpy(gps), torch.from_numpy(compass)
 
 

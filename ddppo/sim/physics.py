@@ -15,6 +15,7 @@ import numba
 import numpy as np
 import torch
 
+from ddppo.rows import as_numpy
 from ddppo.sim.geometry import MOVE_FORWARD, TURN_LEFT, TURN_RIGHT, forward_xz, wrap_angle
 from ddppo.sim.navmesh import NEAR_GOAL
 
@@ -61,9 +62,9 @@ def step_numba(atlas, scene_of, x, z, theta, actions, turn, forward_step, subste
     """Habitat's discrete actions, in place on CPU tensors x, z, theta; returns (collided, distance moved)."""
     collided = np.zeros(x.shape[0], np.bool_)
     moved = np.zeros(x.shape[0], np.float32)
-    _step_numba(atlas.navigable.numpy(), atlas.origin.numpy(), atlas.cell.numpy(), scene_of.numpy(),
-                actions.numpy(), x.numpy(), z.numpy(), theta.numpy(), turn, forward_step / substeps, substeps,
-                collided, moved)
+    v = atlas.host.view
+    _step_numba(v(atlas.navigable), v(atlas.origin), v(atlas.cell), as_numpy(scene_of), as_numpy(actions),
+                as_numpy(x), as_numpy(z), as_numpy(theta), turn, forward_step / substeps, substeps, collided, moved)
     return torch.from_numpy(collided), torch.from_numpy(moved)
 
 
@@ -134,8 +135,9 @@ def _geodesic_numba(fields, rows, origin, cell, scene_of, x, z, goal_x, goal_z, 
 
 def geodesic_numba(fields, rows, atlas, scene_of, x, z, goal_x, goal_z):
     out = np.empty(x.shape[0], np.float32)
-    _geodesic_numba(fields.numpy(), rows.numpy(), atlas.origin.numpy(), atlas.geo_cell.numpy(), scene_of.numpy(),
-                    x.numpy(), z.numpy(), goal_x.numpy(), goal_z.numpy(), NEAR_GOAL, out)
+    v = atlas.host.view
+    _geodesic_numba(as_numpy(fields), as_numpy(rows), v(atlas.origin), v(atlas.geo_cell), as_numpy(scene_of),
+                    as_numpy(x), as_numpy(z), as_numpy(goal_x), as_numpy(goal_z), NEAR_GOAL, out)
     return torch.from_numpy(out)
 
 

@@ -18,6 +18,8 @@ import math
 import numba
 import torch
 
+from ddppo.rows import as_numpy
+
 # shading constants shared by both renderers
 SIDE_SHADE = (1.0, 0.78)  # faces whose normal runs along x, along z
 ATTENUATION = 0.04  # brightness 1 / (1 + ATTENUATION * depth)
@@ -117,13 +119,15 @@ def _render_numba(occ, cidx, palette, origin, cell, ceil, scene_of, px, pz, thet
 
 
 def render_numba(atlas, scene_of, px, pz, theta, res, depth, rgb, max_depth, sensor_h):
-    """atlas: a SceneAtlas on the CPU; state tensors on the CPU. Writes into ``depth`` [N,res,res] / ``rgb``."""
+    """atlas: a SceneAtlas on the CPU; state as CPU tensors or their numpy views. Writes into ``depth`` [N,res,res] /
+    ``rgb``."""
     d = depth if depth is not None else torch.empty((1, 1, 1))
     c = rgb if rgb is not None else torch.empty((1, 1, 1, 3), dtype=torch.uint8)
+    v = atlas.host.view
     _render_numba(
-        atlas.occ.numpy(), atlas.cidx.numpy(), atlas.palette.numpy(), atlas.origin.numpy(), atlas.cell.numpy(),
-        atlas.ceiling.numpy(), scene_of.numpy(), px.numpy(), pz.numpy(), theta.numpy(), res, max_depth,
-        sensor_h, d.numpy(), c.numpy(), depth is not None, rgb is not None,
+        v(atlas.occ), v(atlas.cidx), v(atlas.palette), v(atlas.origin), v(atlas.cell), v(atlas.ceiling),
+        as_numpy(scene_of), as_numpy(px), as_numpy(pz), as_numpy(theta), res, max_depth, sensor_h, d.numpy(), c.numpy(),
+        depth is not None, rgb is not None,
     )
 
 

@@ -10,6 +10,7 @@ import numba
 import numpy as np
 import torch
 
+from ddppo.rows import as_numpy
 from ddppo.sim.geometry import STOP
 
 
@@ -77,10 +78,10 @@ def _tally_numba(actions, was_active, collided, moved, steps, path_length, colli
 
 
 def tally_numba(task, actions, was_active, collided, moved, steps, path_length, collisions):
-    """The twin of ``tally_torch`` on CPU tensors."""
+    """The twin of ``tally_torch`` on CPU tensors (or their numpy views)."""
     stop, truncated = np.empty(actions.shape[0], np.bool_), np.empty(actions.shape[0], np.bool_)
-    _tally_numba(actions.numpy(), was_active.numpy(), collided.numpy(), moved.numpy(), steps.numpy(),
-                 path_length.numpy(), collisions.numpy(), task.max_episode_steps, stop, truncated)
+    _tally_numba(*map(as_numpy, (actions, was_active, collided, moved, steps, path_length, collisions)),
+                 task.max_episode_steps, stop, truncated)
     stop = torch.from_numpy(stop)
     return stop, stop.clone(), torch.from_numpy(truncated)
 
@@ -104,11 +105,10 @@ def _pointnav_step_numba(stop, was_active, prev_distance, distance, start_distan
 
 
 def pointnav_step_numba(task, stop, was_active, prev_distance, distance, start_distance, path_length):
-    """The twin of ``pointnav_step`` on CPU tensors."""
+    """The twin of ``pointnav_step`` on CPU tensors (or their numpy views; ``distance`` a tensor)."""
     reward, success, spl_, softspl = (np.empty(stop.shape[0], np.float32) for _ in range(4))
-    _pointnav_step_numba(stop.numpy(), was_active.numpy(), prev_distance.numpy(), distance.numpy(),
-                         start_distance.numpy(), path_length.numpy(), task.success_distance, task.slack_reward,
-                         task.success_reward, reward, success, spl_, softspl)
+    _pointnav_step_numba(*map(as_numpy, (stop, was_active, prev_distance, distance, start_distance, path_length)),
+                         task.success_distance, task.slack_reward, task.success_reward, reward, success, spl_, softspl)
     t = torch.from_numpy
     return t(reward), {"success": t(success), "spl": t(spl_), "softspl": t(softspl),
                        "distance_to_goal": distance.clone()}

@@ -153,7 +153,10 @@ class PointNavVectorEnv:
         self.episode_index = z(torch.long)
         self.active = torch.ones(num_envs, dtype=torch.bool, device=self.device)
         self.host = HostViews(self.start_x, self.start_z, self.start_theta, self.start_distance, self.prev_distance,
-                              self.path_length, self.steps, self.collisions, self.episode_index)
+                              self.path_length, self.steps, self.collisions, self.episode_index, self.sim.x, self.sim.z,
+                              self.sim.theta, self.sim.goal_x, self.sim.goal_z)
+        # as the simulator's: numpy views for the numba twins, the tensors for the torch twins
+        self.kernel_arg = self.host.kernel_arg(self.sim.kernels)
         self.reset_seconds = 0.0
         """Wall time spent starting episodes (geodesic fields included): the reset share of a benchmark."""
 
@@ -206,8 +209,9 @@ class PointNavVectorEnv:
     def _observe(self, env_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         obs = self.sim.render(env_ids)
         sim = self.sim
-        obs["pointgoal_with_gps_compass"], obs["gps"], obs["compass"] = self._pose_sensors(
-            env_ids, sim.x, sim.z, sim.theta, self.goal_x, self.goal_z, self.start_x, self.start_z, self.start_theta)
+        obs["pointgoal_with_gps_compass"], obs["gps"], obs["compass"] = self._pose_sensors(env_ids, *map(
+            self.kernel_arg, (sim.x, sim.z, sim.theta, self.goal_x, self.goal_z, self.start_x, self.start_z,
+                              self.start_theta)))
         return obs
 
     # ------------------------------------------------------------------------------------------- API
@@ -220,8 +224,9 @@ class PointNavVectorEnv:
         actions = torch.where(self.active, actions, STOP)
         was_active = self.active.clone()
         collided, moved = self.sim.step(actions)
-        stop, terminated, truncated = self._tally(self.task, actions, was_active, collided, moved, self.steps,
-                                                  self.path_length, self.collisions)
+        a = self.kernel_arg
+        stop, terminated, truncated = self._tally(self.task, actions, was_active, collided, moved, a(self.steps),
+                                                  a(self.path_length), a(self.collisions))
         reward, metrics = self._reward_and_metrics(stop, was_active)
         done = terminated | truncated
         info = {
@@ -246,8 +251,9 @@ class PointNavVectorEnv:
         """The task's reward for the step just taken and its own entries of ``StepResult.info``, computed before
         the automatic reset replaces ended episodes. Other tasks (ddppo.transfer.tasks) override this."""
         distance = self.sim.geodesic()
-        reward, metrics = self._pointnav_step(self.task, stop, was_active, self.prev_distance, distance,
-                                              self.start_distance, self.path_length)
+        a = self.kernel_arg
+        reward, metrics = self._pointnav_step(self.task, stop, was_active, a(self.prev_distance), distance,
+                                              a(self.start_distance), a(self.path_length))
         self.prev_distance.copy_(distance)  # in place: its numpy view (self.host) stays valid
         return reward, metrics
 
