@@ -18,6 +18,7 @@ stable-baselines3 and sb3-contrib are a benchmark-only extra: ``pip install "ddp
 from __future__ import annotations
 
 import copy
+import functools
 import multiprocessing
 import os
 import tempfile
@@ -284,12 +285,18 @@ def in_own_process(fn, *args):
 
 
 def bench_peer(overrides: list[str], frames: int = 100_000, val_episodes: int = 100,
-               config_file: str | None = None, peers: tuple[str, ...] = PEERS) -> dict:
+               config_file: str | None = None, peers: tuple[str, ...] = PEERS, repeats: int = 1) -> dict:
     """Env-steps/s of ddppo's trainer and of each peer on ``frames`` env-steps, and val success of each at that
     budget, as JSON-ready numbers. ``speedup_vs_<peer>`` = ddppo's env-steps/s ÷ the peer's, like for like: against
     RecurrentPPO ddppo trains the config's recurrent policy (``ddppo``), against feed-forward PPO the same policy
     with a feed-forward core (``ddppo_ff``, ``policy.rnn_type=none``); ``speedup_recurrent_vs_ppo`` compares the
-    recurrent one with PPO."""
+    recurrent one with PPO.
+
+    The trainers run one after another, so a machine whose speed drifts between them (a shared VM: ±5-10% from one
+    minute to the next) moves a single ratio as much as the code does. ``repeats`` > 1 runs every trainer that many
+    rounds, the order reversed every other round, and reports each ratio as the median of the rounds' ratios
+    (``speedups_vs_<peer>`` lists them) and each rate as the median of its rounds. The runs are deterministic, so
+    every round trains the same agents: only the first round's are evaluated."""
     from ddppo.bench import machine
     from ddppo.config import load_config
     from ddppo.sim.data import ensure_dataset
@@ -297,6 +304,8 @@ def bench_peer(overrides: list[str], frames: int = 100_000, val_episodes: int = 
     unknown = set(peers) - set(PEERS)
     if unknown:
         raise ValueError(f"unknown peer(s) {sorted(unknown)}; use {', '.join(PEERS)}")
+    if repeats < 1:
+        raise ValueError(f"--repeats {repeats}: must be at least 1")
     with tempfile.TemporaryDirectory() as tmp:
         # ddppo trains without its own final evaluation: every agent is evaluated after training, by _evaluate
         cfg = load_config(config_file, [*overrides, f"run_dir={tmp}", "name=ddppo", f"total_steps={frames}",
@@ -309,31 +318,43 @@ def bench_peer(overrides: list[str], frames: int = 100_000, val_episodes: int = 
         ensure_dataset(cfg.task, cfg.dataset, log=lambda *_: None)
         device = str(resolve_device(cfg.device))
         cfg.device = device  # ddppo and the peers on the same device
-        runs = {"ddppo": in_own_process(run_ddppo, cfg, val_episodes, device)}
+        trainers = {"ddppo": (run_ddppo, cfg)}
         if "ppo" in peers and cfg.policy.rnn_type != "none":
             # PPO's network is feed-forward: ddppo trains that network too, for the like-for-like ratio
             ff = copy.deepcopy(cfg)
             ff.policy.rnn_type, ff.name = "none", "ddppo_ff"
-            runs["ddppo_ff"] = in_own_process(run_ddppo, ff, val_episodes, device)
+            trainers["ddppo_ff"] = (run_ddppo, ff)
         for kind in peers:
-            runs[kind] = in_own_process(run_peer, kind, cfg, val_episodes, device)
-    out: dict = {"bench": "peer", "frames": frames, "val_episodes": val_episodes}
-    for kind in peers:
-        ours = runs["ddppo_ff"] if kind == "ppo" and "ddppo_ff" in runs else runs["ddppo"]
-        out[f"speedup_vs_{kind}"] = ours["fps"] / runs[kind]["fps"]
-        out[f"cpu_speedup_vs_{kind}"] = ours["cpu_fps"] / runs[kind]["cpu_fps"]
+            trainers[kind] = (functools.partial(run_peer, kind), cfg)
+        rounds: list[dict] = []
+        orders = [list(trainers) if r % 2 == 0 else list(reversed(trainers)) for r in range(repeats)]
+        for r, order in enumerate(orders):
+            rounds.append({name: in_own_process(_run, trainers[name], val_episodes if r == 0 else 0, device)
+                           for name in order})
+    runs = rounds[0]
+    out: dict = {"bench": "peer", "frames": frames, "val_episodes": val_episodes, "repeats": repeats,
+                 "round_orders": orders}
+
+    def ours(kind: str) -> str:
+        return "ddppo_ff" if kind == "ppo" and "ddppo_ff" in runs else "ddppo"
+
+    pairs = {f"vs_{kind}": (ours(kind), kind) for kind in peers}
     if "ddppo_ff" in runs:  # ddppo's own (recurrent) agent against the feed-forward peer, for the record
-        out["speedup_recurrent_vs_ppo"] = runs["ddppo"]["fps"] / runs["ppo"]["fps"]
-        out["cpu_speedup_recurrent_vs_ppo"] = runs["ddppo"]["cpu_fps"] / runs["ppo"]["cpu_fps"]
+        pairs["recurrent_vs_ppo"] = ("ddppo", "ppo")
+    for label, (a, b) in pairs.items():
+        ratios = [rd[a]["fps"] / rd[b]["fps"] for rd in rounds]
+        out[f"speedup_{label}"] = float(np.median(ratios))
+        out[f"cpu_speedup_{label}"] = float(np.median([rd[a]["cpu_fps"] / rd[b]["cpu_fps"] for rd in rounds]))
+        out[f"speedups_{label}"] = ratios
     for name, r in runs.items():
-        out[f"fps_{name}"] = r["fps"]
-        out[f"cpu_fps_{name}"] = r["cpu_fps"]
+        out[f"fps_{name}"] = float(np.median([rd[name]["fps"] for rd in rounds]))
+        out[f"cpu_fps_{name}"] = float(np.median([rd[name]["cpu_fps"] for rd in rounds]))
         out[f"frames_{name}"] = r["frames"]  # each trainer's own count: equal budgets, checked not assumed
         if r["eval"]:
             for k in ("success", "success_ci95", "spl"):
                 out[f"val_{k}_{name}"] = r["eval"][k]
         out[f"wall_s_{name}"] = r["wall_s"]
-        out[f"loadavg_{name}"] = r["load"]
+        out[f"loadavg_{name}"] = float(np.mean([rd[name]["load"] for rd in rounds]))
         out[f"peak_rss_mib_{name}"] = r["peak_rss_mib"]
         if "cuda_max_allocated_mib" in r:
             out[f"cuda_max_allocated_mib_{name}"] = r["cuda_max_allocated_mib"]
@@ -341,3 +362,8 @@ def bench_peer(overrides: list[str], frames: int = 100_000, val_episodes: int = 
                num_mini_batch=cfg.ppo.num_mini_batch, lr=cfg.ppo.lr, device=device, config=config_file,
                overrides=overrides, machine=machine())
     return out
+
+
+def _run(trainer, val_episodes: int, device: str) -> dict:
+    fn, cfg = trainer
+    return fn(cfg, val_episodes, device)

@@ -51,7 +51,8 @@ def _bench_peer(args) -> int:
         print(f"ddppo: error: {e}", file=sys.stderr)
         return 2
     return _bench_output(args, bench_peer(args.overrides, args.frames, args.val_episodes,
-                                          args.config or default_config(), tuple(args.peers.split(","))))
+                                          args.config or default_config(), tuple(args.peers.split(",")),
+                                          args.repeats))
 
 
 def _slurm_train(args) -> int:
@@ -237,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--frames", type=int, default=100_000, help="env-steps each trainer runs")
     pe.add_argument("--val-episodes", type=int, default=100, help="val episodes each trained agent is evaluated on")
     pe.add_argument("--peers", default="recurrent_ppo,ppo", help="comma-separated: recurrent_ppo,ppo")
+    pe.add_argument("--repeats", type=int, default=1,
+                    help="rounds of every trainer, the order reversed every other round; ratios are the median of the "
+                         "rounds' ratios (a machine's drift between runs moves a single ratio)")
     pe.add_argument("overrides", nargs="*")
     _add_record_options(pe)
     pe.set_defaults(func=_bench_peer)

@@ -163,3 +163,29 @@ def test_bench_peer_without_sb3_fails_in_one_line(tmp_path):
     assert r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and 'pip install "ddppo[bench]"' in lines[0], r.stderr
+
+
+@needs_sb3
+def test_bench_peer_repeats_report_the_median_of_alternating_rounds(small_dataset, capsys):
+    """Two rounds, the second in reverse order: each ratio is the median of the rounds' ratios, each rate the median
+    of its rounds, and only the first round's agents are evaluated (the rounds train the same agents)."""
+    frames = 2 * 4 * 8
+    argv = ["bench", "peer", "--frames", str(frames), "--val-episodes", "2", "--peers", "ppo", "--repeats", "2",
+            *TINY, f"task.data_dir={small_dataset}", "policy.rnn_type=none"]
+    assert cli_main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["repeats"] == 2 and out["round_orders"] == [["ddppo", "ppo"], ["ppo", "ddppo"]]
+    ratios = out["speedups_vs_ppo"]
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)
+    assert out["speedup_vs_ppo"] == pytest.approx(float(np.median(ratios)))
+    assert "fps_ddppo_ff" not in out  # a feed-forward config: ddppo's own run is the like-for-like one
+    for name in ("ddppo", "ppo"):
+        assert out[f"fps_{name}"] > 0 and out[f"frames_{name}"] == frames
+        assert 0.0 <= out[f"val_success_{name}"] <= 1.0
+
+
+@needs_sb3
+def test_bench_peer_rejects_zero_repeats_before_training(capsys):
+    assert cli_main(["bench", "peer", "--repeats", "0", "--peers", "ppo"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--repeats 0" in err[0], err
