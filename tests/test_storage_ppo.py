@@ -594,3 +594,17 @@ def test_episode_stats_state_round_trip_and_bad_shape():
     assert other.episode_return.tolist() == stats.episode_return.tolist() == [2.0, 1.0, 4.0]
     with pytest.raises(ValueError, match="episode_return has shape"):
         EpisodeStats(4, ("success",)).load_state_dict(state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gae_numpy_loop_on_cpu_gives_torchs_bits(dtype):
+    """On the CPU gae runs its loop through numpy; values that require grad keep torch's loop. Same operations in
+    the same order: the same bits, bool or float not_done, with episode ends and a preemption-style bootstrap."""
+    gen = torch.Generator().manual_seed(3)
+    rewards = torch.randn(7, 5, generator=gen, dtype=dtype)
+    values = torch.randn(8, 5, generator=gen, dtype=dtype)
+    not_done = torch.rand(7, 5, generator=gen) > 0.3
+    for nd in (not_done, not_done.float()):
+        adv, ret = gae(rewards, values, nd, 0.99, 0.95)
+        adv_t, ret_t = gae(rewards, values.clone().requires_grad_(), nd, 0.99, 0.95)
+        assert adv.dtype == dtype and torch.equal(adv, adv_t.detach()) and torch.equal(ret, ret_t.detach())
