@@ -295,8 +295,8 @@ def bench_peer(overrides: list[str], frames: int = 100_000, val_episodes: int = 
     The trainers run one after another, so a machine whose speed drifts between them (a shared VM: ±5-10% from one
     minute to the next) moves a single ratio as much as the code does. ``repeats`` > 1 runs every trainer that many
     rounds, the order reversed every other round, and reports each ratio as the median of the rounds' ratios
-    (``speedups_vs_<peer>`` lists them) and each rate as the median of its rounds. The runs are deterministic, so
-    every round trains the same agents: only the first round's are evaluated."""
+    (``speedups_vs_<peer>`` lists them) and each rate as the median of its rounds (``fps_rounds_<name>``). The runs
+    are deterministic, so every round trains the same agents: only the first round's agents are evaluated."""
     from ddppo.bench import machine
     from ddppo.config import load_config
     from ddppo.sim.data import ensure_dataset
@@ -348,6 +348,7 @@ def bench_peer(overrides: list[str], frames: int = 100_000, val_episodes: int = 
         out[f"speedups_{label}"] = ratios
     for name, r in runs.items():
         out[f"fps_{name}"] = float(np.median([rd[name]["fps"] for rd in rounds]))
+        out[f"fps_rounds_{name}"] = [rd[name]["fps"] for rd in rounds]
         out[f"cpu_fps_{name}"] = float(np.median([rd[name]["cpu_fps"] for rd in rounds]))
         out[f"frames_{name}"] = r["frames"]  # each trainer's own count: equal budgets, checked not assumed
         if r["eval"]:

@@ -178,9 +178,11 @@ def test_bench_peer_repeats_report_the_median_of_alternating_rounds(small_datase
     ratios = out["speedups_vs_ppo"]
     assert len(ratios) == 2 and all(r > 0 for r in ratios)
     assert out["speedup_vs_ppo"] == pytest.approx(float(np.median(ratios)))
+    assert ratios == pytest.approx([a / b for a, b in zip(out["fps_rounds_ddppo"], out["fps_rounds_ppo"])])
     assert "fps_ddppo_ff" not in out  # a feed-forward config: ddppo's own run is the like-for-like one
     for name in ("ddppo", "ppo"):
         assert out[f"fps_{name}"] > 0 and out[f"frames_{name}"] == frames
+        assert out[f"fps_{name}"] == pytest.approx(float(np.median(out[f"fps_rounds_{name}"])))
         assert 0.0 <= out[f"val_success_{name}"] <= 1.0
 
 
