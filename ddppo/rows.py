@@ -21,9 +21,7 @@ def put_rows(dst: torch.Tensor, ids, values) -> None:
     """``dst[ids] = values`` for a few rows: ``ids`` a list, array or tensor, ``values`` a tensor, array, list or
     number broadcast as numpy / torch indexing would. Values are cast to ``dst``'s dtype."""
     if dst.device.type == "cpu":
-        if isinstance(ids, torch.Tensor):
-            ids = ids.numpy()
-        dst.numpy()[ids] = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
+        _put_numpy(dst.numpy(), ids, values)
     else:
         dst[torch.as_tensor(ids, device=dst.device)] = torch.as_tensor(values, device=dst.device, dtype=dst.dtype)
 
@@ -54,11 +52,15 @@ class HostViews:
         entry = self._views.get(id(dst))
         if entry is None or entry[0] is not dst:
             put_rows(dst, ids, values)
-            return
-        if isinstance(ids, torch.Tensor):
-            ids = ids.numpy()
-        entry[1][ids] = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
+        else:
+            _put_numpy(entry[1], ids, values)
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+def _put_numpy(view: np.ndarray, ids, values) -> None:
+    if isinstance(ids, torch.Tensor):
+        ids = ids.numpy()
+    view[ids] = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values

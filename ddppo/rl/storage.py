@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ddppo.rl.ppo import gae
+from ddppo.rows import HostViews
 
 __all__ = ["RolloutStorage", "ObsSpaces"]
 
@@ -164,10 +165,11 @@ class RolloutStorage:
         if t >= self.num_steps:
             raise RuntimeError(f"RolloutStorage is full ({self.num_steps} steps); call after_update() first")
         self._copy_obs(t + 1, obs)
-        for name, index, src in (("hidden", t + 1, hidden), ("actions", t, actions), ("prev_actions", t + 1, actions),
-                                 ("log_probs", t, log_probs), ("values", t, values), ("rewards", t, rewards),
-                                 ("not_done", t, not_done), ("masks", t + 1, masks)):
-            self._write_row(name, index, src)
+        for buf, index, src in ((self.hidden, t + 1, hidden), (self.actions, t, actions),
+                                (self.prev_actions, t + 1, actions), (self.log_probs, t, log_probs),
+                                (self.values, t, values), (self.rewards, t, rewards), (self.not_done, t, not_done),
+                                (self.masks, t + 1, masks)):
+            self._write_row(buf, index, src)
         self.step = t + 1
         self.returns_computed = False
 
@@ -175,24 +177,23 @@ class RolloutStorage:
         missing = set(self.obs) - set(obs)
         if missing:
             raise KeyError(f"observation is missing keys {sorted(missing)}")
-        for key in self.obs:
-            self._write_row(f"obs.{key}", index, obs[key])
+        for key, buf in self.obs.items():
+            self._write_row(buf, index, obs[key])
 
-    def _write_row(self, name: str, index: int, src: Tensor) -> None:
-        """``buffer[index] = src`` reshaped to the row (``[N, 1]`` fits ``[N]``). On the CPU through the numpy views:
-        a step writes a dozen small rows, and torch's index + copy_ (+ reshape) cost ~10-15 us each there."""
+    def _write_row(self, buf: Tensor, index: int, src: Tensor) -> None:
+        """``buf[index] = src`` reshaped to the row (``[N, 1]`` fits ``[N]``). On the CPU through the buffers' numpy
+        views: a step writes a dozen small rows, and torch's index + copy_ (+ reshape) cost ~10-15 us each there."""
         if self._host is not None and src.is_cpu and not src.requires_grad:
-            row = self._host[name][index]
+            row = self._host.view(buf)[index]
             row[...] = src.numpy().reshape(row.shape)
         else:
-            row = (self.obs[name[4:]] if name.startswith("obs.") else getattr(self, name))[index]
+            row = buf[index]
             row.copy_(src.reshape(row.shape))
 
     def _make_host_views(self) -> None:
-        # numpy views of the buffers, made once per device: Tensor.numpy() itself costs ~3.5 us a call
-        self._host: dict[str, Any] | None = None
-        if self.device.type == "cpu":
-            self._host = {name: buf.numpy() for name, buf in self.state_dict().items() if torch.is_tensor(buf)}
+        # numpy views of the buffers, made once per device (see ddppo.rows.HostViews)
+        self._host = (HostViews(*self.obs.values(), *(getattr(self, name) for name in _STEP_TENSORS))
+                      if self.device.type == "cpu" else None)
 
     # ------------------------------------------------------------------ returns
     def compute_returns(self, next_value: Tensor, gamma: float, lam: float) -> None:
