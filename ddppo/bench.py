@@ -115,6 +115,7 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
     from ddppo.distributed import DistInfo, resolve_device, resolve_sim_device
     from ddppo.envs import make_vector_env
     from ddppo.policy import build_policy
+    from ddppo.rl.flat_grads import FlatGradients
     from ddppo.rl.ppo import make_adam
     from ddppo.rl.storage import RolloutStorage
     from ddppo.train import ppo_update, train
@@ -159,9 +160,10 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
         storage.compute_returns(torch.zeros(n, device=device), cfg.ppo.gamma, cfg.ppo.tau)
         policy.train()
         optimizer = make_adam(policy.parameters(), lr=cfg.ppo.lr, eps=cfg.ppo.eps)
-        ppo_update(policy, optimizer, list(policy.parameters()), storage, cfg.ppo, DistInfo(device=device))  # warm-up
+        grads = FlatGradients(policy.parameters())
+        ppo_update(policy, optimizer, grads, storage, cfg.ppo, DistInfo(device=device))  # warm-up
         tl = clock()
-        ppo_update(policy, optimizer, list(policy.parameters()), storage, cfg.ppo, DistInfo(device=device))
+        ppo_update(policy, optimizer, grads, storage, cfg.ppo, DistInfo(device=device))
         t_learn = clock() - tl
         per_step = (t_sim + t_act + t_learn) / (T * n)
         limit = 1.0 / per_step

@@ -109,20 +109,6 @@ def all_reduce_sum(values: list[float] | torch.Tensor, info: DistInfo) -> torch.
     return t.cpu()
 
 
-def all_reduce_grads(params: list[torch.nn.Parameter], info: DistInfo) -> None:
-    """Sum gradients over ranks in one flattened buffer (callers scale the loss by the global sample count)."""
-    if not info.enabled:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
-
-
 def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
     """Identical initial weights everywhere: rank 0's parameters and buffers win."""
     if not info.enabled:

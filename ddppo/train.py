@@ -33,7 +33,6 @@ from ddppo.atomic import atomic_write_text  # noqa: E402
 from ddppo.config import load_config, save_config  # noqa: E402
 from ddppo.distributed import (  # noqa: E402
     RolloutCounter,
-    all_reduce_grads,
     all_reduce_sum,
     broadcast_module,
     init_distributed,
@@ -45,6 +44,7 @@ from ddppo.memory import keep_freed_memory, peak_memory  # noqa: E402
 from ddppo.policy import build_policy  # noqa: E402
 from ddppo.resume import load_resume, save_resume, set_aside_previous_run  # noqa: E402
 from ddppo.rl.episode_stats import EpisodeStats  # noqa: E402
+from ddppo.rl.flat_grads import FlatGradients  # noqa: E402
 from ddppo.rl.ppo import bootstrap_truncated, make_adam, ppo_loss  # noqa: E402
 from ddppo.rl.storage import RolloutStorage  # noqa: E402
 from ddppo.sim.data import ensure_dataset  # noqa: E402
@@ -95,6 +95,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
     # transferred weights (cfg.transfer), frozen parts left out, the visual pathway in its own lr group
     params, param_groups = apply_transfer(policy, cfg, run_dir, log, write=main)
     optimizer = make_adam(param_groups, lr=cfg.ppo.lr, eps=cfg.ppo.eps)
+    grads = FlatGradients(params)  # zeroed, all-reduced and clipped as one buffer
     num_updates = math.ceil(cfg.total_steps / (cfg.ppo.num_steps * n_envs * info.world_size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda u: max(0.0, 1 - u / num_updates) if cfg.ppo.lr_decay else 1.0
@@ -197,7 +198,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
                                      rollout_steps / num_steps], info)
             t_wait = time.perf_counter() - t_wait
             global_samples = int(totals[0])
-            losses = ppo_update(policy, optimizer, params, storage, cfg.ppo, info)
+            losses = ppo_update(policy, optimizer, grads, storage, cfg.ppo, info)
             if losses[6] > 0:  # NaN/Inf: ppo_update rolled the update back; too many in a row stop the run below
                 state["skipped_updates"] += 1
                 state["bad_in_a_row"] += 1
@@ -309,7 +310,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
     return result
 
 
-def ppo_update(policy, optimizer, params, storage: RolloutStorage, ppo, info) -> torch.Tensor:
+def ppo_update(policy, optimizer, grads: FlatGradients, storage: RolloutStorage, ppo, info) -> torch.Tensor:
     """PPO epochs over environment-split minibatches. Each rank sums its per-sample losses and divides by the
     minibatch's sample count over all ranks, and gradients are summed across ranks: the update equals a single
     process's update on the concatenated samples, whatever share each rank collected.
@@ -343,10 +344,11 @@ def ppo_update(policy, optimizer, params, storage: RolloutStorage, ppo, info) ->
             if n_bad > 0:
                 bad = True
                 break
-            optimizer.zero_grad(set_to_none=False)
+            grads.zero_()
             (loss / n_global).backward()
-            all_reduce_grads(params, info)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, ppo.max_grad_norm)
+            if info.enabled:
+                grads.all_reduce_()
+            grad_norm = grads.clip_norm_(ppo.max_grad_norm)
             if not torch.isfinite(grad_norm):  # all-reduced gradients: every rank has this same norm
                 bad = True
                 break
@@ -358,7 +360,7 @@ def ppo_update(policy, optimizer, params, storage: RolloutStorage, ppo, info) ->
     if bad:
         policy.load_state_dict(before[0])
         optimizer.load_state_dict(before[1])
-        optimizer.zero_grad(set_to_none=False)
+        grads.zero_()
         return torch.tensor([math.nan] * 6 + [1.0], dtype=torch.float64)
     # sums[:5] are already global means per minibatch once summed over ranks
     return torch.cat([all_reduce_sum(sums.tolist(), info) / n_minibatches, torch.zeros(1, dtype=torch.float64)])

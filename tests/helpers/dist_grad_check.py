@@ -6,7 +6,8 @@ samples per rank (rank 1's rollout is "preempted" after 3 of 8 steps).
 Mirrors the update of ``ddppo/train.py``: ``broadcast_module`` for identical initial weights, a
 ``RolloutStorage`` filled by ``policy.act``, ``policy.evaluate_actions`` in training mode (the visual running
 normaliser all-reduces its statistics), ``ppo_loss(reduction="sum")`` divided by the all-reduced sample count
-(``all_reduce_sum``), ``all_reduce_grads``, gradient clipping and one Adam step. Each rank writes
+(``all_reduce_sum``), the gradients all-reduced and clipped as one flat buffer (``FlatGradients``) and one
+Adam step. Each rank writes
 ``OUT_DIR/rank{r}.pt`` with its minibatch, the initial state, its local and all-reduced gradients and the state
 after the step; the test recomputes the same update in one process on the concatenated batch.
 
@@ -24,8 +25,9 @@ import torch
 
 import ddppo.train as trainer
 from ddppo.config import load_config
-from ddppo.distributed import all_reduce_grads, all_reduce_sum, broadcast_module, init_distributed
+from ddppo.distributed import all_reduce_sum, broadcast_module, init_distributed
 from ddppo.policy import build_policy
+from ddppo.rl.flat_grads import FlatGradients
 from ddppo.rl.ppo import make_adam, ppo_loss
 from ddppo.rl.storage import RolloutStorage
 
@@ -101,19 +103,21 @@ def main() -> int:
                        entropy_coef=cfg.ppo.entropy_coef, clipped_value_loss=cfg.ppo.clipped_value_loss,
                        normalize_advantages=cfg.ppo.normalize_advantages, reduction="sum")
     n_global = all_reduce_sum([batch["num_samples"]], info)[0].item()
-    optimizer.zero_grad(set_to_none=False)
+    grads = FlatGradients(params)
+    grads.zero_()
     (loss / n_global).backward()
     local_grads = {n: p.grad.detach().clone() for n, p in zip(names, params)}
-    all_reduce_grads(params, info)
+    grads.all_reduce_()
     reduced_grads = {n: p.grad.detach().clone() for n, p in zip(names, params)}
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.ppo.max_grad_norm)
+    grad_norm = grads.clip_norm_(cfg.ppo.max_grad_norm)
     optimizer.step()
 
     # the trainer's own update function, same data, same starting point
     copy_params = [p for p in policy_copy.parameters() if p.requires_grad]
     copy_optimizer = make_adam(copy_params, lr=cfg.ppo.lr, eps=cfg.ppo.eps)
     policy_copy.train()
-    trainer_losses = trainer.ppo_update(policy_copy, copy_optimizer, copy_params, storage, cfg.ppo, info)
+    trainer_losses = trainer.ppo_update(policy_copy, copy_optimizer, FlatGradients(copy_params), storage, cfg.ppo,
+                                        info)
 
     torch.save({
         "rank": info.rank,
