@@ -84,6 +84,32 @@ def test_encoder_shapes_and_stages(name: str, sensors: str) -> None:
     assert torch.isfinite(logits).all() and torch.isfinite(value).all()
 
 
+@pytest.mark.parametrize("rnn_type", ["none", "gru"])
+def test_forward_equals_its_submodules_called_as_modules(rnn_type: str) -> None:
+    """The policy applies its per-step layers as functions (a module call costs as much as a small layer): the
+    result must be exactly what calling every submodule as a module gives."""
+    torch.manual_seed(0)
+    obs_spaces = spaces(32, rgb=False)
+    policy = small_policy(obs_spaces, rnn_type=rnn_type, num_recurrent_layers=1).eval()
+    obs = random_obs(obs_spaces, 3)
+    prev = torch.tensor([0, 2, 3])
+    masks = torch.tensor([1.0, 0.0, 1.0])  # env 1 starts an episode: "no previous action", zero state
+    hidden = torch.randn(policy.num_hidden_layers, 3, 32)
+    logits, value, new_hidden = policy(obs, prev, masks, hidden)
+
+    stages = policy.encoder.stages(policy.visual_input(obs))  # Sequential(Conv2d, ReLU) modules
+    x = torch.cat([policy.visual_fc(stages[-1].flatten(1)), policy.goal_embed(goal_features(obs[GOAL_SENSOR])),
+                   policy.action_embed(torch.tensor([1, 0, 4]))], dim=-1)
+    if rnn_type == "none":
+        out, expected_hidden = policy.core(x), hidden
+    else:
+        out, expected_hidden = policy.core(x.unsqueeze(0), hidden * masks.view(1, -1, 1))
+        out = out.squeeze(0)
+    assert torch.equal(logits, policy.actor(out))
+    assert torch.equal(value, policy.critic(out).squeeze(-1))
+    assert torch.equal(new_hidden, expected_hidden)
+
+
 def test_resnet18_avgpool_128() -> None:
     obs_spaces = spaces(128)
     policy = small_policy(obs_spaces, encoder="resnet18", avgpool=2).eval()

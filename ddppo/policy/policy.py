@@ -117,8 +117,8 @@ def action_log_probs(logits: Tensor, actions: Tensor) -> Tensor:
 
 def linear(layer: nn.Linear, x: Tensor) -> Tensor:
     """``layer(x)`` without the module call. At rollout batch sizes a module call (~5 us, ~10 for a Sequential or a
-    ReLU module) costs as much as the small layer itself; the policy's per-step layers are applied through these
-    two helpers (same operations, same results; no module hooks are involved)."""
+    ReLU module) costs as much as the small layer itself, so the policy applies its per-step layers through these
+    two helpers: the same operations and results, but forward hooks registered on those submodules do not fire."""
     return F.linear(x, layer.weight, layer.bias)
 
 
