@@ -274,6 +274,10 @@ class Policy(nn.Module):
             return self._rnn(x, hidden * masks[0].to(hidden.dtype).view(1, -1, 1))
         return run_packed(self._rnn, x, hidden, episode_segments(masks))
 
+    def _heads(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        """The core's output [..., hidden] -> (action logits [..., A], value [...])."""
+        return linear(self.actor, out), linear(self.critic, out).squeeze(-1)
+
     # ------------------------------------------------------------------ per-step features
 
     def _features(self, obs: dict[str, Any], prev_actions: Any, masks: Tensor) -> Tensor:
@@ -304,7 +308,7 @@ class Policy(nn.Module):
         x = self._features(obs, prev_actions, m)
         out, hidden = self._run_core(x.unsqueeze(0), m.unsqueeze(0), hidden)
         out = out.squeeze(0)
-        return linear(self.actor, out), linear(self.critic, out).squeeze(-1), hidden
+        return *self._heads(out), hidden
 
     def act(
         self,
@@ -350,8 +354,7 @@ class Policy(nn.Module):
         prev = _as_tensor(prev_actions_seq, device).reshape(t_len * n)
         x = self._features(flat_obs, prev, m.reshape(t_len * n)).view(t_len, n, -1)
         out, _ = self._run_core(x, m, hidden0)
-        logits = linear(self.actor, out)
-        values = linear(self.critic, out).squeeze(-1)
+        logits, values = self._heads(out)
         log_p = torch.log_softmax(logits, dim=-1)
         actions = _as_tensor(actions_seq, device).long().reshape(t_len, n)
         entropy = -(log_p.exp() * log_p).sum(-1)
