@@ -22,6 +22,7 @@ from ddppo.policy import (
     make_encoder,
 )
 from ddppo.policy.packing import episode_segments
+from ddppo.policy.common import in_memory_format
 from ddppo.policy.policy import block_mean
 
 NUM_ACTIONS = 4
@@ -108,6 +109,39 @@ def test_forward_equals_its_submodules_called_as_modules(rnn_type: str) -> None:
     assert torch.equal(logits, policy.actor(out))
     assert torch.equal(value, policy.critic(out).squeeze(-1))
     assert torch.equal(new_hidden, expected_hidden)
+
+
+def test_in_memory_format_gives_exact_strides() -> None:
+    one = torch.rand(2, 5, 7, 1).permute(0, 3, 1, 2)  # counts as contiguous in both formats, strides channels-last
+    assert one.is_contiguous() and one.is_contiguous(memory_format=torch.channels_last)
+    nchw = in_memory_format(one, torch.contiguous_format)
+    assert nchw.stride() == (35, 35, 7, 1) and torch.equal(nchw, one)
+    assert in_memory_format(nchw, torch.contiguous_format) is nchw  # no copy when the strides already match
+    assert in_memory_format(one, torch.channels_last) is one
+    four = torch.rand(2, 4, 5, 7)
+    cl = in_memory_format(four, torch.channels_last)
+    assert cl.stride() == (140, 1, 28, 4) and torch.equal(cl, four)
+
+
+@pytest.mark.parametrize("name,layout", [("simple_cnn", "channels_last"), ("resnet18", "nchw"),
+                                         ("squeezenet1_1", "nchw")])
+@pytest.mark.parametrize("c", [1, 4])
+def test_encoders_run_in_their_memory_format_whatever_the_input(name: str, layout: str, c: int) -> None:
+    """SimpleCNN runs channels-last, the GroupNorm encoders NCHW (each the faster on the CPU), whichever layout the
+    input comes in; the features are the same either way."""
+    torch.manual_seed(0)
+    enc = make_encoder(name, c, (32, 32), 8, 4).eval()
+    first_conv = next(m for m in enc.modules() if isinstance(m, torch.nn.Conv2d))
+    seen = []
+    first_conv.register_forward_pre_hook(lambda _m, args: seen.append(args[0].stride()))
+    want = (c * 1024, 1, 32 * c, c) if layout == "channels_last" else (c * 1024, 1024, 32, 1)
+    x = torch.rand(3, 32, 32, c)
+    outs = []
+    for inp in (x.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2).contiguous(memory_format=torch.contiguous_format)):
+        outs.append(enc.stages(inp)[-1].flatten(1))
+        assert seen[-1] == want, (inp.stride(), seen[-1])
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(enc(x.permute(0, 3, 1, 2)), outs[0])
 
 
 def test_resnet18_avgpool_128() -> None:

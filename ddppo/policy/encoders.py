@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ddppo.policy.common import (
     StagedEncoder,
+    in_memory_format,
     init_conv_weights,
     trace_hw,
 )
@@ -95,7 +96,9 @@ def _simple_cnn_geometry(input_hw: tuple[int, int]) -> list[tuple[int, int]]:
 
 
 class SimpleCNN(nn.Module):
-    """Small three-conv CNN (Nature-CNN widths base, 2*base, base) for fast CPU experiments."""
+    """Small three-conv CNN (Nature-CNN widths base, 2*base, base) for fast CPU experiments. Runs in channels-last
+    memory: with no normalisation layers, its convolutions learn 1.2-1.6x faster so on the CPU (oneDNN) than in
+    NCHW; the flat features keep the NCHW order (C, H, W) whatever the layout."""
 
     def __init__(self, in_channels: int, input_hw: tuple[int, int], base_planes: int = 32):
         super().__init__()
@@ -114,6 +117,7 @@ class SimpleCNN(nn.Module):
 
     def stages(self, x: Tensor) -> list[Tensor]:
         outs = []
+        x = in_memory_format(x, torch.channels_last)
         for layer in self.layers:
             x = layer(x)
             outs.append(x)
@@ -122,6 +126,7 @@ class SimpleCNN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # the layers as functions, not nine module calls (~15 us each with their Sequential: ~15% of the forward
         # pass at rollout batch sizes); the same operations as stages()
+        x = in_memory_format(x, torch.channels_last)
         for conv, _relu in self.layers:
             x = torch.relu_(F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding))
         return torch.flatten(x, 1)
