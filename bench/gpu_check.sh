@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see README "Benchmarks"): the CUDA tests, GPU throughput and the NCCL
-# path, in about 4 minutes. Everything goes to $OUT (default ./gpu-out); the figures then go into bench/RESULTS.md.
+# path, in about 5 minutes. Everything goes to $OUT (default ./gpu-out); the figures then go into bench/RESULTS.md.
 #   run:  bash bench/gpu_check.sh   (torch with CUDA and the package's dependencies already installed; the dataset
 #         data/pointnav_small with its stored geodesic fields, so no FMM is needed there)
 set -uo pipefail
@@ -24,10 +24,12 @@ done
 timeout 45 python -m ddppo bench sim --device cuda --num-envs 1024 --resolution 128 --sensors depth,rgb --steps 50 \
   --warmup 20 --data-dir data/pointnav_small > "$OUT/sim_rgbd128_n1024.json" 2>>"$OUT/log.txt"
 
-log "end to end on CUDA, small ResNet at depth 64² (target >= 19,000 frames/s)"
-timeout 180 python -m ddppo bench train --updates 3 device=cuda sim.device=cuda sim.resolution=64 \
-  policy.encoder=resnet18 policy.base_planes=16 policy.hidden_size=256 ppo.num_envs=256 ppo.num_steps=64 \
-  > "$OUT/train_resnet18_depth64.json" 2>>"$OUT/log.txt"
+log "end to end on CUDA, small ResNet at depth 64² (target >= 19,000 frames/s), float32 and bf16 encoder"
+for p in float32 bfloat16; do
+  timeout 150 python -m ddppo bench train --updates 3 device=cuda sim.device=cuda sim.resolution=64 \
+    policy.encoder=resnet18 policy.base_planes=16 policy.hidden_size=256 ppo.num_envs=256 ppo.num_steps=64 \
+    policy.encoder_precision=$p > "$OUT/train_resnet18_depth64_$p.json" 2>>"$OUT/log.txt"
+done
 
 log "NCCL path: torchrun, one rank per GPU, ddppo.backend=nccl"
 timeout 60 python -m torch.distributed.run --nproc-per-node="$(nvidia-smi -L | wc -l)" ddppo/train.py \

@@ -35,6 +35,7 @@ from torch import nn
 from ddppo.distributed import resolve_device, resolve_sim_device
 from ddppo.memory import peak_memory, reset_peak_rss
 from ddppo.policy import GOAL_SENSOR, build_policy, goal_features
+from ddppo.policy.policy import encode_in, resolve_encoder_dtype
 from ddppo.sim.gym_env import _observation_space
 
 SB3_MISSING = 'ddppo bench peer needs stable-baselines3 and sb3-contrib: pip install "ddppo[bench]"'
@@ -110,7 +111,8 @@ class DDPPOFeatures(BaseFeaturesExtractor):
     from a ddppo ``Policy`` built from the same policy config, so the peers train the same network up to the core.
 
     ``core_fc`` adds a Linear(features, hidden_size) + ReLU, the feed-forward stand-in for the recurrent core, so
-    that the PPO peer has a hidden layer of the core's width before its (linear) heads."""
+    that the PPO peer has a hidden layer of the core's width before its (linear) heads. The encoder computes in the
+    config's ``encoder_precision``, as ddppo's does."""
 
     def __init__(self, observation_space: spaces.Dict, policy_cfg: dict, core_fc: bool = False):
         obs_spaces = {k: (self._hwc(k, s.shape), torch.uint8 if s.dtype == np.uint8 else torch.float32)
@@ -122,6 +124,7 @@ class DDPPOFeatures(BaseFeaturesExtractor):
         super().__init__(observation_space, out)
         self.visual_input, self.encoder, self.visual_fc = policy.visual_input, policy.encoder, policy.visual_fc
         self.goal_embed = policy.goal_embed
+        self.encoder_precision = policy.encoder_precision
         # sb3 moves channel-last uint8 images channel-first (VecTransposeImage); ddppo's VisualInput wants them back
         self.transposed = {k for k, s in observation_space.spaces.items() if k == "rgb" and s.shape[0] == 3}
         self.core = nn.Sequential(nn.Linear(width, out), nn.ReLU()) if core_fc else nn.Identity()
@@ -134,7 +137,9 @@ class DDPPOFeatures(BaseFeaturesExtractor):
         feats = []
         if self.encoder is not None:
             obs = {k: (v.permute(0, 2, 3, 1) if k in self.transposed else v) for k, v in obs.items()}
-            feats.append(self.visual_fc(self.encoder(self.visual_input(obs))))
+            x = self.visual_input(obs)
+            feats.append(self.visual_fc(encode_in(self.encoder, x, resolve_encoder_dtype(self.encoder_precision,
+                                                                                          x.device))))
         if self.goal_embed is not None:
             feats.append(self.goal_embed(goal_features(obs[GOAL_SENSOR].reshape(-1, 2))))
         return self.core(torch.cat(feats, dim=-1))

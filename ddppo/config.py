@@ -88,6 +88,10 @@ class PolicyConfig:
     avgpool: int = 1
     """Average-pool the visual input by this factor first (habitat pools 256 -> 128)."""
     normalize_visual: bool = True
+    encoder_precision: str = "float32"
+    """float32 | bfloat16 | auto: what the visual encoder computes in (torch.autocast around it; its weights and
+    gradients, the normaliser before it and everything after it stay float32). auto = bfloat16 where the device
+    has native bf16 arithmetic (CUDA GPUs that support it; x86 CPUs with AVX512-BF16 or AMX), else float32."""
 
 
 @dataclass
@@ -284,6 +288,10 @@ def check(cfg) -> None:
 
     need(cfg.policy.encoder in ENCODERS,
          f"policy.encoder={cfg.policy.encoder!r}: use one of {', '.join(sorted(ENCODERS))}")
+    from ddppo.policy.policy import ENCODER_PRECISIONS
+
+    need(cfg.policy.encoder_precision in ENCODER_PRECISIONS,
+         f"policy.encoder_precision={cfg.policy.encoder_precision!r}: use one of {', '.join(ENCODER_PRECISIONS)}")
     need(cfg.policy.avgpool >= 1, f"policy.avgpool={cfg.policy.avgpool} must be >= 1")
     need(sim.resolution // cfg.policy.avgpool >= 16 or not sim.sensors,
          f"sim.resolution={sim.resolution} / policy.avgpool={cfg.policy.avgpool} leaves < 16 pixels")

@@ -171,6 +171,7 @@ def test_wrong_type_in_yaml(tmp_path):
     (["ddppo.sync_frac=0"], "ddppo.sync_frac"),
     (["ddppo.backend=mpi"], "ddppo.backend"),
     (["policy.rnn_type=transformer"], "policy.rnn_type"),
+    (["policy.encoder_precision=float16"], "policy.encoder_precision"),
     (["keep_checkpoints=0"], "keep_checkpoints"),
 ])
 def test_impossible_combinations_are_config_errors(overrides, key):

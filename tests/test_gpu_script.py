@@ -20,7 +20,9 @@ def ddppo_commands() -> list[list[str]]:
     for line in text.splitlines():
         m = re.search(r"python -m ddppo (.*?)(?:>|\||$)", line)
         if m:
-            commands.append(shlex.split(m.group(1).replace("$n", "64").replace('"$OUT', '"out')))
+            # the script's loop variables: $n environments, $p the encoder precision
+            command = m.group(1).replace("$n", "64").replace("$p", "bfloat16").replace('"$OUT', '"out')
+            commands.append(shlex.split(command))
     return commands
 
 

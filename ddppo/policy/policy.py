@@ -9,6 +9,7 @@ Conventions (all batch-first, N environments):
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ RNN_TYPES = ("lstm", "gru", "none")
 """Cores: an LSTM or GRU (DD-PPO's), or ``none``, a feed-forward Linear + ReLU with an empty state (for
 comparisons with feed-forward agents; the previous action still enters, zeroed at episode starts)."""
 VISUAL_SENSORS = ("rgb", "depth")
+ENCODER_PRECISIONS = ("float32", "bfloat16", "auto")
 GOAL_EMBED_SIZE = 32
 ACTION_EMBED_SIZE = 32
 
@@ -82,7 +84,7 @@ class VisualInput(nn.Module):
                 x = x * (1.0 / 255.0)
             parts.append(x)
         x = (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]).permute(0, 3, 1, 2)
-        return self.normalizer(x.contiguous())
+        return self.normalizer(x.contiguous())  # each encoder puts it in the memory format it runs fastest in
 
 
     def pooled_spaces(self, obs_spaces: ObsSpaces) -> ObsSpaces:
@@ -127,6 +129,39 @@ def linear_relu(block: nn.Sequential, x: Tensor) -> Tensor:
     return torch.relu_(linear(block[0], x))
 
 
+def has_native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` does bf16 arithmetic in hardware: there, bf16 convolutions take about half the time of
+    float32 ones (oneDNN on AVX512-BF16 or AMX; CUDA tensor cores); elsewhere bf16 is emulated and slower."""
+    if device.type == "cuda":  # bf16 tensor cores from Ampere (compute capability 8) on
+        return torch.cuda.get_device_properties(device).major >= 8
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
+                                                                       "_is_amx_tile_supported"))
+    return False
+
+
+@functools.cache
+def resolve_encoder_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype the encoder computes in on ``device`` for ``policy.encoder_precision`` (see ENCODER_PRECISIONS).
+    Cached: the hardware probes cost more than a small layer, and the answer never changes."""
+    if precision not in ENCODER_PRECISIONS:
+        raise ValueError(f"unknown encoder precision {precision!r}; choose one of {', '.join(ENCODER_PRECISIONS)}")
+    if precision == "auto":
+        return torch.bfloat16 if has_native_bfloat16(device) else torch.float32
+    return torch.bfloat16 if precision == "bfloat16" else torch.float32
+
+
+def encode_in(encoder: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``encoder(x)`` computed in ``dtype``, as float32. bf16 runs under torch.autocast: the convolutions compute in
+    bf16 while the weights and their gradients stay float32."""
+    if dtype == torch.float32:
+        return encoder(x)
+    with torch.autocast(x.device.type, dtype=dtype):
+        features = encoder(x)
+    return features.float()
+
+
 def goal_features(goal: Tensor) -> Tensor:
     """[rho, cos(x), sin(x)] from the sensor reading [rho, x] where x = -phi.
 
@@ -158,6 +193,7 @@ class Policy(nn.Module):
         num_recurrent_layers: int = 2,
         avgpool: int = 1,
         normalize_visual: bool = True,
+        encoder_precision: str = "float32",
     ):
         super().__init__()
         if encoder not in ENCODERS:
@@ -170,6 +206,8 @@ class Policy(nn.Module):
         self.rnn_type = rnn_type
         self.num_recurrent_layers = int(num_recurrent_layers)
         self.encoder_name = encoder
+        resolve_encoder_dtype(encoder_precision, torch.device("cpu"))  # refuses an unknown name now
+        self.encoder_precision = encoder_precision
         self.frozen_modules: tuple[str, ...] = ()
         """Submodules that stay in eval mode whatever ``train()`` asks (a frozen transferred encoder: its running
         input statistics must not drift either). Set by ddppo.transfer.loading."""
@@ -280,13 +318,19 @@ class Policy(nn.Module):
 
     # ------------------------------------------------------------------ per-step features
 
+    def encode(self, x: Tensor) -> Tensor:
+        """The encoder's flat float32 features of normalised visual input ``x`` [B, C, H, W], computed in the
+        dtype ``encoder_precision`` gives on x's device (see :func:`encode_in`)."""
+        assert self.encoder is not None
+        return encode_in(self.encoder, x, resolve_encoder_dtype(self.encoder_precision, x.device))
+
     def _features(self, obs: dict[str, Any], prev_actions: Any, masks: Tensor) -> Tensor:
         """Non-recurrent input to the core for a flat batch [B]: cat(visual_fc, goal_embed, action_embed)."""
         device = self.actor.weight.device
         feats = []
         if self.encoder is not None:
             assert self.visual_input is not None and self.visual_fc is not None
-            feats.append(linear_relu(self.visual_fc, self.encoder(self.visual_input(obs, device))))
+            feats.append(linear_relu(self.visual_fc, self.encode(self.visual_input(obs, device))))
         if self.goal_embed is not None:
             goal = _as_tensor(obs[GOAL_SENSOR], device).to(self.goal_embed.weight.dtype)
             feats.append(linear(self.goal_embed, goal_features(goal.reshape(-1, 2))))
@@ -374,4 +418,5 @@ def build_policy(cfg: Any, obs_spaces: ObsSpaces, num_actions: int = 4) -> Polic
         num_recurrent_layers=cfg.num_recurrent_layers,
         avgpool=cfg.avgpool,
         normalize_visual=cfg.normalize_visual,
+        encoder_precision=cfg.encoder_precision,
     )
