@@ -1,6 +1,7 @@
-"""What does ``policy.encoder_precision=bfloat16`` buy on this machine? The policy's two costs, printed as JSON.
+"""What do ``policy.encoder_precision=bfloat16`` and the encoders' memory layouts buy on this machine? The policy's
+two costs, printed as JSON.
 
-    python bench/precision_probe.py [--repeats 5] [--config F] [key=value ...]
+    python bench/precision_probe.py [--repeats 5] [--layouts] [--config F] [key=value ...]
 
 The config's policy is built twice with the same weights, its encoder computing in float32 and in bf16, and both
 are timed in this process, alternated ``--repeats`` times (a shared machine's speed drifts from one minute to the
@@ -9,11 +10,16 @@ next; alternating puts both under the same drift): ``learn`` is one PPO minibatc
 ``act`` one action of ``ppo.num_envs`` environments. ``<term>_speedup`` = float32 time ÷ bf16 time (medians), so
 above 1 means bf16 is faster. Observations are random images of the config's sensors: these are timings, not
 learning. No simulator, no optimiser step.
+
+``--layouts`` also times each precision with the encoder forced into the other memory layout than the one it picks
+(``ddppo.policy.common.in_memory_format``: SimpleCNN runs channels-last, the GroupNorm encoders NCHW):
+``<term>_ms_<precision>_other_layout``, and ``<term>_layout_gain_<precision>`` = that time ÷ the chosen layout's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -24,6 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import ddppo.policy.common  # noqa: E402
+import ddppo.policy.encoders  # noqa: E402
 from ddppo.bench import machine  # noqa: E402
 from ddppo.config import load_config  # noqa: E402
 from ddppo.distributed import resolve_device  # noqa: E402
@@ -45,7 +53,26 @@ def random_batch(spaces: dict, *lead: int, gen: torch.Generator) -> dict[str, to
     return batch
 
 
-def probe(cfg, repeats: int) -> dict:
+@contextlib.contextmanager
+def other_layout():
+    """Encoders run in the memory layout they do not pick (channels-last instead of NCHW and vice versa)."""
+    chosen = ddppo.policy.common.in_memory_format
+
+    def swapped(x, memory_format):
+        cl = memory_format == torch.channels_last
+        return chosen(x, torch.contiguous_format if cl else torch.channels_last)
+
+    modules = (ddppo.policy.common, ddppo.policy.encoders)
+    for module in modules:
+        module.in_memory_format = swapped
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.in_memory_format = chosen
+
+
+def probe(cfg, repeats: int, layouts: bool = False) -> dict:
     if cfg.keep_freed_memory:  # timed as the trainer runs them
         keep_freed_memory()
     device = resolve_device(cfg.device)
@@ -82,23 +109,29 @@ def probe(cfg, repeats: int) -> dict:
             policy.act(step, step_prev, step_masks, policy.initial_hidden(envs))
 
     terms = {"learn": (learn, 3), "act": (act, 20)}
-    times: dict[str, list[float]] = {f"{t}_ms_{p}": [] for t in terms for p in PRECISIONS}
+    variants = [(p, suffix) for p in PRECISIONS for suffix in ("", "_other_layout")[: 1 + layouts]]
+    times: dict[str, list[float]] = {f"{t}_ms_{p}{v}": [] for t in terms for p, v in variants}
     for _ in range(repeats):
-        for precision, policy in policies.items():
-            for term, (fn, calls) in terms.items():
-                fn(policy)  # warm-up: kernels chosen, memory reserved
-                sync()
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    fn(policy)
-                sync()
-                times[f"{term}_ms_{precision}"].append((time.perf_counter() - t0) / calls * 1e3)
+        for precision, suffix in variants:
+            policy = policies[precision]
+            with other_layout() if suffix else contextlib.nullcontext():
+                for term, (fn, calls) in terms.items():
+                    fn(policy)  # warm-up: kernels chosen, memory reserved
+                    sync()
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        fn(policy)
+                    sync()
+                    times[f"{term}_ms_{precision}{suffix}"].append((time.perf_counter() - t0) / calls * 1e3)
     out: dict = {"bench": "precision_probe", "repeats": repeats}
     for key, values in times.items():
         out[key] = statistics.median(values)
         out[f"{key}_rounds"] = values
     for term in terms:
         out[f"{term}_speedup"] = out[f"{term}_ms_float32"] / out[f"{term}_ms_bfloat16"]
+        for precision in PRECISIONS if layouts else ():
+            out[f"{term}_layout_gain_{precision}"] = (out[f"{term}_ms_{precision}_other_layout"]
+                                                       / out[f"{term}_ms_{precision}"])
     out.update(encoder_precisions=[p.encoder_precision for p in policies.values()],
                native_bfloat16=has_native_bfloat16(device), device=str(device), learn_frames=t_len * n,
                act_envs=envs, encoder=cfg.policy.encoder, resolution=cfg.sim.resolution,
@@ -111,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/quickstart.yaml")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--layouts", action="store_true", help="also time the encoders in the other memory layout")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     if args.repeats < 1:
@@ -118,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(args.config, args.overrides)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    out = probe(cfg, args.repeats)
+    out = probe(cfg, args.repeats, args.layouts)
     print(json.dumps(out))
     return out
 

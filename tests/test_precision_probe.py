@@ -39,3 +39,33 @@ def test_probe_refuses_bad_input(capsys):
     with pytest.raises(SystemExit):
         probe.main(["--repeats", "0"])
     assert "--repeats 0" in capsys.readouterr().err
+
+
+def test_layouts_swap_the_encoders_memory_format_and_restore_it(capsys):
+    import torch
+
+    import ddppo.policy.common as common
+    from ddppo.policy.encoders import make_encoder
+
+    probe = load_probe()
+    chosen = common.in_memory_format
+    seen = []
+    cnn, resnet = make_encoder("simple_cnn", 4, (32, 32), 8), make_encoder("resnet18", 4, (32, 32), 8, 4)
+    for enc in (cnn, resnet):
+        first_conv = next(m for m in enc.modules() if isinstance(m, torch.nn.Conv2d))
+        first_conv.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+    x = torch.rand(2, 4, 32, 32)
+    with probe.other_layout():
+        cnn.stages(x), resnet.stages(x)
+    cnn.stages(x), resnet.stages(x)
+    assert seen == [True, False, False, True]  # swapped (SimpleCNN NCHW, ResNet channels-last), then as chosen
+    assert common.in_memory_format is chosen
+
+    out = probe.main(["--repeats", "1", "--layouts", *TINY_AGENT, "ppo.num_envs=2", "ppo.num_steps=4",
+                      "ppo.num_mini_batch=1"])
+    capsys.readouterr()
+    for term in ("learn", "act"):
+        for precision in ("float32", "bfloat16"):
+            assert out[f"{term}_layout_gain_{precision}"] == pytest.approx(
+                out[f"{term}_ms_{precision}_other_layout"] / out[f"{term}_ms_{precision}"])
+    assert common.in_memory_format is chosen

@@ -80,8 +80,8 @@ def init_conv_weights(module: nn.Module) -> None:
 class StagedEncoder(nn.Module):
     """An encoder made of ``stem``, ``layers`` (a ModuleList of stages) and ``compression``, each a stage of
     ``stages()`` for representation analysis; ``forward`` flattens the compressed map. Runs in plain NCHW memory:
-    channels-last input (a one-channel depth image permuted from [B, H, W, 1] has its strides) makes ResNet18's
-    GroupNorm layers on the CPU 1.2x slower in float32 and 2.7x slower in bf16 (whole forward and backward)."""
+    with channels-last input (a one-channel depth image permuted from [B, H, W, 1] has its strides) a ResNet18 PPO
+    minibatch learns 1.3-2.1x slower in bf16 on the CPU (GroupNorm's channels-last path; float32: within noise)."""
 
     def finish(self, backbone_channels: int, out_hw: tuple[int, int], ngroups: int) -> None:
         """Add the compression head for a backbone ending in ``backbone_channels`` x ``out_hw``."""

@@ -97,8 +97,8 @@ def _simple_cnn_geometry(input_hw: tuple[int, int]) -> list[tuple[int, int]]:
 
 class SimpleCNN(nn.Module):
     """Small three-conv CNN (Nature-CNN widths base, 2*base, base) for fast CPU experiments. Runs in channels-last
-    memory: with no normalisation layers, its convolutions learn 1.2-1.6x faster so on the CPU (oneDNN) than in
-    NCHW; the flat features keep the NCHW order (C, H, W) whatever the layout."""
+    memory: with no normalisation layers, a PPO minibatch learns up to 1.1x faster so on the CPU (oneDNN) than in
+    NCHW (bench/precision_probe.py --layouts); the flat features keep the NCHW order (C, H, W) whatever the layout."""
 
     def __init__(self, in_channels: int, input_hw: tuple[int, int], base_planes: int = 32):
         super().__init__()
