@@ -38,7 +38,7 @@ from ddppo.distributed import resolve_device  # noqa: E402
 from ddppo.evaluation_cli import policy_spaces  # noqa: E402
 from ddppo.memory import keep_freed_memory  # noqa: E402
 from ddppo.policy import build_policy  # noqa: E402
-from ddppo.policy.policy import has_native_bfloat16  # noqa: E402
+from ddppo.policy.precision import has_native_bfloat16  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16")
 

@@ -35,7 +35,7 @@ from torch import nn
 from ddppo.distributed import resolve_device, resolve_sim_device
 from ddppo.memory import peak_memory, reset_peak_rss
 from ddppo.policy import GOAL_SENSOR, build_policy, goal_features
-from ddppo.policy.policy import encode_in, resolve_encoder_dtype
+from ddppo.policy.precision import encode_in, resolve_encoder_dtype
 from ddppo.sim.gym_env import _observation_space
 
 SB3_MISSING = 'ddppo bench peer needs stable-baselines3 and sb3-contrib: pip install "ddppo[bench]"'

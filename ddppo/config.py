@@ -288,7 +288,7 @@ def check(cfg) -> None:
 
     need(cfg.policy.encoder in ENCODERS,
          f"policy.encoder={cfg.policy.encoder!r}: use one of {', '.join(sorted(ENCODERS))}")
-    from ddppo.policy.policy import ENCODER_PRECISIONS
+    from ddppo.policy.precision import ENCODER_PRECISIONS
 
     need(cfg.policy.encoder_precision in ENCODER_PRECISIONS,
          f"policy.encoder_precision={cfg.policy.encoder_precision!r}: use one of {', '.join(ENCODER_PRECISIONS)}")

@@ -23,7 +23,8 @@ from ddppo.policy import (
 )
 from ddppo.policy.common import in_memory_format
 from ddppo.policy.packing import episode_segments
-from ddppo.policy.policy import block_mean, has_native_bfloat16, resolve_encoder_dtype
+from ddppo.policy.policy import block_mean
+from ddppo.policy.precision import has_native_bfloat16, resolve_encoder_dtype
 
 NUM_ACTIONS = 4
 

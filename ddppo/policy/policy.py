@@ -9,7 +9,6 @@ Conventions (all batch-first, N environments):
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 
 from ddppo.policy.encoders import ENCODERS, make_encoder
 from ddppo.policy.packing import episode_segments, run_packed
+from ddppo.policy.precision import encode_in, resolve_encoder_dtype
 from ddppo.policy.running_norm import RunningMeanAndVar
 
 GOAL_SENSOR = "pointgoal_with_gps_compass"
@@ -25,7 +25,6 @@ RNN_TYPES = ("lstm", "gru", "none")
 """Cores: an LSTM or GRU (DD-PPO's), or ``none``, a feed-forward Linear + ReLU with an empty state (for
 comparisons with feed-forward agents; the previous action still enters, zeroed at episode starts)."""
 VISUAL_SENSORS = ("rgb", "depth")
-ENCODER_PRECISIONS = ("float32", "bfloat16", "auto")
 GOAL_EMBED_SIZE = 32
 ACTION_EMBED_SIZE = 32
 
@@ -127,39 +126,6 @@ def linear(layer: nn.Linear, x: Tensor) -> Tensor:
 def linear_relu(block: nn.Sequential, x: Tensor) -> Tensor:
     """``block(x)`` for a ``Sequential(Linear, ReLU)`` without its three module calls (see :func:`linear`)."""
     return torch.relu_(linear(block[0], x))
-
-
-def has_native_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` does bf16 arithmetic in hardware (oneDNN on AVX512-BF16 or AMX; CUDA tensor cores): there,
-    large bf16 convolutions run up to about twice as fast as float32 ones; elsewhere bf16 is emulated and slower."""
-    if device.type == "cuda":  # bf16 tensor cores from Ampere (compute capability 8) on
-        return torch.cuda.get_device_properties(device).major >= 8
-    if device.type == "cpu":
-        cpu = torch.cpu
-        return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
-                                                                       "_is_amx_tile_supported"))
-    return False
-
-
-@functools.cache
-def resolve_encoder_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The dtype the encoder computes in on ``device`` for ``policy.encoder_precision`` (see ENCODER_PRECISIONS).
-    Cached: the hardware probes cost more than a small layer, and the answer never changes."""
-    if precision not in ENCODER_PRECISIONS:
-        raise ValueError(f"unknown encoder precision {precision!r}; choose one of {', '.join(ENCODER_PRECISIONS)}")
-    if precision == "auto":
-        return torch.bfloat16 if has_native_bfloat16(device) else torch.float32
-    return torch.bfloat16 if precision == "bfloat16" else torch.float32
-
-
-def encode_in(encoder: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``encoder(x)`` computed in ``dtype``, as float32. bf16 runs under torch.autocast: the convolutions compute in
-    bf16 while the weights and their gradients stay float32."""
-    if dtype == torch.float32:
-        return encoder(x)
-    with torch.autocast(x.device.type, dtype=dtype):
-        features = encoder(x)
-    return features.float()
 
 
 def goal_features(goal: Tensor) -> Tensor:
