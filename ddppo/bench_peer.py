@@ -35,7 +35,7 @@ from torch import nn
 from ddppo.distributed import resolve_device, resolve_sim_device
 from ddppo.memory import peak_memory, reset_peak_rss
 from ddppo.policy import GOAL_SENSOR, build_policy, goal_features
-from ddppo.policy.precision import encode_in, resolve_encoder_dtype
+from ddppo.policy.precision import encode
 from ddppo.sim.gym_env import _observation_space
 
 SB3_MISSING = 'ddppo bench peer needs stable-baselines3 and sb3-contrib: pip install "ddppo[bench]"'
@@ -137,9 +137,7 @@ class DDPPOFeatures(BaseFeaturesExtractor):
         feats = []
         if self.encoder is not None:
             obs = {k: (v.permute(0, 2, 3, 1) if k in self.transposed else v) for k, v in obs.items()}
-            x = self.visual_input(obs)
-            feats.append(self.visual_fc(encode_in(self.encoder, x, resolve_encoder_dtype(self.encoder_precision,
-                                                                                          x.device))))
+            feats.append(self.visual_fc(encode(self.encoder, self.visual_input(obs), self.encoder_precision)))
         if self.goal_embed is not None:
             feats.append(self.goal_embed(goal_features(obs[GOAL_SENSOR].reshape(-1, 2))))
         return self.core(torch.cat(feats, dim=-1))

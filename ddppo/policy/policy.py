@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ddppo.policy.encoders import ENCODERS, make_encoder
 from ddppo.policy.packing import episode_segments, run_packed
-from ddppo.policy.precision import encode_in, resolve_encoder_dtype
+from ddppo.policy.precision import encode, resolve_encoder_dtype
 from ddppo.policy.running_norm import RunningMeanAndVar
 
 GOAL_SENSOR = "pointgoal_with_gps_compass"
@@ -286,9 +286,9 @@ class Policy(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """The encoder's flat float32 features of normalised visual input ``x`` [B, C, H, W], computed in the
-        dtype ``encoder_precision`` gives on x's device (see :func:`encode_in`)."""
+        dtype ``encoder_precision`` gives on x's device (see :func:`ddppo.policy.precision.encode`)."""
         assert self.encoder is not None
-        return encode_in(self.encoder, x, resolve_encoder_dtype(self.encoder_precision, x.device))
+        return encode(self.encoder, x, self.encoder_precision)
 
     def _features(self, obs: dict[str, Any], prev_actions: Any, masks: Tensor) -> Tensor:
         """Non-recurrent input to the core for a flat batch [B]: cat(visual_fc, goal_embed, action_embed)."""

@@ -36,9 +36,10 @@ def resolve_encoder_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if precision == "bfloat16" else torch.float32
 
 
-def encode_in(encoder: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``encoder(x)`` computed in ``dtype``, as float32. bf16 runs under torch.autocast: the convolutions compute in
-    bf16 while the weights and their gradients stay float32."""
+def encode(encoder: nn.Module, x: Tensor, precision: str) -> Tensor:
+    """``encoder(x)`` as float32 features, computed in the dtype ``precision`` gives on x's device. bf16 runs under
+    torch.autocast: the convolutions compute in bf16 while the weights and their gradients stay float32."""
+    dtype = resolve_encoder_dtype(precision, x.device)
     if dtype == torch.float32:
         return encoder(x)
     with torch.autocast(x.device.type, dtype=dtype):
