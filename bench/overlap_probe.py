@@ -35,6 +35,7 @@ from ddppo.config import load_config  # noqa: E402
 from ddppo.envs import make_vector_env  # noqa: E402
 from ddppo.policy import build_policy  # noqa: E402
 from ddppo.sim.data import ensure_dataset  # noqa: E402
+from ddppo.sim.render import set_render_threads  # noqa: E402
 
 
 def step_kernels() -> list[tuple[object, str]]:
@@ -104,7 +105,7 @@ def overlapped(cfg, policy, steps: int) -> float:
 def step_halves(conn, cfg, threads: int) -> None:
     """The worker process of ``overlapped_process``: owns both halves, steps the one it is sent actions for."""
     torch.set_num_threads(threads)
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    set_render_threads(threads)
     n = cfg.ppo.num_envs // 2
     envs = [make_vector_env(cfg, "train", n, seed=cfg.seed, env_offset=k * n) for k in (0, 1)]
     conn.send([{key: v.numpy() for key, v in env.reset().items()} for env in envs])
@@ -155,7 +156,7 @@ def main(argv=None) -> dict:
     if cfg.ppo.num_envs < 2 or cfg.ppo.num_envs % 2:
         raise SystemExit(f"overlap_probe: ppo.num_envs={cfg.ppo.num_envs} must be even")
     torch.set_num_threads(args.threads)
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    set_render_threads(args.threads)
     if args.nogil:
         release_gil()
     ensure_dataset(cfg.task, cfg.dataset, log=lambda *_: None)

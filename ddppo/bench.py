@@ -234,12 +234,13 @@ def bench_scaling(overrides: list[str], updates: int = 12, config_file: str | No
                    f"--master-port={port}", str(Path(__file__).with_name("train.py")), *cfg_args, "--fresh", *args]
             subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             summary = json.loads((Path(tmp) / name / "summary.json").read_text())
-            for key in ("peak_rss_mib", "cuda_max_allocated_mib"):  # each rank's own peak (see ddppo/train.py)
+            # each rank's own peak memory and thread budget (see ddppo/train.py)
+            for key in ("peak_rss_mib", "cuda_max_allocated_mib", "torch_threads", "render_threads"):
                 if f"{key}_per_rank" in summary:
-                    memory.setdefault(f"{key}_per_rank", {})[name] = summary[f"{key}_per_rank"]
+                    per_rank.setdefault(f"{key}_per_rank", {})[name] = summary[f"{key}_per_rank"]
             return summary
 
-        memory: dict[str, dict[str, list[float]]] = {}
+        per_rank: dict[str, dict[str, list[float]]] = {}
         single = run("one", 1, [])
         one = single["steady_fps"]
         two = run("two", 2, [])["steady_fps"]
@@ -262,7 +263,7 @@ def bench_scaling(overrides: list[str], updates: int = 12, config_file: str | No
         "mean_rollout_fraction_no_preemption": summary_off["ddppo/rollout_fraction"],
         "mean_rollout_fraction_preemption": summary_on["ddppo/rollout_fraction"],
         "updates_timed": updates,
-        **memory,
+        **per_rank,
         "config": config_file,
         "overrides": overrides,
         "machine": machine(),

@@ -48,6 +48,7 @@ from ddppo.rl.flat_grads import FlatGradients  # noqa: E402
 from ddppo.rl.ppo import bootstrap_truncated, make_adam, ppo_loss  # noqa: E402
 from ddppo.rl.storage import RolloutStorage  # noqa: E402
 from ddppo.sim.data import ensure_dataset  # noqa: E402
+from ddppo.sim.render import set_render_threads  # noqa: E402
 from ddppo.telemetry import ProgressDisplay, TBWriter  # noqa: E402
 from ddppo.transfer.loading import apply_transfer  # noqa: E402
 
@@ -70,8 +71,8 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
     elif "SLURM_CPUS_PER_TASK" in os.environ and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
     # the simulator's numba kernels get the same thread budget as torch: otherwise every rank of a torchrun job
-    # renders on all the machine's cores (2 ranks on 2 cores ran no faster than 1)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    # renders (and, through the OpenMP runtime both share, runs torch) on all the machine's cores
+    set_render_threads(torch.get_num_threads())
     if cfg.keep_freed_memory:
         keep_freed_memory()
     run_dir = Path(cfg.run_dir) / cfg.name
@@ -297,8 +298,10 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
             w = TBWriter(run_dir / "tb")
             w.scalars({f"eval/{k}": v for k, v in ev.items() if not k.endswith("_ci95")}, state["env_steps"])
             w.close()
-    # every rank's peak memory, in rank order (a collective: all ranks get here), for the summary and benchmarks
-    for key, value in peak_memory().items():  # the same keys on every rank: all of them use CUDA or none does
+    # every rank's peak memory and thread budget, in rank order (a collective: all ranks get here), for the summary
+    # and benchmarks
+    per_rank = {**peak_memory(), "torch_threads": torch.get_num_threads(), "render_threads": numba.get_num_threads()}
+    for key, value in per_rank.items():  # the same keys on every rank: all of them use CUDA or none does
         slots = torch.zeros(info.world_size, dtype=torch.float64)
         slots[info.rank] = value
         result[f"{key}_per_rank"] = all_reduce_sum(slots, info).tolist()

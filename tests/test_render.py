@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -297,3 +300,29 @@ def test_renderers_agree_on_pixels_along_cell_boundaries(make_scene):
     _, _, b = render(scene, poses, res=32, renderer="torch")
     assert (a["depth"] - b["depth"]).abs().max().item() <= 1e-5
     assert (a["rgb"].int() - b["rgb"].int()).abs().max().item() <= 1
+
+
+@pytest.mark.parametrize("budget", [1, 2])
+def test_rendering_leaves_torchs_thread_budget_alone(budget):
+    """numba's OpenMP pool and torch share one OpenMP runtime, and starting the pool set the runtime's thread count
+    to the pool's size: a worker that gave torch one thread ran torch on every core after its first frame. The
+    first render now starts the pool on torch's budget and puts torch's back. In a fresh process (numba starts its
+    pool once per process) with a pool of 4, whatever the machine's cores."""
+    code = f"""
+import numpy as np, numba, torch
+torch.set_num_threads({budget})
+from ddppo.sim.batch_sim import BatchSimulator, SceneAtlas
+from ddppo.sim.floorplan import generate_floor_plan, scene_seed
+from ddppo.sim.navmesh import NavGrid
+nav = NavGrid(generate_floor_plan(scene_seed(0, "train", 0), "train_0"))
+sim = BatchSimulator(SceneAtlas([nav]), 1, 16, ("depth",), renderer="numba")
+x, z = nav.sample_navigable(np.random.default_rng(0), 1)[0]
+sim.place(torch.arange(1), [0], [x], [z], [0.0], [np.zeros((1, 1), np.float32)])
+assert sim.render()["depth"].std() > 0
+print(torch.get_num_threads(), numba.get_num_threads())
+"""
+    env = {**os.environ, "NUMBA_NUM_THREADS": "4"}
+    env.pop("OMP_NUM_THREADS", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(budget), str(budget)]

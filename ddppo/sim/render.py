@@ -118,9 +118,28 @@ def _render_numba(occ, cidx, palette, origin, cell, ceil, scene_of, px, pz, thet
                         rgb_out[n, row, col, ch] = min(255.0, base * g)
 
 
+_render_threads_set = False
+
+
+def set_render_threads(n: int) -> None:
+    """Render on ``n`` threads (at most numba's pool, ``NUMBA_NUM_THREADS``), leaving torch's thread count alone.
+
+    numba's OpenMP layer and torch share one libgomp, and numba starting its pool sets OpenMP's thread count to the
+    pool's size (every core): from then on each torch op ran on all cores whatever ``torch.set_num_threads`` said,
+    so two one-thread ranks on two cores each ran torch on two (3.7x slower in bench/RESULTS.md's straggler
+    setting). The pool is started here, and torch's count put back."""
+    global _render_threads_set
+    torch_threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))  # starts the pool the first time
+    torch.set_num_threads(torch_threads)
+    _render_threads_set = True
+
+
 def render_numba(atlas, scene_of, px, pz, theta, res, depth, rgb, max_depth, sensor_h):
     """atlas: a SceneAtlas on the CPU; state as CPU tensors or their numpy views. Writes into ``depth`` [N,res,res] /
-    ``rgb``."""
+    ``rgb``. Renders on torch's thread budget unless ``set_render_threads`` said otherwise."""
+    if not _render_threads_set:
+        set_render_threads(torch.get_num_threads())
     d = depth if depth is not None else torch.empty((1, 1, 1))
     c = rgb if rgb is not None else torch.empty((1, 1, 1, 3), dtype=torch.uint8)
     v = atlas.host.view
