@@ -12,6 +12,13 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+# torch.distributed.nn's functions take ``group=group.WORLD`` as a default argument, evaluated when the module is
+# first imported: lazily, by torch's compiler stack, when the first optimiser is built. Imported after
+# init_process_group, those defaults held the default process group for good, so destroy_process_group() could not
+# free it and Gloo's threads outlived train(); one of them dropping a tensor while Python shut down aborted the rank
+# ("terminate called without an active exception", about one 2-rank run in 15). Imported first, they are None.
+import torch.distributed.nn  # noqa: F401
+
 
 @dataclass
 class DistInfo:

@@ -230,6 +230,24 @@ def test_torchrun_trainer_script_two_ranks(data_dir, tmp_path):
     assert set(scalars["ddppo/preempted_ranks"].values()) == {0.0}
     assert {"loss/policy", "loss/value", "loss/entropy", "loss/grad_norm", "lr"} <= set(scalars)
 
+    # torchrun gives each rank one thread, and neither torch nor the renderer takes more: numba starting its OpenMP
+    # pool used to set the OpenMP runtime torch shares to every core of the machine
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["torch_threads_per_rank"] == [1, 1]
+    assert summary["render_threads_per_rank"] == [1, 1]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names come from Linux's /proc")
+def test_train_frees_the_process_group_when_it_returns(data_dir, tmp_path):
+    """After train() returns, no thread of the process group is left: destroy_process_group() really freed it. It
+    used not to (torch.distributed.nn, imported lazily by the first optimiser, kept the group in its functions'
+    default arguments), and a Gloo thread dropping a tensor while Python shut down then aborted a rank now and
+    then ("terminate called without an active exception")."""
+    infos, _ = run_dumped_training(tmp_path, train_overrides(data_dir, tmp_path / "runs", "free", 2))
+    for info in infos:
+        assert info["rc"] == 0
+        assert not [t for t in info["threads_after_train"] if "gloo" in t], info["threads_after_train"]
+
 
 # ---------------------------------------------------------------------------------------------- preemption
 def test_straggler_preemption_cuts_only_the_slow_rank(data_dir, tmp_path):

@@ -11,7 +11,8 @@ Nothing of the trainer is replaced: two pass-through wrappers only *observe* it.
 - ``ddppo.train.build_policy`` keeps a reference to the policy the trainer builds, so its final parameters
   and buffers can be written out after ``train()`` returned (only rank 0 writes weights to the run directory).
 
-Writes ``DIR/rank{RANK}.json`` (rollout lengths, return value) and ``DIR/rank{RANK}_policy.pt`` (state dict).
+Writes ``DIR/rank{RANK}.json`` (rollout lengths, return value, the names of the threads still alive after
+``train()`` returned) and ``DIR/rank{RANK}_policy.pt`` (state dict).
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def main() -> int:
     rc = trainer.main(sys.argv[1:])
     state = {k: v.detach().cpu().clone() for k, v in policies[0].state_dict().items()}
     torch.save(state, out / f"rank{rank}_policy.pt")
-    (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "rc": rc, "rollout_lengths": lengths}))
+    threads = sorted(p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm"))  # Linux's names
+    (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "rc": rc, "rollout_lengths": lengths,
+                                                      "threads_after_train": threads}))
     return rc
 
 
