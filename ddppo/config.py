@@ -160,7 +160,8 @@ class TrainConfig:
     total_steps: int = 2_000_000
     """Environment steps over all workers."""
     num_threads: int = 0
-    """torch threads per worker; 0 = leave torch's default (torchrun sets 1)."""
+    """torch threads per worker, which the renderer uses too; 0 = torch's default (torchrun sets 1; under SLURM,
+    the task's CPUs)."""
     keep_freed_memory: bool = True
     """Have glibc's malloc keep freed blocks up to 32 MB for reuse rather than unmapping them (ddppo.memory.
     keep_freed_memory): on CPU, a PPO update otherwise page-faults its activations in afresh every minibatch."""
