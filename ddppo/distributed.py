@@ -16,8 +16,10 @@ import torch.distributed as dist
 # first imported: lazily, by torch's compiler stack, when the first optimiser is built. Imported after
 # init_process_group, those defaults held the default process group for good, so destroy_process_group() could not
 # free it and Gloo's threads outlived train(); one of them dropping a tensor while Python shut down aborted the rank
-# ("terminate called without an active exception", about one 2-rank run in 15). Imported first, they are None.
-import torch.distributed.nn  # noqa: F401
+# ("terminate called without an active exception": one 2-rank test run in 5 to 15 on 2 cores). Imported first,
+# they are None. (Builds without torch.distributed have neither the module nor the problem.)
+if dist.is_available():
+    import torch.distributed.nn  # noqa: F401
 
 
 @dataclass

@@ -126,8 +126,8 @@ def set_render_threads(n: int) -> None:
 
     numba's OpenMP layer and torch share one libgomp, and numba starting its pool sets OpenMP's thread count to the
     pool's size (every core): from then on each torch op ran on all cores whatever ``torch.set_num_threads`` said,
-    so two one-thread ranks on two cores each ran torch on two (3.7x slower in bench/RESULTS.md's straggler
-    setting). The pool is started here, and torch's count put back."""
+    so two one-thread trainings side by side on two cores each ran torch on two, 3.7x slower (bench/RESULTS.md,
+    "Each rank on its own thread budget"). The pool is started here, and torch's count put back."""
     global _render_threads_set
     torch_threads = torch.get_num_threads()
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))  # starts the pool the first time
