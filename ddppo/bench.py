@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -210,10 +211,14 @@ def _device_clock(*devices: torch.device):
 
 
 def bench_scaling(overrides: list[str], updates: int = 12, config_file: str | None = None,
-                  port: int = 29611) -> dict:
+                  port: int = 29611, repeats: int = 1) -> dict:
     """1 vs 2 Gloo ranks (torchrun, one thread each), and 2 ranks with rank 1's environments made 2x slower,
     with and without straggler preemption. With 2 ranks, preemption needs sync_frac <= 0.5 (one finished
-    worker out of two), which the preemption runs use."""
+    worker out of two), which the preemption runs use.
+
+    The four runs go one after another, so a shared machine's drift moves a single ratio as much as preemption
+    does. ``repeats`` > 1 runs all four that many rounds, the order reversed every other round, and reports each
+    rate and ratio as the median over the rounds (``rounds`` lists every round's figures)."""
     import subprocess
     import sys
     import tempfile
@@ -221,6 +226,8 @@ def bench_scaling(overrides: list[str], updates: int = 12, config_file: str | No
 
     from ddppo.config import load_config
 
+    if repeats < 1:
+        raise ValueError(f"--repeats {repeats}: must be at least 1")
     with tempfile.TemporaryDirectory() as tmp:
         base = load_config(config_file, overrides)
         per_update = base.ppo.num_steps * base.ppo.num_envs
@@ -233,38 +240,33 @@ def bench_scaling(overrides: list[str], updates: int = 12, config_file: str | No
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
                    f"--master-port={port}", str(Path(__file__).with_name("train.py")), *cfg_args, "--fresh", *args]
             subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            summary = json.loads((Path(tmp) / name / "summary.json").read_text())
-            # each rank's own peak memory and thread budget (see ddppo/train.py)
-            for key in ("peak_rss_mib", "cuda_max_allocated_mib", "torch_threads", "render_threads"):
-                if f"{key}_per_rank" in summary:
-                    per_rank.setdefault(f"{key}_per_rank", {})[name] = summary[f"{key}_per_rank"]
-            return summary
+            return json.loads((Path(tmp) / name / "summary.json").read_text())
 
-        per_rank: dict[str, dict[str, list[float]]] = {}
+        # the slow rank sleeps, after every step, as long as its simulator took alone: its environments are 2x
+        # slower (measured once, so that every round has the same straggler)
         single = run("one", 1, [])
-        one = single["steady_fps"]
-        two = run("two", 2, [])["steady_fps"]
-        # the slow rank sleeps, after every step, as long as its simulator took: its environments are 2x slower
         slowdown = single["sim_s_per_step"]
         slow = [f"ddppo.slowdown={slowdown}", "ddppo.slow_rank=1", "ddppo.sync_frac=0.5"]
-        summary_off = run("slow_off", 2, [*slow, "ddppo.preemption=false"])
-        summary_on = run("slow_on", 2, [*slow, "ddppo.preemption=true"])
-        slow_off, slow_on = summary_off["steady_fps"], summary_on["steady_fps"]
-    return {
-        "bench": "scaling",
-        "fps_1_rank": one,
-        "fps_2_ranks": two,
-        "scaling_efficiency": two / (2 * one),
-        "fps_2_ranks_straggler_no_preemption": slow_off,
-        "fps_2_ranks_straggler_preemption": slow_on,
-        "preemption_speedup": slow_on / slow_off,
-        "straggler_sleep_s_per_step": slowdown,
-        # the share of its rollout each rank collected, averaged over ranks and updates (1: nobody was cut)
-        "mean_rollout_fraction_no_preemption": summary_off["ddppo/rollout_fraction"],
-        "mean_rollout_fraction_preemption": summary_on["ddppo/rollout_fraction"],
-        "updates_timed": updates,
-        **per_rank,
-        "config": config_file,
-        "overrides": overrides,
-        "machine": machine(),
-    }
+        settings = {"one": (1, []), "two": (2, []), "slow_off": (2, [*slow, "ddppo.preemption=false"]),
+                    "slow_on": (2, [*slow, "ddppo.preemption=true"])}
+        orders = [list(settings) if r % 2 == 0 else list(reversed(settings)) for r in range(repeats)]
+        summaries = [{name: single if (r, name) == (0, "one") else run(name, *settings[name]) for name in order}
+                     for r, order in enumerate(orders)]
+    rounds = [{"fps_1_rank": s["one"]["steady_fps"], "fps_2_ranks": s["two"]["steady_fps"],
+               "scaling_efficiency": s["two"]["steady_fps"] / (2 * s["one"]["steady_fps"]),
+               "fps_2_ranks_straggler_no_preemption": s["slow_off"]["steady_fps"],
+               "fps_2_ranks_straggler_preemption": s["slow_on"]["steady_fps"],
+               "preemption_speedup": s["slow_on"]["steady_fps"] / s["slow_off"]["steady_fps"],
+               # the share of its rollout each rank collected, averaged over ranks and updates (1: nobody was cut)
+               "mean_rollout_fraction_no_preemption": s["slow_off"]["ddppo/rollout_fraction"],
+               "mean_rollout_fraction_preemption": s["slow_on"]["ddppo/rollout_fraction"]} for s in summaries]
+    out: dict = {"bench": "scaling", **{k: statistics.median(rd[k] for rd in rounds) for k in rounds[0]},
+                 "straggler_sleep_s_per_step": slowdown, "updates_timed": updates, "repeats": repeats}
+    if repeats > 1:
+        out.update(round_orders=orders, rounds=rounds)
+    # each rank's own peak memory and thread budget in the first round (see ddppo/train.py)
+    for key in ("peak_rss_mib", "cuda_max_allocated_mib", "torch_threads", "render_threads"):
+        if f"{key}_per_rank" in single:
+            out[f"{key}_per_rank"] = {name: summaries[0][name][f"{key}_per_rank"] for name in settings}
+    out.update(config=config_file, overrides=overrides, machine=machine())
+    return out

@@ -74,7 +74,8 @@ def _slurm_train(args) -> int:
 def _bench_scaling(args) -> int:
     from ddppo.bench import bench_scaling
 
-    return _bench_output(args, bench_scaling(args.overrides, args.updates, args.config or default_config()))
+    return _bench_output(args, bench_scaling(args.overrides, args.updates, args.config or default_config(),
+                                             repeats=args.repeats))
 
 
 def _slurm_eval(args) -> int:
@@ -228,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc = bsub.add_parser("scaling", help="1 vs 2 Gloo ranks, and a 2x straggler with and without preemption")
     sc.add_argument("--config", default=None, help="YAML (default: the quickstart config)")
     sc.add_argument("--updates", type=int, default=12)
+    sc.add_argument("--repeats", type=int, default=1, help="rounds of all four runs, the order reversed every "
+                                                           "other round; rates and ratios are the rounds' medians")
     sc.add_argument("overrides", nargs="*")
     _add_record_options(sc)
     sc.set_defaults(func=_bench_scaling)
