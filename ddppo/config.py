@@ -32,7 +32,8 @@ class SimConfig:
     turn_angle: float = 10.0
     max_depth: float = 10.0
     gpu_device_id: int = -1
-    """habitat: the GPU that renders; -1 = the trainer's CUDA device, else the worker's local rank."""
+    """habitat: the GPU that renders; -1 = the trainer's CUDA device, else the worker's local rank, else (no CUDA
+    device) habitat-sim's first EGL device, a software renderer on a machine without a GPU."""
 
 
 @dataclass

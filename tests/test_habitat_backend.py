@@ -70,7 +70,9 @@ def test_scene_ids_resolve_as_habitat_lab_does():
 def test_gpu_is_the_configured_one_else_the_trainers_else_the_local_rank():
     assert gpu_device_id(2, "cuda:0", 1) == 2
     assert gpu_device_id(-1, "cuda:1", 0) == 1
-    assert gpu_device_id(-1, "cpu", 3) == 3
+    assert gpu_device_id(-1, "cpu", 3, cuda_devices=4) == 3
+    assert gpu_device_id(-1, "cpu", 5, cuda_devices=4) == 1
+    assert gpu_device_id(-1, "cpu", 1, cuda_devices=0) == -1  # no GPU: habitat-sim's software EGL device
     assert gpu_device_id(-1, torch.device("cuda", 2), 0) == 2
 
 

@@ -76,15 +76,21 @@ def resolve_scene(scene_id: str, scenes_dir: str) -> str:
     return os.path.join(scenes_dir, scene_id)
 
 
-def gpu_device_id(configured: int, device, local_rank: int) -> int:
-    """The GPU that renders: ``sim.gpu_device_id`` when set (>= 0); else the trainer's CUDA device; else the
-    worker's local rank (habitat-baselines' choice), which is what torchrun and SLURM give one GPU per task."""
+def gpu_device_id(configured: int, device, local_rank: int, cuda_devices: int | None = None) -> int:
+    """The GPU that renders: ``sim.gpu_device_id`` when set (>= 0); else the trainer's CUDA device; else, on a
+    machine with CUDA devices, the worker's local rank (habitat-baselines' choice, which is what torchrun and SLURM
+    give one GPU per task); else -1, habitat-sim's "any EGL device": a machine without a GPU renders in software
+    (Mesa's llvmpipe), and habitat-sim refuses a CUDA device number there ("unable to find CUDA device 0")."""
     if configured >= 0:
         return configured
     device = str(device)
     if device.startswith("cuda:"):
         return int(device.split(":", 1)[1])
-    return local_rank
+    if cuda_devices is None:
+        import torch
+
+        cuda_devices = torch.cuda.device_count()
+    return local_rank % cuda_devices if cuda_devices > 0 else -1
 
 
 def depth_observation(depth: np.ndarray, max_depth: float) -> np.ndarray:
