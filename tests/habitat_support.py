@@ -1,0 +1,26 @@
+"""Where the habitat tests run: wherever habitat-sim imports. On a machine without it (a user's fresh clone) they
+skip with the import error and the install command; where it must be there (CI exports DDPPO_REQUIRE_HABITAT=1
+after installing the habitat-sim wheel) a missing habitat-sim fails the test instead of skipping it, so CI cannot
+go green with the habitat tests silently skipped."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def habitat_required() -> bool:
+    return os.environ.get("DDPPO_REQUIRE_HABITAT", "") not in ("", "0")
+
+
+def need_habitat():
+    """The ``habitat_sim`` module; else skip (or fail where DDPPO_REQUIRE_HABITAT is set) with the reason."""
+    from ddppo.sim.habitat_backend import HabitatUnavailable, require_habitat_sim
+
+    try:
+        return require_habitat_sim()
+    except HabitatUnavailable as e:
+        if habitat_required():
+            pytest.fail(f"DDPPO_REQUIRE_HABITAT is set but {e}", pytrace=False)
+        pytest.skip(str(e))
