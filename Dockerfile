@@ -4,7 +4,8 @@
 #       train --config configs/pointnav/habitat_gibson_depth.yaml
 # data/ holds habitat's layout (datasets/pointnav/..., scene_datasets/...); the configs' relative paths data/ and
 # runs/ lead to the two volumes.
-# habitat-sim only comes from conda (aihabitat channel); torch comes from the CUDA wheels matching the base image.
+# habitat-sim only comes from conda (aihabitat channel), pinned to the version CI tests (TESTED_HABITAT_SIM in
+# ddppo/sim/habitat_backend.py); torch comes from the CUDA wheels matching the base image.
 FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -22,7 +23,7 @@ RUN curl -fsSL -o /tmp/miniforge.sh \
         https://github.com/conda-forge/miniforge/releases/download/24.11.3-0/Miniforge3-24.11.3-0-Linux-x86_64.sh \
     && bash /tmp/miniforge.sh -b -p "$CONDA_DIR" \
     && rm /tmp/miniforge.sh \
-    && "$CONDA_DIR/bin/conda" create -y -n ddppo -c aihabitat -c conda-forge python=3.10 habitat-sim=0.3.1 \
+    && "$CONDA_DIR/bin/conda" create -y -n ddppo -c aihabitat -c conda-forge python=3.10 habitat-sim=0.3.3 \
         withbullet headless \
     && "$CONDA_DIR/bin/conda" clean -afy
 

@@ -23,3 +23,12 @@ def test_dockerfile_installs_the_package_and_runs_as_non_root():
     copied = " ".join(line for line in text.splitlines() if line.startswith("COPY "))
     for path in ("setup.cfg", "pyproject.toml", "ddppo", "configs"):
         assert path in copied.split(), path
+
+
+def test_the_image_pins_the_habitat_sim_version_ci_tests():
+    """The image's habitat-sim is the release CI installs and runs the habitat tests on."""
+    from ddppo.sim.habitat_backend import TESTED_HABITAT_SIM
+
+    text = (ROOT / "Dockerfile").read_text()
+    assert f"habitat-sim={TESTED_HABITAT_SIM} " in text
+    assert f"habitat_sim-{TESTED_HABITAT_SIM}-" in (ROOT / ".ci" / "habitat-install.sh").read_text()

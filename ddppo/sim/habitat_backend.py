@@ -38,6 +38,8 @@ from ddppo.sim.navmesh import AGENT_HEIGHT, AGENT_RADIUS, SENSOR_HEIGHT
 
 INSTALL_HINT = ("conda install habitat-sim withbullet headless -c conda-forge -c aihabitat "
                 "(or use the Docker image: see README, 'Habitat backend / cloud GPUs')")
+TESTED_HABITAT_SIM = "0.3.3"
+"""The habitat-sim release CI runs the habitat tests on (and the Docker image pins)."""
 HFOV = 90.0
 ACTION_NAMES = {MOVE_FORWARD: "move_forward", TURN_LEFT: "turn_left", TURN_RIGHT: "turn_right"}
 
