@@ -131,11 +131,12 @@ def test_without_habitat_sim_a_habitat_run_fails_first_with_the_install_command(
 # ------------------------------------------------------------------------------------------- worker protocol
 def test_worker_backend_matches_the_embedded_backend_step_for_step(small_dataset):
     """The same episodes and actions through WorkerVectorEnv (worker processes, pipes, main-process task code)
-    and PointNavVectorEnv give the same observations, rewards, episode ends and metrics."""
+    and PointNavVectorEnv give the same observations, rewards, episode ends and metrics (both in habitat-lab's
+    scene-grouped order, the worker backend's default)."""
     cfg = unchecked_config(f"task.data_dir={small_dataset}", "sim.resolution=12", "sim.sensors=[rgb,depth]",
                            "sim.renderer=torch", "task.max_episode_steps=25")
     episodes, navs = load_split(small_dataset, "val")
-    ours = PointNavVectorEnv(episodes, navs, 3, cfg.sim, cfg.task, seed=5)
+    ours = PointNavVectorEnv(episodes, navs, 3, cfg.sim, cfg.task, seed=5, group_by_scene=True)
     settings = dict(scenes_dir=str(small_dataset / "scenes"), store_dir=str(small_dataset / "geodesic" / "val"),
                     resolution=12, sensors=["rgb", "depth"], renderer="torch")
     with WorkerVectorEnv(episodes, 3, cfg.sim, cfg.task, EmbeddedWorkerSim, [settings] * 3, seed=5) as theirs:

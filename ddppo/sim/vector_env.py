@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from ddppo.rows import HostViews, put_rows
 from ddppo.sim.batch_sim import BatchSimulator, SceneAtlas
 from ddppo.sim.dataset import Episode, check_episodes_in_scenes, scene_name
+from ddppo.sim.episode_order import EpisodeIterator, load_iterators, make_iterators  # noqa: F401  (re-exported)
 from ddppo.sim.geometry import POSE_SENSORS, STOP
 from ddppo.sim.navmesh import GeodesicCache, NavGrid
 from ddppo.sim.task import METRICS, POINTNAV_STEP, TALLY
@@ -38,43 +39,11 @@ class StepResult:
         return self.terminated | self.truncated
 
 
-class EpisodeIterator:
-    """One environment's episode stream: shuffled epochs (training) or a fixed share of the list (evaluation).
-
-    The whole state is (epoch, cursor), so a resumed run draws exactly the episodes it would have drawn.
-    """
-
-    def __init__(self, num_episodes: int, seed: int, env_index: int, order: str = "shuffle", num_shares: int = 1):
-        if order not in ("shuffle", "partition"):
-            raise ValueError(f"episode order {order!r}: use shuffle or partition")
-        self.n, self.seed, self.env_index, self.order = num_episodes, seed, env_index, order
-        self.share = list(range(env_index, num_episodes, num_shares)) if order == "partition" else None
-        self.epoch, self.cursor = 0, 0
-        self._perm = None
-
-    def _order(self):
-        if self.share is not None:
-            return self.share
-        if self._perm is None:
-            self._perm = np.random.default_rng([self.seed, self.env_index, self.epoch]).permutation(self.n)
-        return self._perm
-
-    def next(self) -> int | None:
-        order = self._order()
-        if self.cursor >= len(order):
-            if self.share is not None:
-                return None
-            self.epoch, self.cursor, self._perm = self.epoch + 1, 0, None
-            order = self._order()
-        k = int(order[self.cursor])
-        self.cursor += 1
-        return k
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state):
-        self.epoch, self.cursor, self._perm = int(state["epoch"]), int(state["cursor"]), None
+def count_steps(iterators, was_active: torch.Tensor) -> None:
+    """Tell the episode streams of the environments that just stepped (a scene-grouped stream leaves a scene
+    after a number of steps)."""
+    for e in was_active.nonzero().flatten().tolist():
+        iterators[e].step_taken()
 
 
 def start_next_episodes(env, obs: dict[str, torch.Tensor], done: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -91,19 +60,13 @@ def start_next_episodes(env, obs: dict[str, torch.Tensor], done: torch.Tensor) -
     return final_obs
 
 
-def load_iterators(iterators: list[EpisodeIterator], states: list[dict]) -> None:
-    """Resume every environment's episode stream; a resume state for another number of environments is refused."""
-    if len(states) != len(iterators):
-        raise ValueError(f"resume state has {len(states)} episode iterators for {len(iterators)} environments")
-    for it, s in zip(iterators, states):
-        it.load_state_dict(s)
-
-
 class PointNavVectorEnv:
     """``num_envs`` PointNav environments on one device, stepping together.
 
     Environment ``e`` of a worker with ``env_offset`` draws its episodes from stream ``env_offset + e`` of ``seed``,
-    so ranks given offsets rank * num_envs never share a stream.
+    so ranks given offsets rank * num_envs never share a stream. Training shuffles every episode of the split in
+    each environment: all scenes are resident here, so a batch that mixes scenes costs nothing and decorrelates the
+    samples; ``group_by_scene=True`` gives habitat-lab's order instead (ddppo.sim.episode_order).
     """
 
     episode_metrics = ("success", "spl", "softspl", "distance_to_goal", "collisions")
@@ -115,7 +78,7 @@ class PointNavVectorEnv:
 
     def __init__(self, episodes: list[Episode], navs: dict[str, NavGrid], num_envs: int, sim_cfg, task_cfg,
                  seed: int = 0, env_offset: int = 0, device: str | torch.device = "cpu", order: str = "shuffle",
-                 num_shares: int | None = None, cache: GeodesicCache | None = None):
+                 num_shares: int | None = None, cache: GeodesicCache | None = None, group_by_scene: bool = False):
         if num_envs < 1:
             raise ValueError(f"num_envs={num_envs} must be >= 1")
         if not episodes:
@@ -144,8 +107,9 @@ class PointNavVectorEnv:
         self._tally, self._pose_sensors = TALLY[self.sim.kernels], POSE_SENSORS[self.sim.kernels]
         self._pointnav_step = POINTNAV_STEP[self.sim.kernels]
         self.cache = cache or GeodesicCache()
-        shares = num_shares or num_envs
-        self.iterators = [EpisodeIterator(len(episodes), seed, env_offset + e, order, shares) for e in range(num_envs)]
+        self.iterators = make_iterators(self.episode_scene, num_envs, seed, env_offset, order, num_shares,
+                                        group_by_scene)
+        self._count_steps = group_by_scene and order == "shuffle"
         z = lambda dt=torch.float32: torch.zeros(num_envs, device=self.device, dtype=dt)  # noqa: E731
         self.start_x, self.start_z, self.start_theta = z(), z(), z()
         self.start_distance, self.prev_distance, self.path_length = z(), z(), z()
@@ -227,6 +191,8 @@ class PointNavVectorEnv:
         a = self.kernel_arg
         stop, terminated, truncated = self._tally(self.task, actions, was_active, collided, moved, a(self.steps),
                                                   a(self.path_length), a(self.collisions))
+        if self._count_steps:
+            count_steps(self.iterators, was_active)
         reward, metrics = self._reward_and_metrics(stop, was_active)
         done = terminated | truncated
         info = {

@@ -28,15 +28,10 @@ import numpy as np
 import torch
 
 from ddppo.sim.dataset import Episode, check_episode_in_scene, scene_name
+from ddppo.sim.episode_order import MAX_SCENE_REPEAT_STEPS, load_iterators, make_iterators
 from ddppo.sim.geometry import STOP, episodic_gps, heading_to_quaternion, pointgoal_polar, wrap_angle
 from ddppo.sim.task import episode_ends, pointnav_step
-from ddppo.sim.vector_env import (
-    EpisodeIterator,
-    PointNavVectorEnv,
-    StepResult,
-    load_iterators,
-    start_next_episodes,
-)
+from ddppo.sim.vector_env import PointNavVectorEnv, StepResult, count_steps, start_next_episodes
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -138,7 +133,10 @@ class WorkerVectorEnv:
     semantics: automatic reset, ``final_obs``, the same ``info`` keys, episode streams and resume state.
 
     ``scene_of(episode)`` names the scene a worker loads for an episode (a file path for habitat);
-    ``settings[e]`` are the keyword settings of env ``e``'s simulator.
+    ``settings[e]`` are the keyword settings of env ``e``'s simulator. Training runs habitat-lab's episode order
+    (``group_by_scene``, ddppo.sim.episode_order): the scenes split across the environments, the episodes of one
+    scene in a row for up to ``max_scene_repeat_steps`` steps, since a worker loads a scene whenever its next
+    episode is in another one (``scene_loads`` counts those loads).
     """
 
     episode_metrics = PointNavVectorEnv.episode_metrics
@@ -147,7 +145,8 @@ class WorkerVectorEnv:
     def __init__(self, episodes: list[Episode], num_envs: int, sim_cfg, task_cfg, sim_class, settings: list[dict],
                  scene_of=lambda ep: scene_name(ep.scene_id), seed: int = 0, env_offset: int = 0,
                  device: str | torch.device = "cpu", order: str = "shuffle", num_shares: int | None = None,
-                 start_method: str = "forkserver"):
+                 start_method: str = "forkserver", group_by_scene: bool = True,
+                 max_scene_repeat_steps: int = MAX_SCENE_REPEAT_STEPS):
         if num_envs < 1:
             raise ValueError(f"num_envs={num_envs} must be >= 1")
         if not episodes:
@@ -157,8 +156,14 @@ class WorkerVectorEnv:
         self.device = torch.device(device)
         self.episodes, self.num_envs, self.task, self.scene_of = episodes, num_envs, task_cfg, scene_of
         self.resolution, self.sensors = int(sim_cfg.resolution), tuple(sim_cfg.sensors)
-        shares = num_shares or num_envs
-        self.iterators = [EpisodeIterator(len(episodes), seed, env_offset + e, order, shares) for e in range(num_envs)]
+        scenes = sorted({scene_of(ep) for ep in episodes})
+        index = {name: k for k, name in enumerate(scenes)}
+        episode_scene = np.array([index[scene_of(ep)] for ep in episodes], np.int64)
+        self.iterators = make_iterators(episode_scene, num_envs, seed, env_offset, order, num_shares, group_by_scene,
+                                        max_scene_repeat_steps)
+        self.scene_loads = 0
+        """Episode starts that put a worker in another scene than its last one (each loads a scene there)."""
+        self._worker_scene: list[str | None] = [None] * num_envs
         z = lambda dt=torch.float32: torch.zeros(num_envs, dtype=dt)  # noqa: E731  (CPU: frames arrive there)
         self.x, self.y, self.z, self.theta = z(), z(), z(), z()
         self.goal_x, self.goal_y, self.goal_z = z(), z(), z()
@@ -201,6 +206,9 @@ class WorkerVectorEnv:
     def _place(self, envs: list[int], poses: list[tuple[list[float], list[float]]]) -> list[dict]:
         eps = [self.episodes[int(self.episode_index[e])] for e in envs]
         args = [(self.scene_of(ep), list(pos), list(rot), list(ep.goal_position)) for ep, (pos, rot) in zip(eps, poses)]
+        for e, a in zip(envs, args):
+            self.scene_loads += a[0] != self._worker_scene[e]
+            self._worker_scene[e] = a[0]
         frames = self.pool.call(envs, "place", args)
         self._take(envs, frames)
         for e, ep in zip(envs, eps):
@@ -252,6 +260,7 @@ class WorkerVectorEnv:
         envs = was_active.nonzero().flatten().tolist()
         before = torch.stack([self.x, self.y, self.z], dim=1)
         self._take(envs, self.pool.call(envs, "step", [(int(actions[e]),) for e in envs]))
+        count_steps(self.iterators, was_active)
         moved = torch.linalg.vector_norm(torch.stack([self.x, self.y, self.z], dim=1) - before, dim=1)
         collided = torch.tensor([bool(f["collided"]) for f in self._frames]) & was_active
         distance = torch.tensor([f["geodesic"] for f in self._frames], dtype=torch.float32)
