@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from habitat_lab_support import need_habitat_lab
 from omegaconf import OmegaConf
 
 from ddppo.config import TrainConfig
@@ -59,12 +60,33 @@ def test_yaw_of_quaternion_tolerates_a_tiny_tilt():
     assert yaw_of_quaternion([x, y, z, w]) == pytest.approx(0.7, abs=1e-3)
 
 
+SCENE_IDS = ["gibson/Adrian.glb", "data/scene_datasets/gibson/Adrian.glb", "data/scene_datasets/mp3d/x/x.glb",
+             "/abs/scene.glb", "Adrian.glb", "other/data/scene_datasets/y.glb"]
+SCENES_DIRS = ["data/scene_datasets", "/mnt/scenes", "/mnt/scenes/", "relative/scenes", ""]
+
+
 def test_scene_ids_resolve_as_habitat_lab_does():
-    assert resolve_scene("gibson/Adrian.glb", "data/scene_datasets") == "data/scene_datasets/gibson/Adrian.glb"
-    given = "data/scene_datasets/mp3d/x/x.glb"
-    assert resolve_scene(given, "data/scene_datasets") == given
+    """habitat-lab's PointNavDatasetV1: a leading data/scene_datasets/ is stripped, the rest joined to scenes_dir."""
+    for scenes_dir in ("data/scene_datasets", "/mnt/scenes"):
+        for scene_id in ("gibson/Adrian.glb", "data/scene_datasets/gibson/Adrian.glb"):  # Gibson's two spellings
+            assert resolve_scene(scene_id, scenes_dir) == f"{scenes_dir}/gibson/Adrian.glb"
+    assert resolve_scene("data/scene_datasets/mp3d/x/x.glb", "/mnt/s") == "/mnt/s/mp3d/x/x.glb"
     assert resolve_scene("/abs/scene.glb", "data/scene_datasets") == "/abs/scene.glb"
-    assert resolve_scene("gibson/Adrian.glb", "") == "gibson/Adrian.glb"
+    assert resolve_scene("other/data/scene_datasets/y.glb", "/s") == "/s/other/data/scene_datasets/y.glb"
+
+
+def test_scene_ids_resolve_as_habitat_labs_own_dataset_loader():
+    """The oracle: habitat-lab's PointNavDatasetV1.from_json on the same scene ids and scenes_dir."""
+    import json
+
+    need_habitat_lab()
+    from habitat.datasets.pointnav.pointnav_dataset import PointNavDatasetV1
+
+    raw = Episode("0", "", (0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 1.0), (1.0, 0.0, 0.0), 1.0).to_json()
+    for scenes_dir in SCENES_DIRS:
+        dataset = PointNavDatasetV1()
+        dataset.from_json(json.dumps({"episodes": [{**raw, "scene_id": s} for s in SCENE_IDS]}), scenes_dir=scenes_dir)
+        assert [resolve_scene(s, scenes_dir) for s in SCENE_IDS] == [e.scene_id for e in dataset.episodes], scenes_dir
 
 
 def test_gpu_is_the_configured_one_else_the_trainers_else_the_local_rank():
@@ -104,8 +126,10 @@ def _habitat_dataset(tmp_path: Path, scene_file: str) -> Path:
     return data
 
 
-def test_missing_scene_file_is_named_with_the_key_to_fix(tmp_path):
-    data = _habitat_dataset(tmp_path, "gibson/Nowhere.glb")
+@pytest.mark.parametrize("scene_id", ["gibson/Nowhere.glb", "data/scene_datasets/gibson/Nowhere.glb"])
+def test_missing_scene_file_is_named_with_the_key_to_fix(tmp_path, scene_id):
+    """A custom task.scenes_dir takes both Gibson spellings of a scene id to the same file."""
+    data = _habitat_dataset(tmp_path, scene_id)
     cfg = unchecked_config("sim.backend=habitat", f"task.data_dir={data}", f"task.scenes_dir={tmp_path / 'scenes'}")
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "scenes" / "gibson" / "Nowhere.glb"))) as e:
         make_vector_env(cfg, "val", 1)

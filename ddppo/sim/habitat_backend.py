@@ -70,11 +70,16 @@ def yaw_of_quaternion(q) -> float:
     return math.atan2(2.0 * (x * z + w * y), 1.0 - 2.0 * (x * x + y * y))
 
 
+DEFAULT_SCENE_PATH_PREFIX = "data/scene_datasets/"
+"""habitat-lab's PointNavDatasetV1 strips this prefix from a scene_id before joining it to its ``scenes_dir``."""
+
+
 def resolve_scene(scene_id: str, scenes_dir: str) -> str:
-    """habitat-lab's rule: a dataset's scene_id is relative to the scenes directory unless it already starts
-    with it (Gibson v1: 'gibson/Adrian.glb' under data/scene_datasets)."""
-    if not scenes_dir or os.path.isabs(scene_id) or scene_id.startswith(scenes_dir.rstrip("/") + "/"):
-        return scene_id
+    """habitat-lab's PointNavDatasetV1 rule: a leading ``data/scene_datasets/`` is stripped, the rest joined to
+    ``scenes_dir`` (an absolute scene_id stays as it is). So 'gibson/Adrian.glb' and
+    'data/scene_datasets/gibson/Adrian.glb' both name ``{scenes_dir}/gibson/Adrian.glb``, whatever ``scenes_dir``."""
+    if scene_id.startswith(DEFAULT_SCENE_PATH_PREFIX):
+        scene_id = scene_id[len(DEFAULT_SCENE_PATH_PREFIX):]
     return os.path.join(scenes_dir, scene_id)
 
 
