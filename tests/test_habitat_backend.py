@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from habitat_lab_support import need_habitat_lab
+from habitat_lab_support import habitat_test_scene, navmesh_for, need_habitat_lab
+from habitat_support import need_habitat
 from omegaconf import OmegaConf
 
 from ddppo.config import TrainConfig
@@ -150,6 +151,32 @@ def test_without_habitat_sim_a_habitat_run_fails_first_with_the_install_command(
     cfg = unchecked_config("sim.backend=habitat", f"task.data_dir={data}", f"task.scenes_dir={tmp_path / 'scenes'}")
     with pytest.raises(HabitatUnavailable, match="conda install habitat-sim"):
         make_vector_env(cfg, "val", 1)
+
+
+# ------------------------------------------------------------------------------------------- navmesh
+def test_a_navmesh_made_for_another_agent_is_rebuilt_for_ours(tmp_path):
+    """habitat-lab's default_agent_navmesh on real habitat-sim: a scene shipped with a navmesh built for a 0.3 m
+    agent is loaded with one rebuilt for ours (0.1 m, 1.5 m), the very mesh habitat-sim computes for those."""
+    hs = need_habitat()
+    from ddppo.sim.habitat_backend import HabitatSim
+
+    scene = habitat_test_scene("simple_room.glb", tmp_path)
+    shipped = navmesh_for(hs, scene, radius=0.3, save=True)
+    ours = navmesh_for(hs, scene, radius=0.1)
+    assert shipped.nav_mesh_settings.agent_radius == pytest.approx(0.3)
+    assert shipped.navigable_area < ours.navigable_area  # a wider agent keeps further from the furniture
+    start = [float(v) for v in shipped.get_random_navigable_point()]
+    sim = HabitatSim(resolution=8, sensors=["depth"], forward_step=0.25, turn_angle=10.0, max_depth=10.0,
+                     gpu_device_id=-1, seed=0)
+    try:
+        sim.place(str(scene), start, [0.0, 0.0, 0.0, 1.0], start)
+        loaded = sim.sim.pathfinder
+        assert loaded.nav_mesh_settings.agent_radius == pytest.approx(0.1)
+        assert loaded.nav_mesh_settings.agent_height == pytest.approx(1.5)
+        assert loaded.navigable_area == pytest.approx(ours.navigable_area, rel=1e-6)
+        assert np.array_equal(np.asarray(loaded.build_navmesh_vertices()), np.asarray(ours.build_navmesh_vertices()))
+    finally:
+        sim.close()
 
 
 # ------------------------------------------------------------------------------------------- worker protocol

@@ -22,7 +22,9 @@ habitat-lab's ``previous_step_collided`` is that value, kept by its own wrapper)
 
 Agent: habitat's default body, radius 0.1 m and height 1.5 m (ddppo.sim.navmesh), sensors at 1.25 m with a 90°
 HFOV. Collisions and sliding follow the scene's navmesh, whose own margin is the agent radius it was built with
-(habitat's datasets ship navmeshes built for this agent); a scene without a ``.navmesh`` gets one computed for it.
+(habitat's datasets ship navmeshes built for this agent). As under habitat-lab (``default_agent_navmesh``), a scene
+without a ``.navmesh``, or whose ``.navmesh`` was made with other settings (another agent radius, say), gets one
+computed with the agent's.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ INSTALL_HINT = ("conda install habitat-sim withbullet headless -c conda-forge -c
 TESTED_HABITAT_SIM = "0.3.3"
 """The habitat-sim release CI runs the habitat tests on (and the Docker image pins)."""
 HFOV = 90.0
+AGENT_MAX_CLIMB, AGENT_MAX_SLOPE = 0.2, 45.0
+"""habitat-lab's agent defaults (``AgentConfig.max_climb`` in metres, ``max_slope`` in degrees), which its
+``default_agent_navmesh`` puts in the navmesh settings."""
 ACTION_NAMES = {MOVE_FORWARD: "move_forward", TURN_LEFT: "turn_left", TURN_RIGHT: "turn_right"}
 
 
@@ -150,6 +155,15 @@ class HabitatSim:
         spec.position = [0.0, SENSOR_HEIGHT, 0.0]
         return spec
 
+    def _navmesh_settings(self):
+        """habitat-lab's ``default_agent_navmesh``: habitat-sim's defaults with the agent's radius and height (and
+        habitat-lab's max_climb 0.2 m, max_slope 45°, static objects left out: its defaults, habitat-sim's too)."""
+        settings = self.hs.NavMeshSettings()
+        settings.set_defaults()
+        settings.agent_radius, settings.agent_height = AGENT_RADIUS, AGENT_HEIGHT
+        settings.agent_max_climb, settings.agent_max_slope = AGENT_MAX_CLIMB, AGENT_MAX_SLOPE
+        return settings
+
     def _configuration(self, scene: str):
         hs = self.hs
         sim_cfg = hs.SimulatorConfiguration()
@@ -160,6 +174,8 @@ class HabitatSim:
         sim_cfg.random_seed = self.seed
         sim_cfg.enable_physics = False  # kinematic navmesh motion, as PointNav
         sim_cfg.allow_sliding = True  # collisions slide along walls (DESIGN §3)
+        if hasattr(sim_cfg, "navmesh_settings"):  # habitat-lab's default_agent_navmesh: habitat-sim recomputes
+            sim_cfg.navmesh_settings = self._navmesh_settings()  # a scene's navmesh made with other settings
         actions = {name: hs.ActionSpec(name, hs.ActuationSpec(amount=amount)) for name, amount in (
             ("move_forward", self.forward_step), ("turn_left", self.turn_angle), ("turn_right", self.turn_angle))}
         agent = hs.AgentConfiguration(height=AGENT_HEIGHT, radius=AGENT_RADIUS, action_space=actions,
@@ -175,11 +191,12 @@ class HabitatSim:
             self.sim = hs.Simulator(cfg)
         else:
             self.sim.reconfigure(cfg)  # habitat-lab's way to change scene: keeps the GL context
-        if not self.sim.pathfinder.is_loaded:  # no .navmesh beside the scene: build one for our agent
-            settings = hs.NavMeshSettings()
-            settings.set_defaults()
-            settings.agent_radius, settings.agent_height = AGENT_RADIUS, AGENT_HEIGHT
-            self.sim.recompute_navmesh(self.sim.pathfinder, settings)
+        pathfinder, settings = self.sim.pathfinder, self._navmesh_settings()
+        # habitat-sim applies the configured settings itself where it has SimulatorConfiguration.navmesh_settings;
+        # older releases get the same rule here: no navmesh, or one made for another agent, is rebuilt
+        shipped = getattr(pathfinder, "nav_mesh_settings", settings) if pathfinder.is_loaded else None
+        if shipped != settings:
+            self.sim.recompute_navmesh(pathfinder, settings)
         self.agent = self.sim.get_agent(0)
         self.scene, self._follower = scene, None
 
