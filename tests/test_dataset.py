@@ -10,9 +10,11 @@ import shutil
 
 import numpy as np
 import pytest
+from habitat_lab_support import need_habitat_lab
 
 import ddppo.sim.data as data_mod
-from ddppo.config import DatasetConfig
+from ddppo.config import DatasetConfig, load_config
+from ddppo.envs import make_vector_env
 from ddppo.sim.data import episodes_path, generate_dataset, load_split
 from ddppo.sim.dataset import Episode, generate_episodes, load_episodes, save_episodes, scene_name
 from ddppo.sim.floorplan import FloorPlanConfig, generate_floor_plan, scene_seed
@@ -133,28 +135,103 @@ def write_json_gz(path, obj):
 
 
 def test_habitat_content_layout_loads(tmp_path, small_dataset, splits):
-    """Habitat's layout: val/val.json.gz with no episodes, one val/content/{scene}.json.gz per scene, scene_id a
-    path to a .glb whose stem names the scene."""
+    """Habitat's layout: episodes in val/val.json.gz and in one val/content/{scene}.json.gz per scene, read
+    together (habitat-lab's PointNavDatasetV1), scene_id a path to a .glb whose stem names the scene; the embedded
+    backend checks and runs them all."""
     episodes, _ = splits["val"]
     root = tmp_path / "habitat"
     shutil.copytree(small_dataset / "scenes", root / "scenes")
-    write_json_gz(root / "val" / "val.json.gz", {"episodes": []})
+    shutil.copytree(small_dataset / "geodesic", root / "geodesic")
     by_scene: dict[str, list] = {}
     for ep in episodes:
         raw = ep.to_json()
         raw["scene_id"] = f"data/scene_datasets/embedded/{ep.scene_id}.glb"
         by_scene.setdefault(ep.scene_id, []).append(raw)
-    for name, raws in by_scene.items():
-        write_json_gz(root / "val" / "content" / f"{name}.json.gz", {"episodes": raws})
+    names = sorted(by_scene)
+    write_json_gz(root / "val" / "val.json.gz", {"episodes": by_scene[names[0]]})  # one scene in the main file
+    for name in names[1:]:
+        write_json_gz(root / "val" / "content" / f"{name}.json.gz", {"episodes": by_scene[name]})
     loaded, navs = load_split(root, "val")
-    assert sorted(navs) == sorted(by_scene)
-    assert len(loaded) == len(episodes)
+    assert sorted(navs) == names
+    assert [e.episode_id for e in loaded] == [raw["episode_id"] for name in names for raw in by_scene[name]]
     key = lambda e: (scene_name(e.scene_id), int(e.episode_id))  # noqa: E731
     for a, b in zip(sorted(loaded, key=key), sorted(episodes, key=key)):
         assert scene_name(a.scene_id) == b.scene_id
         assert (a.start_position, a.start_rotation, a.goal_position) == (
             b.start_position, b.start_rotation, b.goal_position)
         assert a.geodesic_distance == b.geodesic_distance
+    cfg = load_config(None, [f"task.data_dir={root}", "task.split=val", "task.generate_if_missing=false",
+                             "sim.resolution=16", "sim.sensors=[depth]"])
+    env = make_vector_env(cfg, "val", 2, order="partition")
+    env.reset()
+    assert len(env.episodes) == len(episodes)
+
+
+def _episode(episode_id: str, scene_id: str) -> dict:
+    return {**GOOD, "episode_id": episode_id, "scene_id": scene_id}
+
+
+def content_dataset(root, content_scenes_path=None):
+    """A hand-built habitat dataset: two episodes in the main file, three in content/{a,b}.json.gz, two in
+    per_scene/c.json.gz, and files that are not per-scene files in both folders."""
+    main = {"episodes": [_episode("m0", "gibson/m.glb"), _episode("m1", "data/scene_datasets/gibson/m.glb")]}
+    if content_scenes_path:
+        main["content_scenes_path"] = content_scenes_path
+    path = write_json_gz(root / "val" / "val.json.gz", main)
+    write_json_gz(root / "val" / "content" / "b.json.gz", {"episodes": [_episode("b0", "gibson/b.glb")]})
+    write_json_gz(root / "val" / "content" / "a.json.gz", {"episodes": [_episode(f"a{k}", "gibson/a.glb")
+                                                                        for k in range(2)]})
+    write_json_gz(root / "val" / "per_scene" / "c.json.gz", {"episodes": [_episode(f"c{k}", "c.glb")
+                                                                          for k in range(2)]})
+    for folder in ("content", "per_scene"):
+        (root / "val" / folder / "README.txt").write_text("not episodes")
+    return path
+
+
+CONTENT_CASES = {"default": (None, ["m0", "m1", "a0", "a1", "b0"]),
+                 "content_scenes_path": ("{data_path}/per_scene/{scene}.json.gz", ["m0", "m1", "c0", "c1"])}
+
+
+@pytest.mark.parametrize("case", CONTENT_CASES)
+def test_main_file_and_per_scene_files_load_together(tmp_path, case):
+    template, expected = CONTENT_CASES[case]
+    assert [e.episode_id for e in load_episodes(content_dataset(tmp_path, template))] == expected
+
+
+@pytest.mark.parametrize("case", CONTENT_CASES)
+def test_per_scene_files_load_as_habitat_labs_own_loader_does(tmp_path, case):
+    """The oracle: habitat-lab's PointNavDatasetV1 (content_scenes ["*"]) on the same files reads the same
+    episodes in the same order, and its scene paths are ours resolved against its scenes_dir."""
+    need_habitat_lab()
+    from habitat.datasets.pointnav.pointnav_dataset import PointNavDatasetV1
+    from omegaconf import OmegaConf
+
+    from ddppo.sim.habitat_backend import resolve_scene
+
+    path = content_dataset(tmp_path, CONTENT_CASES[case][0])
+    config = OmegaConf.create({"type": "PointNav-v1", "split": "val", "scenes_dir": "/scenes", "content_scenes": ["*"],
+                               "data_path": str(tmp_path / "{split}" / "{split}.json.gz")})
+    theirs = PointNavDatasetV1(config).episodes
+    ours = load_episodes(path)
+    assert [e.episode_id for e in ours] == [e.episode_id for e in theirs]
+    assert [resolve_scene(e.scene_id, "/scenes") for e in ours] == [e.scene_id for e in theirs]
+    assert all(list(a.start_position) == list(b.start_position) and list(a.goal_position) == b.goals[0].position
+               for a, b in zip(ours, theirs))
+
+
+@pytest.mark.parametrize("template", ["{data_path}/content/all.json.gz", "{data_path}/{split}/{scene}.json.gz", 7])
+def test_a_bad_content_scenes_path_names_the_file_and_field(tmp_path, template):
+    path = content_dataset(tmp_path, template)
+    with pytest.raises(ValueError, match="content_scenes_path") as err:
+        load_episodes(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_empty_dataset_is_refused(tmp_path):
+    path = write_json_gz(tmp_path / "val" / "val.json.gz", {"episodes": []})
+    (tmp_path / "val" / "content").mkdir()
+    with pytest.raises(ValueError, match="holds no episode"):
+        load_episodes(path)
 
 
 GOOD = {

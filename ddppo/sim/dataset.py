@@ -107,18 +107,45 @@ def _read_json_gz(path: Path) -> dict:
     return data
 
 
+CONTENT_SCENES_PATH = "{data_path}/content/{scene}.json.gz"
+"""habitat-lab's PointNavDatasetV1 default for the per-scene files; a main file's ``content_scenes_path`` field
+replaces it. ``data_path`` is the main file's directory."""
+
+
+def _content_files(path: Path, data: dict) -> list[Path]:
+    """habitat-lab's per-scene files of the main file ``path``: when the template's part before ``{scene}`` exists,
+    every file in that directory ending with the part after it, in sorted order of scene name (habitat-lab's
+    ``content_scenes=["*"]``)."""
+    template = data.get("content_scenes_path", CONTENT_SCENES_PATH)
+    if not isinstance(template, str) or template.count("{scene}") != 1:
+        raise ValueError(f"dataset file {path}: field 'content_scenes_path' must be a string with one '{{scene}}', "
+                         f"got {template!r}")
+    head, ext = template.split("{scene}")
+    try:
+        folder = head.format(data_path=path.parent)
+        template.format(data_path=path.parent, scene="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"dataset file {path}: field 'content_scenes_path' {template!r}: only {{data_path}} and "
+                         f"{{scene}} may be named ({type(e).__name__}: {e})") from None
+    if not os.path.exists(folder):
+        return []
+    if not os.path.isdir(folder):
+        raise ValueError(f"dataset file {path}: field 'content_scenes_path' {template!r}: {folder} is not a directory")
+    scenes = sorted(name[: -len(ext)] for name in os.listdir(folder) if name.endswith(ext))
+    return [Path(template.format(data_path=path.parent, scene=scene)) for scene in scenes]
+
+
 def load_episodes(path: str | os.PathLike) -> list[Episode]:
-    """Read ``{split}.json.gz`` and, habitat-style, ``content/*.json.gz`` beside it when the main file is empty."""
+    """Read ``{split}.json.gz`` as habitat-lab's PointNavDatasetV1 does: the main file's episodes, then those of
+    every per-scene file (``content/{scene}.json.gz`` beside it, or where its ``content_scenes_path`` says)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {path} does not exist")
     data = _read_json_gz(path)
     episodes = [parse_episode(e, f"dataset file {path}: episode {k}") for k, e in enumerate(data["episodes"])]
-    content = path.parent / "content"
-    if not episodes and content.is_dir():
-        for part in sorted(content.glob("*.json.gz")):
-            raw = _read_json_gz(part)["episodes"]
-            episodes += [parse_episode(e, f"dataset file {part}: episode {k}") for k, e in enumerate(raw)]
+    for part in _content_files(path, data):
+        raw = _read_json_gz(part)["episodes"]
+        episodes += [parse_episode(e, f"dataset file {part}: episode {k}") for k, e in enumerate(raw)]
     if not episodes:
         raise ValueError(f"dataset file {path}: holds no episode")
     return episodes
