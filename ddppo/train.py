@@ -45,7 +45,7 @@ from ddppo.policy import build_policy  # noqa: E402
 from ddppo.resume import load_resume, save_resume, set_aside_previous_run  # noqa: E402
 from ddppo.rl.episode_stats import EpisodeStats  # noqa: E402
 from ddppo.rl.flat_grads import FlatGradients  # noqa: E402
-from ddppo.rl.ppo import bootstrap_truncated, make_adam, ppo_loss  # noqa: E402
+from ddppo.rl.ppo import bootstrap_truncated, make_adam, normalized_advantages, ppo_loss  # noqa: E402
 from ddppo.rl.storage import RolloutStorage  # noqa: E402
 from ddppo.sim.data import ensure_dataset  # noqa: E402
 from ddppo.sim.render import set_render_threads  # noqa: E402
@@ -97,15 +97,16 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
     params, param_groups = apply_transfer(policy, cfg, run_dir, log, write=main)
     optimizer = make_adam(param_groups, lr=cfg.ppo.lr, eps=cfg.ppo.eps)
     grads = FlatGradients(params)  # zeroed, all-reduced and clipped as one buffer
-    num_updates = math.ceil(cfg.total_steps / (cfg.ppo.num_steps * n_envs * info.world_size))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda u: max(0.0, 1 - u / num_updates) if cfg.ppo.lr_decay else 1.0
-    )
     storage = RolloutStorage(cfg.ppo.num_steps, n_envs, policy.storage_spaces(envs.obs_spaces),
                              (policy.num_hidden_layers, cfg.policy.hidden_size), info.device)
     counter = RolloutCounter(info)
     state = {"update": 0, "env_steps": 0, "episodes": 0, "wall_time": 0.0, "world_size": info.world_size,
              "skipped_updates": 0, "bad_in_a_row": 0}
+    # linear decay by the fraction of total_steps done (habitat-baselines' percent_done), not by a planned update
+    # count: preempted rollouts are shorter, so a run takes more updates than full rollouts would
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda _: max(0.0, 1 - state["env_steps"] / cfg.total_steps) if cfg.ppo.lr_decay else 1.0
+    )
 
     episodes = EpisodeStats(n_envs, envs.episode_metrics)  # returns, and sums over episodes ended since the last log
     dd_window = torch.zeros(4, dtype=torch.float64)  # preempted ranks, rollout fraction, updates, wait seconds
@@ -208,13 +209,14 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
             else:
                 state["bad_in_a_row"] = 0
             diverged = state["bad_in_a_row"] >= cfg.ppo.max_bad_updates
-            scheduler.step()
             storage.after_update()
             counter.next_round()
             t_learn = time.perf_counter() - t1
 
             state["update"] += 1
             state["env_steps"] += global_samples
+            if losses[6] == 0:  # a skipped update learned nothing: the schedule does not step for it
+                scheduler.step()  # the next update's lr, from the steps done so far
             state["wall_time"] = time.perf_counter() - t_start
             progress.append((time.perf_counter(), state["env_steps"]))
 
@@ -318,6 +320,10 @@ def ppo_update(policy, optimizer, grads: FlatGradients, storage: RolloutStorage,
     minibatch's sample count over all ranks, and gradients are summed across ranks: the update equals a single
     process's update on the concatenated samples, whatever share each rank collected.
 
+    With ``ppo.normalize_advantages`` the rollout's advantages (``storage.advantages``, replaced in place) are
+    normalised first, with the mean and variance of every rank's rollout (all-reduced), so this stays one update
+    over the concatenation of all workers' samples.
+
     A NaN/Inf loss on any rank, or a NaN/Inf gradient, skips the whole update on every rank: the policy (weights
     and normaliser statistics) and the optimiser go back to where they were before it.
 
@@ -328,6 +334,9 @@ def ppo_update(policy, optimizer, grads: FlatGradients, storage: RolloutStorage,
     sums = torch.zeros(6, dtype=torch.float64)
     n_minibatches = 0
     bad = False
+    if ppo.normalize_advantages:
+        valid = storage.advantages[: storage.step]
+        valid.copy_(normalized_advantages(valid, lambda values: all_reduce_sum(values, info)))
     for _epoch in range(ppo.ppo_epoch):
         if bad:
             break
@@ -340,7 +349,7 @@ def ppo_update(policy, optimizer, grads: FlatGradients, storage: RolloutStorage,
                 log_probs, batch["old_log_probs"], batch["advantages"], values, batch["old_values"],
                 batch["returns"], entropy, clip=ppo.clip, value_coef=ppo.value_coef,
                 entropy_coef=ppo.entropy_coef, clipped_value_loss=ppo.clipped_value_loss,
-                normalize_advantages=ppo.normalize_advantages, reduction="sum",
+                reduction="sum",
             )
             # a bad loss on any rank rides on the sample-count all-reduce, so every rank skips together
             n_global, n_bad = all_reduce_sum([batch["num_samples"], float(not torch.isfinite(loss))], info).tolist()

@@ -87,7 +87,7 @@ def grad_dumps(tmp_path_factory) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
-def reference_update(dumps: list[dict]):
+def reference_update(dumps: list[dict], normalize_advantages: bool = False):
     """The same update in ONE process on the concatenated batch of both ranks.
 
     The two rollouts have different lengths, so the shorter one is zero-padded in time and the padding gets
@@ -95,6 +95,9 @@ def reference_update(dumps: list[dict]):
     visual running normaliser folds in the statistics of all valid frames once, as the synchronised update
     on the ranks does, then normalises with them. The loss is the weighted MEAN over all valid samples
     (reduction="mean"), an independent code path from the ranks' sums divided by the all-reduced count.
+    With ``normalize_advantages`` the valid advantages of both ranks are normalised together by torch.var_mean
+    (habitat-baselines' formula: (A - mean) / sqrt(var + 1e-5), unbiased variance), and the gradients returned
+    are the clipped ones the step used.
     """
     cfg = load_config(None, dumps[0]["policy_overrides"])
     spaces = {k: (tuple(v.shape[2:]), v.dtype) for k, v in dumps[0]["batch"]["obs"].items()}  # [T, N, *shape]
@@ -122,8 +125,12 @@ def reference_update(dumps: list[dict]):
                        for b in batches], dim=1)
     weight = torch.cat([pad(torch.ones_like(b["old_log_probs"])) for b in batches], dim=1)
     hidden0 = torch.cat([b["hidden0"] for b in batches], dim=1)
+    advantages = cat("advantages")
+    if normalize_advantages:
+        var, mean = torch.var_mean(advantages[weight > 0].double())
+        advantages = ((advantages.double() - mean) / (var + 1e-5).sqrt()).float()
     log_probs, values, entropy = policy.evaluate_actions(obs, cat("prev_actions"), masks, hidden0, cat("actions"))
-    loss, _ = ppo_loss(log_probs, cat("old_log_probs"), cat("advantages"), values, cat("old_values"),
+    loss, _ = ppo_loss(log_probs, cat("old_log_probs"), advantages, values, cat("old_values"),
                        cat("returns"), entropy, clip=cfg.ppo.clip, value_coef=cfg.ppo.value_coef,
                        entropy_coef=cfg.ppo.entropy_coef, clipped_value_loss=cfg.ppo.clipped_value_loss,
                        reduction="mean", sample_weight=weight)
@@ -134,8 +141,10 @@ def reference_update(dumps: list[dict]):
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in zip(names, params)}
     torch.nn.utils.clip_grad_norm_(params, cfg.ppo.max_grad_norm)
+    clipped = {n: p.grad.detach().clone() for n, p in zip(names, params)}
     optimizer.step()
-    return grads, {k: v.detach().clone() for k, v in policy.state_dict().items()}, int(weight.sum())
+    state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    return (clipped, state, int(weight.sum())) if normalize_advantages else (grads, state, int(weight.sum()))
 
 
 def test_ranks_start_identical_and_have_different_sample_counts(grad_dumps):
@@ -184,6 +193,26 @@ def test_sample_weighted_gradient_equals_single_process_on_concatenated_batch(gr
     flat_naive = torch.cat([naive[k].flatten() for k in ref_grads])
     flat_ref = torch.cat([ref_grads[k].flatten() for k in ref_grads])
     assert (flat_naive - flat_ref).norm() > 1e-3 * flat_ref.norm()
+
+
+def test_normalized_advantages_use_every_ranks_rollout(grad_dumps):
+    """ppo.normalize_advantages: the trainer's update normalises advantages with the mean and variance of both
+    ranks' rollouts (all-reduced), so it still equals one process's update on the concatenated batch. Normalised
+    per rank, the two ranks' advantages would be centred separately, a different update."""
+    d0, d1 = grad_dumps
+    ref_grads, ref_state, _ = reference_update(grad_dumps, normalize_advantages=True)
+    for k, v in ref_state.items():
+        assert torch.equal(d0["trainer_state_normalized"][k], d1["trainer_state_normalized"][k]), k
+        torch.testing.assert_close(d0["trainer_state_normalized"][k], v, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, k=k: f"normalised advantages, {k}: {m}")
+    # Adam's first step hardly depends on the gradient's scale: compare the gradient the step used, too
+    for k, g in ref_grads.items():
+        torch.testing.assert_close(d0["trainer_grads_normalized"][k], g, rtol=1e-4, atol=1e-7,
+                                   msg=lambda m, k=k: f"normalised advantages, gradient of {k}: {m}")
+    flat = torch.cat([g.flatten() for g in ref_grads.values()])
+    unnormalized = torch.cat([d0["reduced_grads"][k].flatten() for k in ref_grads])
+    # the normalisation changed the update's direction (not only its scale, which clipping may undo)
+    assert (flat / flat.norm() - unnormalized / unnormalized.norm()).norm() > 1e-2
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -253,10 +282,15 @@ def test_train_frees_the_process_group_when_it_returns(data_dir, tmp_path):
 def test_straggler_preemption_cuts_only_the_slow_rank(data_dir, tmp_path):
     """Rank 1 sleeps 0.1 s per step (>= 0.8 s per rollout); rank 0 needs a few milliseconds per step. With
     sync_frac 0.5 one finished rank (count 1 >= 0.5 * 2) preempts the other once it has >= 25% of its steps.
-    (The default 0.6 would need 1.2 finished ranks, i.e. never with 2 ranks.)"""
+    (The default 0.6 would need 1.2 finished ranks, i.e. never with 2 ranks.)
+
+    The linear learning-rate decay (on here) follows the steps done, so the extra updates that cut rollouts take
+    still learn: the lr logged after each update is lr0 * (1 - steps done / total_steps), above 0 until
+    total_steps (decaying by a planned count of full-rollout updates, it reached 0 halfway through the run)."""
     updates = 4
     overrides = train_overrides(data_dir, tmp_path / "runs", "slow", updates, "ddppo.slowdown=0.1",
-                                "ddppo.slow_rank=1", "ddppo.sync_frac=0.5", "ddppo.preemption=true")
+                                "ddppo.slow_rank=1", "ddppo.sync_frac=0.5", "ddppo.preemption=true",
+                                "ppo.lr_decay=true", "ppo.lr=1e-3")
     infos, states = run_dumped_training(tmp_path, overrides)
     fast, slow = infos[0]["rollout_lengths"], infos[1]["rollout_lengths"]
     # cut rollouts collect fewer samples, so the trainer needs extra updates to reach total_steps
@@ -283,6 +317,11 @@ def test_straggler_preemption_cuts_only_the_slow_rank(data_dir, tmp_path):
         total += NUM_ENVS * (f + s)
         expected_steps.append(total)
     assert steps == expected_steps
+
+    total_steps = updates * 2 * NUM_ENVS * NUM_STEPS
+    lr = scalars["lr"]
+    assert [lr[k] for k in steps] == pytest.approx([1e-3 * max(0.0, 1 - k / total_steps) for k in steps], rel=1e-6)
+    assert all(lr[k] > 0 for k in steps if k < total_steps), lr
 
 
 def test_resolve_device():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddppo.rl.episode_stats import EpisodeStats
-from ddppo.rl.ppo import bootstrap_truncated, gae, make_adam, ppo_loss
+from ddppo.rl.ppo import bootstrap_truncated, gae, make_adam, normalized_advantages, ppo_loss
 from ddppo.rl.storage import RolloutStorage
 
 GAMMA, LAM = 0.9, 0.8  # gamma * lam = 0.72
@@ -208,6 +208,18 @@ def test_ppo_loss_normalize_advantages_option() -> None:
     _, info = ppo_loss(**inputs, **COEFS, normalize_advantages=True)
     _, ref = ppo_loss(**{**inputs, "advantages": norm}, **COEFS)
     assert_close(info["policy_loss"], ref["policy_loss"].item())
+
+
+def test_normalized_advantages_hand_computed_and_nan_left_out() -> None:
+    # A = [1, 2, 3, 6]: mean 3, unbiased variance (4 + 1 + 0 + 9) / 3 = 14 / 3
+    adv = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    out = normalized_advantages(adv)
+    assert_close(out, [(a - 3.0) / math.sqrt(14 / 3 + 1e-5) for a in (1.0, 2.0, 3.0, 6.0)])
+    # a NaN stays NaN (the update's own check skips it) and does not enter the statistics
+    with_nan = torch.tensor([1.0, 2.0, math.nan, 3.0, 6.0])
+    out = normalized_advantages(with_nan)
+    assert math.isnan(out[2].item())
+    assert_close(out[[0, 1, 3, 4]], [(a - 3.0) / math.sqrt(14 / 3 + 1e-5) for a in (1.0, 2.0, 3.0, 6.0)])
 
 
 def test_ppo_loss_rejects_shape_mismatch_and_bad_reduction() -> None:

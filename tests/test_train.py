@@ -7,6 +7,7 @@ Everything is tiny: 16x16 depth, a small CNN, 2 envs x 8 steps per update.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -444,6 +445,29 @@ def test_signal_mid_run_then_resume_is_exact_with_lr_decay(data_dir, tmp_path, m
     assert lr_a == pytest.approx(lr_b) and len(lr_b) == total_updates
     assert lr_b[total_updates * PER_UPDATE] == pytest.approx(0.0, abs=1e-12)  # decayed to 0 at total_steps
     assert whole["updates"] == total_updates
+
+
+def test_lr_decays_by_steps_done_and_a_skipped_update_does_not_step_it(data_dir, tmp_path, monkeypatch):
+    """Linear decay reads the fraction of total_steps done, and an update skipped for a NaN loss (update 2 of 4)
+    leaves the schedule where it was: update 3 runs at update 2's lr. The lr each update ran with, read from the
+    optimiser it was given; hand-computed: lr0 * (1 - steps done before it / total_steps)."""
+    from helpers.nan_on_one_rank import nan_values
+
+    import ddppo.train as trainer
+
+    lrs, real_update = [], trainer.ppo_update
+
+    def update_with_nan_in_2nd(policy, optimizer, *args, **kwargs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        with nan_values(policy) if len(lrs) == 2 else contextlib.nullcontext():
+            return real_update(policy, optimizer, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "ppo_update", update_with_nan_in_2nd)
+        result = run(overrides(data_dir, tmp_path, "skip", 4, "ppo.lr_decay=true", "ppo.lr=1e-3",
+                               "checkpoint_interval=100"))
+    assert result["updates"] == 4 and result["train/skipped_updates"] == 1
+    assert lrs == pytest.approx([1e-3, 0.75e-3, 0.75e-3, 0.25e-3], rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------- learning

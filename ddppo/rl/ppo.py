@@ -10,13 +10,15 @@ gradient is then exactly the gradient of the mean loss over the concatenated glo
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["gae", "bootstrap_truncated", "ppo_loss", "make_adam", "Reduction"]
+__all__ = ["gae", "bootstrap_truncated", "normalized_advantages", "ppo_loss", "make_adam", "Reduction"]
 
 Reduction = Literal["mean", "sum"]
 
@@ -108,6 +110,31 @@ def bootstrap_truncated(rewards_t: Tensor, truncated: Tensor, final_values: Tens
     return torch.where(truncated.reshape(rewards_t.shape), rewards_t + bonus, rewards_t)
 
 
+def normalized_advantages(
+    advantages: Tensor,
+    sum_over_ranks: Callable[[Sequence[float]], Tensor] | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``(A - mean) / sqrt(var + eps)`` with the mean and unbiased variance of every finite advantage: the
+    normalisation of habitat-baselines' PPO (``get_advantages``: ``torch.var_mean``, ``rsqrt(var + 1e-5)``), over
+    a whole rollout rather than per minibatch.
+
+    With ``sum_over_ranks`` (a function that sums a list of numbers over the DD-PPO ranks, e.g.
+    ``lambda v: ddppo.distributed.all_reduce_sum(v, info)``) the statistics are those of every rank's advantages
+    together, computed in float64 in two passes (count and sum, then squared deviations): the result equals one
+    process normalising the concatenation of all ranks' rollouts, whatever share each rank collected. Non-finite
+    advantages stay non-finite (the caller's NaN check sees them) and do not enter the statistics.
+    """
+    total = sum_over_ranks or (lambda values: torch.as_tensor(values, dtype=torch.float64))
+    a = advantages.detach()
+    finite = a[torch.isfinite(a)].double()
+    count, summed = total([float(finite.numel()), finite.sum().item()]).tolist()
+    mean = summed / max(count, 1.0)
+    squared = total([(finite - mean).pow(2).sum().item()])[0].item()
+    var = squared / (count - 1) if count > 1 else math.nan  # torch.var_mean's unbiased estimate
+    return ((a.double() - mean) / math.sqrt(var + eps)).to(a.dtype)
+
+
 def _reduce(x: Tensor, weight: Tensor | None, reduction: Reduction) -> Tensor:
     if weight is not None:
         x = x * weight
@@ -160,8 +187,8 @@ def ppo_loss(
         entropy_coef: weight of the entropy bonus.
         clipped_value_loss: use the clipped value loss (habitat's ``use_clipped_value_loss``).
         normalize_advantages: normalise advantages to zero mean, unit std (weighted by ``sample_weight``)
-            over this call's samples. Off by default, as in DD-PPO. Note that in distributed training this
-            normalises per rank, not over the global batch.
+            over this call's samples. Off by default, as in DD-PPO. The trainer does not use it: it normalises a
+            whole rollout over every rank first (:func:`normalized_advantages`); this normalises one call's.
         reduction: ``"mean"`` (default) returns (weighted) means over samples. ``"sum"`` returns (weighted)
             SUMS over samples, for the loss and every diagnostic, so a distributed caller can divide
             everything by the all-reduced global sample count: each rank is then weighted by its number of

@@ -12,7 +12,9 @@ Adam step. Each rank writes
 after the step; the test recomputes the same update in one process on the concatenated batch.
 
 The same update is also run through the trainer's own ``ddppo.train.ppo_update`` on a copy of the policy taken
-just before it (``trainer_state`` in the dump), so the trainer's code is checked, not only its pieces.
+just before it (``trainer_state`` in the dump), so the trainer's code is checked, not only its pieces; and once more
+with ``ppo.normalize_advantages=true`` (``trainer_state_normalized``), whose advantages must be normalised over
+both ranks' rollouts together.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ def main() -> int:
     storage.compute_returns(next_value, cfg.ppo.gamma, cfg.ppo.tau)
 
     policy_copy = copy.deepcopy(policy)  # same weights and normaliser statistics, for ddppo.train.ppo_update
+    policy_normalized = copy.deepcopy(policy)  # and for it with ppo.normalize_advantages
 
     policy.train()
     (batch,) = list(storage.minibatches(1))
@@ -101,7 +104,7 @@ def main() -> int:
     loss, _ = ppo_loss(log_probs, batch["old_log_probs"], batch["advantages"], values, batch["old_values"],
                        batch["returns"], entropy, clip=cfg.ppo.clip, value_coef=cfg.ppo.value_coef,
                        entropy_coef=cfg.ppo.entropy_coef, clipped_value_loss=cfg.ppo.clipped_value_loss,
-                       normalize_advantages=cfg.ppo.normalize_advantages, reduction="sum")
+                       reduction="sum")
     n_global = all_reduce_sum([batch["num_samples"]], info)[0].item()
     grads = FlatGradients(params)
     grads.zero_()
@@ -118,6 +121,12 @@ def main() -> int:
     policy_copy.train()
     trainer_losses = trainer.ppo_update(policy_copy, copy_optimizer, FlatGradients(copy_params), storage, cfg.ppo,
                                         info)
+    # last: with ppo.normalize_advantages the update normalises storage.advantages in place
+    normalized_cfg = load_config(None, [*POLICY_OVERRIDES, "ppo.normalize_advantages=true"])
+    normalized_params = [p for p in policy_normalized.parameters() if p.requires_grad]
+    policy_normalized.train()
+    trainer.ppo_update(policy_normalized, make_adam(normalized_params, lr=cfg.ppo.lr, eps=cfg.ppo.eps),
+                       FlatGradients(normalized_params), storage, normalized_cfg.ppo, info)
 
     torch.save({
         "rank": info.rank,
@@ -131,6 +140,10 @@ def main() -> int:
         "grad_norm": grad_norm.detach().clone(),
         "final_state": {k: v.detach().clone() for k, v in policy.state_dict().items()},
         "trainer_state": {k: v.detach().clone() for k, v in policy_copy.state_dict().items()},
+        "trainer_state_normalized": {k: v.detach().clone() for k, v in policy_normalized.state_dict().items()},
+        # one minibatch, one epoch: the gradient the update stepped with (all-reduced, clipped)
+        "trainer_grads_normalized": {n: p.grad.detach().clone() for n, p in policy_normalized.named_parameters()
+                                     if p.requires_grad},
         "trainer_losses": trainer_losses,
         "policy_overrides": POLICY_OVERRIDES,
     }, out / f"rank{info.rank}.pt")

@@ -7,10 +7,12 @@
 Nothing of the trainer is replaced: ``ppo_update`` is wrapped to count updates and record what it returned, and on
 the chosen rank and updates the policy's value head returns NaN (as a numerical blow-up on that rank would).
 Writes ``DIR/rank{RANK}.json`` (return code, per-update skip flags) and ``DIR/rank{RANK}_policy.pt``.
+``nan_values(policy)`` is the injection alone, for in-process tests (tests/test_train.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -21,6 +23,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 import ddppo.train as trainer  # noqa: E402
+
+
+@contextlib.contextmanager
+def nan_values(policy):
+    """While inside, ``policy.evaluate_actions`` returns NaN values (as a numerical blow-up would): the update's
+    loss is NaN."""
+    real = policy.evaluate_actions
+
+    def evaluate_with_nan_values(*a, **k):
+        log_probs, values, entropy = real(*a, **k)
+        return log_probs, values * float("nan"), entropy
+
+    policy.evaluate_actions = evaluate_with_nan_values
+    try:
+        yield
+    finally:
+        policy.__dict__.pop("evaluate_actions", None)
 
 
 def main() -> int:
@@ -42,18 +61,8 @@ def main() -> int:
 
     def ppo_update(policy, *args, **kwargs):
         update = len(skipped) + 1
-        if rank == bad_rank and update in bad_updates:
-            real = policy.evaluate_actions
-
-            def nan_values(*a, **k):
-                log_probs, values, entropy = real(*a, **k)
-                return log_probs, values * float("nan"), entropy
-
-            policy.evaluate_actions = nan_values
-        try:
+        with nan_values(policy) if rank == bad_rank and update in bad_updates else contextlib.nullcontext():
             result = original_update(policy, *args, **kwargs)
-        finally:
-            policy.__dict__.pop("evaluate_actions", None)
         skipped.append(float(result[6]))
         return result
 
