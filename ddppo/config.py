@@ -88,7 +88,16 @@ class PolicyConfig:
     """Ignored when rnn_type=none."""
     avgpool: int = 1
     """Average-pool the visual input by this factor first (habitat pools 256 -> 128)."""
-    normalize_visual: bool = True
+    normalize_visual: str = "always"
+    """always | never | auto: running mean/var normalisation of the visual input; auto = only when RGB is present
+    (habitat-baselines). true/false, the earlier boolean form, mean always/never."""
+    goal_angle: str = "as_read"
+    """as_read | negated: goal features [rho, cos a, sin a] of the sensor's reading [rho, a = -phi] (ddppo), or of
+    -a: [rho, cos phi, sin phi] (habitat-baselines). The linear layer after them absorbs the sign."""
+    compression_groups: int = 0
+    """GroupNorm groups of the encoder's compression layer: 0 = ngroups (ddppo); habitat-baselines uses 1."""
+    conv_init: str = "kaiming_normal"
+    """kaiming_normal | torch_default: the visual encoder's initial weights (habitat-baselines keeps PyTorch's)."""
     encoder_precision: str = "float32"
     """float32 | bfloat16 | auto: what the visual encoder computes in (torch.autocast around it; its weights and
     gradients, the normaliser before it and everything after it stay float32). auto = bfloat16 where the device
@@ -97,7 +106,8 @@ class PolicyConfig:
 
 @dataclass
 class PPOConfig:
-    """Defaults of habitat-baselines' ddppo_pointnav.yaml."""
+    """The numbers of habitat-baselines' ddppo_pointnav.yaml; where ddppo's defaults differ (value_clip, time_limit)
+    docs/habitat_baselines.md says why."""
 
     num_steps: int = 128
     num_envs: int = 4
@@ -113,9 +123,16 @@ class PPOConfig:
     gamma: float = 0.99
     tau: float = 0.95
     clipped_value_loss: bool = True
+    value_clip: str = "max"
+    """How the clipped value loss clips: max = 0.5 max((V - R)^2, (V_clip - R)^2) (ddppo, PPO's original form) |
+    where = 0.5 (V' - R)^2 with V' = V where |V - V_old| < clip, else V_clip (habitat-baselines)."""
+    time_limit: str = "bootstrap"
+    """bootstrap | terminal: an episode cut by task.max_episode_steps is bootstrapped from the value of its last
+    observation (ddppo: the cut is not a state of the task) or treated as terminal (habitat-baselines)."""
     normalize_advantages: bool = False
+    """Normalise each rollout's advantages over all ranks (mean and variance all-reduced)."""
     lr_decay: bool = False
-    """Linear decay of the learning rate to 0 over total_steps."""
+    """Linear decay of the learning rate to 0 by the fraction of total_steps done."""
     max_bad_updates: int = 3
     """An update whose loss or gradient is NaN/Inf is skipped (logged as train/skipped_updates); this many in a row
     stop the run with an error, the resume state holding the weights from before the first of them."""
@@ -129,6 +146,9 @@ class DDPPOConfig:
     backend: str = "auto"
     """gloo | nccl | auto (nccl on CUDA, gloo on CPU)."""
     preemption: bool = True
+    grad_weighting: str = "samples"
+    """samples | ranks: gradients averaged over every worker's samples (ddppo: one update over the concatenation) or
+    each worker's mean gradient averaged with equal weight (habitat-baselines' DistributedDataParallel)."""
     slowdown: float = 0.0
     """Benchmarks and tests only: extra seconds per environment step on the rank given by slow_rank."""
     slow_rank: int = -1
@@ -282,10 +302,18 @@ def check(cfg) -> None:
     need(task.max_episode_steps >= 1, f"task.max_episode_steps={task.max_episode_steps} must be >= 1")
     need(cfg.total_steps >= 1, f"total_steps={cfg.total_steps} must be >= 1")
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints={cfg.keep_checkpoints} must be >= 1")
-    from ddppo.policy.policy import RNN_TYPES
+    from ddppo.policy.policy import CONV_INITS, GOAL_ANGLES, RNN_TYPES, VISUAL_NORMALIZATIONS
 
-    need(cfg.policy.rnn_type in RNN_TYPES,
-         f"policy.rnn_type={cfg.policy.rnn_type!r}: use one of {', '.join(RNN_TYPES)}")
+    for key, value, choices in (("policy.rnn_type", cfg.policy.rnn_type, RNN_TYPES),
+                                ("policy.goal_angle", cfg.policy.goal_angle, GOAL_ANGLES),
+                                ("policy.conv_init", cfg.policy.conv_init, CONV_INITS),
+                                ("policy.normalize_visual", _old_bool(cfg.policy.normalize_visual),
+                                 VISUAL_NORMALIZATIONS),
+                                ("ppo.value_clip", ppo.value_clip, ("max", "where")),
+                                ("ppo.time_limit", ppo.time_limit, ("bootstrap", "terminal")),
+                                ("ddppo.grad_weighting", dd.grad_weighting, ("samples", "ranks"))):
+        need(value in choices, f"{key}={value!r}: use one of {', '.join(choices)}")
+    need(cfg.policy.compression_groups >= 0, f"policy.compression_groups={cfg.policy.compression_groups} must be >= 0")
     from ddppo.policy.encoders import ENCODERS
 
     need(cfg.policy.encoder in ENCODERS,
@@ -298,6 +326,11 @@ def check(cfg) -> None:
     need(sim.resolution // cfg.policy.avgpool >= 16 or not sim.sensors,
          f"sim.resolution={sim.resolution} / policy.avgpool={cfg.policy.avgpool} leaves < 16 pixels")
     check_backend(cfg)
+
+
+def _old_bool(setting: str) -> str:
+    """policy.normalize_visual's earlier boolean values (in older saved configs) as their names."""
+    return {"true": "always", "false": "never"}.get(str(setting).lower(), setting)
 
 
 def check_backend(cfg) -> None:

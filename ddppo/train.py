@@ -142,6 +142,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
 
     # the rollout loop's settings as plain numbers: an OmegaConf attribute read costs ~25 us, several per step
     num_steps, gamma = cfg.ppo.num_steps, cfg.ppo.gamma
+    bootstrap_time_limits = cfg.ppo.time_limit == "bootstrap"  # else a time limit is terminal (habitat-baselines)
     slowdown = cfg.ddppo.slowdown if info.rank == cfg.ddppo.slow_rank else 0.0
     # straggler preemption: once sync_frac of the workers are done, stop at any step past min_rollout_frac
     preempt = info.enabled and cfg.ddppo.preemption
@@ -170,7 +171,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
                 t_act += tb - ta
                 t_sim += tc - tb
                 rewards = result.reward.to(info.device)
-                if result.truncated.any():  # a time limit is not a terminal state: bootstrap from V(final obs)
+                if bootstrap_time_limits and result.truncated.any():  # not terminal: bootstrap from V(final obs)
                     with torch.inference_mode():
                         final_obs = {k: v.to(info.device) for k, v in result.final_obs.items()}
                         _, final_values, _ = policy(final_obs, actions, torch.ones_like(rewards), hidden)
@@ -200,7 +201,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
                                      rollout_steps / num_steps], info)
             t_wait = time.perf_counter() - t_wait
             global_samples = int(totals[0])
-            losses = ppo_update(policy, optimizer, grads, storage, cfg.ppo, info)
+            losses = ppo_update(policy, optimizer, grads, storage, cfg.ppo, info, cfg.ddppo.grad_weighting)
             if losses[6] > 0:  # NaN/Inf: ppo_update rolled the update back; too many in a row stop the run below
                 state["skipped_updates"] += 1
                 state["bad_in_a_row"] += 1
@@ -315,10 +316,13 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
     return result
 
 
-def ppo_update(policy, optimizer, grads: FlatGradients, storage: RolloutStorage, ppo, info) -> torch.Tensor:
+def ppo_update(policy, optimizer, grads: FlatGradients, storage: RolloutStorage, ppo, info,
+               grad_weighting: str = "samples") -> torch.Tensor:
     """PPO epochs over environment-split minibatches. Each rank sums its per-sample losses and divides by the
     minibatch's sample count over all ranks, and gradients are summed across ranks: the update equals a single
-    process's update on the concatenated samples, whatever share each rank collected.
+    process's update on the concatenated samples, whatever share each rank collected. (``grad_weighting="ranks"``
+    divides by its own count times the number of ranks instead: each rank's mean gradient, averaged with equal
+    weight, as habitat-baselines' DistributedDataParallel does.)
 
     With ``ppo.normalize_advantages`` the rollout's advantages (``storage.advantages``, replaced in place) are
     normalised first, with the mean and variance of every rank's rollout (all-reduced), so this stays one update
@@ -349,7 +353,7 @@ def ppo_update(policy, optimizer, grads: FlatGradients, storage: RolloutStorage,
                 log_probs, batch["old_log_probs"], batch["advantages"], values, batch["old_values"],
                 batch["returns"], entropy, clip=ppo.clip, value_coef=ppo.value_coef,
                 entropy_coef=ppo.entropy_coef, clipped_value_loss=ppo.clipped_value_loss,
-                reduction="sum",
+                value_clip=ppo.value_clip, reduction="sum",
             )
             # a bad loss on any rank rides on the sample-count all-reduce, so every rank skips together
             n_global, n_bad = all_reduce_sum([batch["num_samples"], float(not torch.isfinite(loss))], info).tolist()
@@ -357,7 +361,7 @@ def ppo_update(policy, optimizer, grads: FlatGradients, storage: RolloutStorage,
                 bad = True
                 break
             grads.zero_()
-            (loss / n_global).backward()
+            (loss / (n_global if grad_weighting == "samples" else batch["num_samples"] * info.world_size)).backward()
             if info.enabled:
                 grads.all_reduce_()
             grad_norm = grads.clip_norm_(ppo.max_grad_norm)

@@ -173,10 +173,25 @@ def test_wrong_type_in_yaml(tmp_path):
     (["policy.rnn_type=transformer"], "policy.rnn_type"),
     (["policy.encoder_precision=float16"], "policy.encoder_precision"),
     (["keep_checkpoints=0"], "keep_checkpoints"),
+    (["ppo.value_clip=min"], "ppo.value_clip"),
+    (["ppo.time_limit=ignore"], "ppo.time_limit"),
+    (["policy.normalize_visual=sometimes"], "policy.normalize_visual"),
+    (["policy.goal_angle=flipped"], "policy.goal_angle"),
+    (["policy.compression_groups=-1"], "policy.compression_groups"),
+    (["policy.conv_init=xavier"], "policy.conv_init"),
+    (["ddppo.grad_weighting=equal"], "ddppo.grad_weighting"),
 ])
 def test_impossible_combinations_are_config_errors(overrides, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
         load_config(None, overrides)
+
+
+def test_normalize_visual_takes_its_earlier_boolean_form():
+    """Configs saved before the key took names held true/false: they still load, as always/never."""
+    for old, new in (("true", "always"), ("false", "never")):
+        cfg = load_config(None, [f"policy.normalize_visual={old}"])
+        policy = build_policy(cfg.policy, obs_spaces_of(cfg))
+        assert isinstance(policy.visual_input.normalizer, torch.nn.Identity) == (new == "never")
 
 
 def test_blind_agent_may_use_any_resolution():

@@ -194,6 +194,12 @@ def test_sample_weighted_gradient_equals_single_process_on_concatenated_batch(gr
     flat_ref = torch.cat([ref_grads[k].flatten() for k in ref_grads])
     assert (flat_naive - flat_ref).norm() > 1e-3 * flat_ref.norm()
 
+    # ddppo.grad_weighting=ranks is that average (habitat-baselines' DistributedDataParallel), clipped as usual
+    clip = torch.clamp(0.2 / (flat_naive.norm() + 1e-6), max=1.0)  # max_grad_norm of the helper's config
+    for k in ref_grads:
+        torch.testing.assert_close(d0["trainer_grads_ranks"][k], naive[k] * clip, rtol=1e-4, atol=1e-7,
+                                   msg=lambda m, k=k: f"grad_weighting=ranks, {k}: {m}")
+
 
 def test_normalized_advantages_use_every_ranks_rollout(grad_dumps):
     """ppo.normalize_advantages: the trainer's update normalises advantages with the mean and variance of both

@@ -279,6 +279,51 @@ def test_goal_features_convention() -> None:
     goal = torch.tensor([[2.0, 0.3], [1.0, -1.2]])
     f = goal_features(goal)
     assert torch.allclose(f, torch.stack([goal[:, 0], goal[:, 1].cos(), goal[:, 1].sin()], -1))
+    # habitat-baselines' form: the reading's angle is -phi, its features are [rho, cos phi, sin phi]
+    phi = -goal[:, 1]
+    assert torch.allclose(goal_features(goal, "negated"), torch.stack([goal[:, 0], phi.cos(), phi.sin()], -1))
+
+
+def test_goal_angle_forms_differ_by_one_weight_column() -> None:
+    """The two goal-feature forms compute the same policy once the sin column of the goal embedding is negated."""
+    obs_spaces = spaces(None)
+    torch.manual_seed(0)
+    as_read = small_policy(obs_spaces, rnn_type="gru", num_recurrent_layers=1).eval()
+    negated = small_policy(obs_spaces, rnn_type="gru", num_recurrent_layers=1, goal_angle="negated").eval()
+    state = as_read.state_dict()
+    state["goal_embed.weight"] = state["goal_embed.weight"] * torch.tensor([1.0, 1.0, -1.0])
+    negated.load_state_dict(state)
+    obs = random_obs(obs_spaces, 6, gen=torch.Generator().manual_seed(1))
+    args = (obs, torch.zeros(6, dtype=torch.long), torch.zeros(6), as_read.initial_hidden(6))
+    for a, b in zip(as_read(*args), negated(*args)):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="goal_angle"):
+        small_policy(obs_spaces, goal_angle="flipped")
+
+
+@pytest.mark.parametrize("setting,rgb,normalised", [("always", False, True), ("never", True, False),
+                                                     ("auto", True, True), ("auto", False, False)])
+def test_normalize_visual_settings(setting: str, rgb: bool, normalised: bool) -> None:
+    """auto normalises only when RGB is present (habitat-baselines' rule)."""
+    policy = small_policy(spaces(32, rgb=rgb), normalize_visual=setting)
+    assert isinstance(policy.visual_input.normalizer, RunningMeanAndVar) == normalised
+
+
+def test_compression_groups_and_torch_default_init() -> None:
+    torch.manual_seed(0)
+    ddppo_style = small_policy(spaces(64), encoder="resnet18", base_planes=16, ngroups=8)
+    habitat_style = small_policy(spaces(64), encoder="resnet18", base_planes=16, ngroups=8, compression_groups=1,
+                                 conv_init="torch_default")
+    width = ddppo_style.encoder.compression[1].num_channels
+    assert ddppo_style.encoder.compression[1].num_groups == 8 and habitat_style.encoder.compression[1].num_groups == 1
+    assert habitat_style.encoder.compression[1].num_channels == width
+    # PyTorch's default conv init is uniform in +-1/sqrt(fan_in); Kaiming-normal (fan-out) draws beyond it
+    for name, module in habitat_style.encoder.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            bound = 1 / module.weight[0].numel() ** 0.5
+            assert module.weight.abs().max() <= bound + 1e-7, name
+    stem = ddppo_style.encoder.stem[0].weight
+    assert stem.abs().max() > 1 / stem[0].numel() ** 0.5
 
 
 def test_blind_policy() -> None:
@@ -437,8 +482,11 @@ class _Cfg:
     rnn_type: str = "gru"
     num_recurrent_layers: int = 1
     avgpool: int = 2
-    normalize_visual: bool = False
+    normalize_visual: str = "never"
     encoder_precision: str = "float32"
+    goal_angle: str = "as_read"
+    compression_groups: int = 0
+    conv_init: str = "kaiming_normal"
 
 
 # ---------------------------------------------------------------- encoder precision

@@ -190,6 +190,18 @@ def test_ppo_loss_hand_computed_unclipped_value_loss() -> None:
     assert_close(total, -0.6028333333)
 
 
+def test_ppo_loss_hand_computed_where_value_clip() -> None:
+    """habitat-baselines' form: V' = V where |V - old_V| < clip, else old_V + clamp(V - old_V): samples 2 and 3
+    moved 0.5 > 0.2, so V' = 1.2 and 0.8: 0.5 * (0.81 + 0.64 + 1.44) / 3, and only sample 1 has a gradient."""
+    inputs = ppo_inputs(requires_grad=True)
+    total, info = ppo_loss(**inputs, **COEFS, value_clip="where")
+    assert_close(info["value_loss"], 2.89 / 6)
+    total.backward()
+    assert_close(inputs["values"].grad, [0.5 * 0.5 * 2 * (1.1 - 2.0) / 3, 0.0, 0.0])  # value_coef * d/dV
+    with pytest.raises(ValueError, match="value_clip"):
+        ppo_loss(**ppo_inputs(), **COEFS, value_clip="min")
+
+
 def test_ppo_loss_gradients_zero_where_clipped() -> None:
     inputs = ppo_inputs(requires_grad=True)
     total, _ = ppo_loss(**inputs, **COEFS)

@@ -470,6 +470,28 @@ def test_lr_decays_by_steps_done_and_a_skipped_update_does_not_step_it(data_dir,
     assert lrs == pytest.approx([1e-3, 0.75e-3, 0.75e-3, 0.25e-3], rel=1e-12)
 
 
+def test_time_limit_terminal_stores_the_environments_reward(data_dir, tmp_path, monkeypatch):
+    """ppo.time_limit: the same first rollout (same seed) with 3-step episodes, bootstrapped and terminal. They
+    differ only at steps that ended an episode (not_done 0), where bootstrap adds gamma * V(final observation) and
+    terminal keeps the environment's reward; some of those steps are cuts, so they do differ."""
+    import ddppo.train as trainer
+
+    real_update, rollouts = trainer.ppo_update, {}
+
+    def record(policy, optimizer, grads, storage, *args, **kwargs):
+        rollouts[name] = (storage.rewards[: storage.step].clone(), storage.not_done[: storage.step].clone())
+        return real_update(policy, optimizer, grads, storage, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "ppo_update", record)
+        for name in ("bootstrap", "terminal"):
+            run(overrides(data_dir, tmp_path, name, 1, f"ppo.time_limit={name}", "task.max_episode_steps=3"))
+    (boot, not_done), (term, not_done_t) = rollouts["bootstrap"], rollouts["terminal"]
+    assert torch.equal(not_done, not_done_t)
+    differ = boot != term
+    assert differ.any() and not (differ & (not_done > 0)).any()
+
+
 # ---------------------------------------------------------------------------------------------- learning
 LONG = os.environ.get("DDPPO_LONG_TESTS") == "1"
 

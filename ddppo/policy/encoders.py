@@ -2,7 +2,8 @@
 
 Every encoder takes a normalised channels-first float tensor [B, C, H, W] and returns flat features
 [B, output_size]; ``stages(x)`` returns the intermediate activations (one per stage) for analysis.
-Constructors in ``ENCODERS`` share the signature ``(in_channels, input_hw, base_planes, ngroups)``.
+Constructors in ``ENCODERS`` share the signature ``(in_channels, input_hw, base_planes, ngroups, compression_groups)``
+(``compression_groups``: the compression layer's GroupNorm groups, 0 = ``ngroups``; ignored without one).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class SqueezeNetEncoder(StagedEncoder):
     affects the GroupNorm of the compression layer.
     """
 
-    def __init__(self, in_channels: int, input_hw: tuple[int, int], ngroups: int = 16):
+    def __init__(self, in_channels: int, input_hw: tuple[int, int], ngroups: int = 16, compression_groups: int = 0):
         super().__init__()
 
         def pool() -> nn.MaxPool2d:
@@ -78,7 +79,8 @@ class SqueezeNetEncoder(StagedEncoder):
             ]
         )
         init_conv_weights(self)
-        self.finish(512, trace_hw(input_hw, [(3, 2, 0, False)] + [(3, 2, 0, True)] * 3), ngroups)
+        self.finish(512, trace_hw(input_hw, [(3, 2, 0, False)] + [(3, 2, 0, True)] * 3),
+                    compression_groups or ngroups)
 
 
 def _simple_cnn_geometry(input_hw: tuple[int, int]) -> list[tuple[int, int]]:
@@ -132,13 +134,15 @@ class SimpleCNN(nn.Module):
         return torch.flatten(x, 1)
 
 
-def squeezenet1_1(in_channels: int, input_hw: tuple[int, int], base_planes: int = 32, ngroups: int = 16):
+def squeezenet1_1(in_channels: int, input_hw: tuple[int, int], base_planes: int = 32, ngroups: int = 16,
+                  compression_groups: int = 0):
     del base_planes  # SqueezeNet keeps its published widths
-    return SqueezeNetEncoder(in_channels, input_hw, ngroups)
+    return SqueezeNetEncoder(in_channels, input_hw, ngroups, compression_groups)
 
 
-def simple_cnn(in_channels: int, input_hw: tuple[int, int], base_planes: int = 32, ngroups: int = 16):
-    del ngroups  # no normalisation layers
+def simple_cnn(in_channels: int, input_hw: tuple[int, int], base_planes: int = 32, ngroups: int = 16,
+               compression_groups: int = 0):
+    del ngroups, compression_groups  # no normalisation layers, no compression layer
     return SimpleCNN(in_channels, input_hw, base_planes)
 
 
@@ -152,9 +156,10 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
 
 
 def make_encoder(
-    name: str, in_channels: int, input_hw: tuple[int, int], base_planes: int = 32, ngroups: int = 16
+    name: str, in_channels: int, input_hw: tuple[int, int], base_planes: int = 32, ngroups: int = 16,
+    compression_groups: int = 0,
 ) -> nn.Module:
     """Build the encoder registered under ``name``; unknown names raise ValueError listing the choices."""
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}")
-    return ENCODERS[name](in_channels, tuple(input_hw), base_planes, ngroups)
+    return ENCODERS[name](in_channels, tuple(input_hw), base_planes, ngroups, compression_groups)

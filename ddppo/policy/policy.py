@@ -27,6 +27,15 @@ comparisons with feed-forward agents; the previous action still enters, zeroed a
 VISUAL_SENSORS = ("rgb", "depth")
 GOAL_EMBED_SIZE = 32
 ACTION_EMBED_SIZE = 32
+VISUAL_NORMALIZATIONS = ("auto", "always", "never")
+"""Running mean/var normalisation of the visual input: ``always`` (ddppo), ``never``, or ``auto``: only when RGB is
+present (habitat-baselines' ``normalize_visual_inputs="rgb" in observation_space``)."""
+GOAL_ANGLES = ("as_read", "negated")
+"""The angle the goal features take from the sensor's reading [rho, a] (a = -phi): ``as_read`` gives
+[rho, cos a, sin a] (ddppo), ``negated`` [rho, cos -a, sin -a] = [rho, cos phi, sin phi] (habitat-baselines)."""
+CONV_INITS = ("kaiming_normal", "torch_default")
+"""The visual encoder's initial weights: Kaiming-normal (fan-out) convolutions (ddppo), or each layer's own
+PyTorch default (habitat-baselines never re-initialises its ResNet)."""
 
 ObsSpaces = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -128,14 +137,23 @@ def linear_relu(block: nn.Sequential, x: Tensor) -> Tensor:
     return torch.relu_(linear(block[0], x))
 
 
-def goal_features(goal: Tensor) -> Tensor:
-    """[rho, cos(x), sin(x)] from the sensor reading [rho, x] where x = -phi.
-
-    The sensor's second component already is -phi, so this is literally [rho, cos(-phi), sin(-phi)] of
-    DESIGN §5. (habitat-baselines negates the reading once more and feeds sin(phi); the two differ only in
-    the sign of one input, which the following linear layer absorbs, so capacity is identical.)
+def goal_features(goal: Tensor, angle: str = "as_read") -> Tensor:
+    """[rho, cos(a), sin(a)] from the sensor reading [rho, a] where a = -phi (``angle="as_read"``, ddppo), or
+    [rho, cos(-a), sin(-a)] (``"negated"``, habitat-baselines, whose PointNavResNetNet negates the reading once
+    more). The two differ only in the sign of one input, which the following linear layer absorbs: same
+    capacity, and weights carry over by negating one column (ddppo/policy/habitat_baselines.py does).
     """
-    return torch.stack([goal[:, 0], torch.cos(goal[:, 1]), torch.sin(goal[:, 1])], dim=-1)
+    a = goal[:, 1] if angle == "as_read" else -goal[:, 1]
+    return torch.stack([goal[:, 0], torch.cos(a), torch.sin(a)], dim=-1)
+
+
+def visual_normalization(setting: str | bool, obs_spaces: ObsSpaces) -> bool:
+    """Whether the visual input gets a running mean/var normaliser (see VISUAL_NORMALIZATIONS; a bool, the key's
+    earlier form, means always/never)."""
+    setting = {"true": "always", "false": "never"}.get(str(setting).lower(), str(setting))
+    if setting not in VISUAL_NORMALIZATIONS:
+        raise ValueError(f"normalize_visual={setting!r}: use one of {', '.join(VISUAL_NORMALIZATIONS)}")
+    return setting == "always" or (setting == "auto" and "rgb" in obs_spaces)
 
 
 class Policy(nn.Module):
@@ -158,8 +176,11 @@ class Policy(nn.Module):
         rnn_type: str = "lstm",
         num_recurrent_layers: int = 2,
         avgpool: int = 1,
-        normalize_visual: bool = True,
+        normalize_visual: str | bool = "always",
         encoder_precision: str = "float32",
+        goal_angle: str = "as_read",
+        compression_groups: int = 0,
+        conv_init: str = "kaiming_normal",
     ):
         super().__init__()
         if encoder not in ENCODERS:
@@ -167,6 +188,10 @@ class Policy(nn.Module):
         rnn_type = rnn_type.lower()
         if rnn_type not in RNN_TYPES:
             raise ValueError(f"unknown rnn_type {rnn_type!r}; choose one of {', '.join(RNN_TYPES)}")
+        for name, value, choices in (("goal_angle", goal_angle, GOAL_ANGLES), ("conv_init", conv_init, CONV_INITS)):
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        self.goal_angle = goal_angle
         self.num_actions = int(num_actions)
         self.hidden_size = int(hidden_size)
         self.rnn_type = rnn_type
@@ -183,10 +208,14 @@ class Policy(nn.Module):
         self.visual_fc: nn.Module | None = None
         core_in = 0
         if any(k in obs_spaces for k in VISUAL_SENSORS):
-            self.visual_input = VisualInput(obs_spaces, avgpool=avgpool, normalize=normalize_visual)
-            self.encoder = make_encoder(
-                encoder, self.visual_input.out_channels, self.visual_input.output_hw, base_planes, ngroups
-            )
+            self.visual_input = VisualInput(obs_spaces, avgpool=avgpool,
+                                            normalize=visual_normalization(normalize_visual, obs_spaces))
+            self.encoder = make_encoder(encoder, self.visual_input.out_channels, self.visual_input.output_hw,
+                                        base_planes, ngroups, compression_groups)
+            if conv_init == "torch_default":
+                for module in self.encoder.modules():
+                    if isinstance(module, (nn.Conv2d, nn.GroupNorm)):
+                        module.reset_parameters()
             self.visual_fc = nn.Sequential(nn.Linear(self.encoder.output_size, hidden_size), nn.ReLU(True))
             core_in += hidden_size
 
@@ -299,7 +328,7 @@ class Policy(nn.Module):
             feats.append(linear_relu(self.visual_fc, self.encode(self.visual_input(obs, device))))
         if self.goal_embed is not None:
             goal = _as_tensor(obs[GOAL_SENSOR], device).to(self.goal_embed.weight.dtype)
-            feats.append(linear(self.goal_embed, goal_features(goal.reshape(-1, 2))))
+            feats.append(linear(self.goal_embed, goal_features(goal.reshape(-1, 2), self.goal_angle)))
         prev = _as_tensor(prev_actions, device).long().reshape(-1)
         index = (prev + 1) * masks  # 0 ("no previous action") where an episode starts
         feats.append(F.embedding(index, self.action_embed.weight))
@@ -385,4 +414,7 @@ def build_policy(cfg: Any, obs_spaces: ObsSpaces, num_actions: int = 4) -> Polic
         avgpool=cfg.avgpool,
         normalize_visual=cfg.normalize_visual,
         encoder_precision=cfg.encoder_precision,
+        goal_angle=cfg.goal_angle,
+        compression_groups=cfg.compression_groups,
+        conv_init=cfg.conv_init,
     )

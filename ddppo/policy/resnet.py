@@ -134,6 +134,7 @@ class ResNetEncoder(StagedEncoder):
         base_planes: int = 32,
         ngroups: int = 16,
         cardinality: int = 1,
+        compression_groups: int = 0,
     ):
         super().__init__()
         self.stem = nn.Sequential(
@@ -157,7 +158,7 @@ class ResNetEncoder(StagedEncoder):
 
         # Stem conv 7/2/3 and maxpool 3/2/1, then the first block of stages 2-4 strides a 3x3 conv (pad 1).
         ops = [(7, 2, 3, False), (3, 2, 1, False)] + [(3, 2, 1, False)] * (len(layers) - 1)
-        self.finish(inplanes, trace_hw(input_hw, ops), ngroups)
+        self.finish(inplanes, trace_hw(input_hw, ops), compression_groups or ngroups)
 
 
 def _check_groups(base_planes: int, ngroups: int) -> None:
@@ -165,17 +166,23 @@ def _check_groups(base_planes: int, ngroups: int) -> None:
         raise ValueError(f"base_planes ({base_planes}) must be divisible by ngroups ({ngroups})")
 
 
-def resnet18(in_channels: int, input_hw: tuple[int, int], base_planes: int = 32, ngroups: int = 16):
+def resnet18(in_channels: int, input_hw: tuple[int, int], base_planes: int = 32, ngroups: int = 16,
+             compression_groups: int = 0):
     _check_groups(base_planes, ngroups)
-    return ResNetEncoder(in_channels, input_hw, BasicBlock, [2, 2, 2, 2], base_planes, ngroups)
+    return ResNetEncoder(in_channels, input_hw, BasicBlock, [2, 2, 2, 2], base_planes, ngroups,
+                         compression_groups=compression_groups)
 
 
-def resnet50(in_channels: int, input_hw: tuple[int, int], base_planes: int = 32, ngroups: int = 16):
+def resnet50(in_channels: int, input_hw: tuple[int, int], base_planes: int = 32, ngroups: int = 16,
+             compression_groups: int = 0):
+    """habitat-baselines' resnet50 at half width: Bottleneck stages [3, 4, 6, 3], GroupNorm everywhere."""
     _check_groups(base_planes, ngroups)
-    return ResNetEncoder(in_channels, input_hw, Bottleneck, [3, 4, 6, 3], base_planes, ngroups)
+    return ResNetEncoder(in_channels, input_hw, Bottleneck, [3, 4, 6, 3], base_planes, ngroups,
+                         compression_groups=compression_groups)
 
 
-def se_resnext50(in_channels: int, input_hw: tuple[int, int], base_planes: int = 32, ngroups: int = 16):
+def se_resnext50(in_channels: int, input_hw: tuple[int, int], base_planes: int = 32, ngroups: int = 16,
+                 compression_groups: int = 0):
     _check_groups(base_planes, ngroups)
     # Cardinality base_planes/2 follows habitat-baselines; it keeps 2 channels per group in the first stage.
     return ResNetEncoder(
@@ -186,4 +193,5 @@ def se_resnext50(in_channels: int, input_hw: tuple[int, int], base_planes: int =
         base_planes,
         ngroups,
         cardinality=max(1, base_planes // 2),
+        compression_groups=compression_groups,
     )

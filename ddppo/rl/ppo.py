@@ -158,6 +158,7 @@ def ppo_loss(
     value_coef: float,
     entropy_coef: float,
     clipped_value_loss: bool = True,
+    value_clip: str = "max",
     normalize_advantages: bool = False,
     reduction: Reduction = "mean",
     sample_weight: Tensor | None = None,
@@ -167,7 +168,9 @@ def ppo_loss(
     Per sample, with ``ratio = exp(log_probs - old_log_probs)``::
 
         policy_loss = -min(ratio * A, clamp(ratio, 1 - clip, 1 + clip) * A)
-        value_loss  = 0.5 * max((V - R)^2, (old_V + clamp(V - old_V, -clip, clip) - R)^2)   # clipped
+        value_loss  = 0.5 * max((V - R)^2, (old_V + clamp(V - old_V, -clip, clip) - R)^2)   # clipped, "max"
+        value_loss  = 0.5 * (V' - R)^2,  V' = V where |V - old_V| < clip                 # clipped, "where"
+                                          else old_V + clamp(V - old_V, -clip, clip) (no gradient there)
         value_loss  = 0.5 * (V - R)^2                                                     # unclipped
         total       = value_coef * value_loss + policy_loss - entropy_coef * entropy
 
@@ -186,6 +189,9 @@ def ppo_loss(
         value_coef: weight of the value loss.
         entropy_coef: weight of the entropy bonus.
         clipped_value_loss: use the clipped value loss (habitat's ``use_clipped_value_loss``).
+        value_clip: its form: ``"max"``, the pessimistic maximum of PPO's original implementation, or
+            ``"where"``, habitat-baselines' current one (the clipped prediction replaces V where V moved more than
+            ``clip`` from ``old_V``, and those samples give the value head no gradient).
         normalize_advantages: normalise advantages to zero mean, unit std (weighted by ``sample_weight``)
             over this call's samples. Off by default, as in DD-PPO. The trainer does not use it: it normalises a
             whole rollout over every rank first (:func:`normalized_advantages`); this normalises one call's.
@@ -204,6 +210,8 @@ def ppo_loss(
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if value_clip not in ("max", "where"):
+        raise ValueError(f"value_clip must be 'max' or 'where', got {value_clip!r}")
     shape = log_probs.shape
     named = {
         "old_log_probs": old_log_probs,
@@ -237,10 +245,15 @@ def ppo_loss(
     policy_terms = -torch.min(surr1, surr2)
 
     returns = returns.detach()
-    if clipped_value_loss:
+    if clipped_value_loss and value_clip == "max":
         old_values = old_values.detach()
         values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
         value_terms = 0.5 * torch.max((values - returns).pow(2), (values_clipped - returns).pow(2))
+    elif clipped_value_loss:
+        old_values = old_values.detach()
+        moved = values.detach() - old_values
+        kept = torch.where(moved.abs() < clip, values, old_values + moved.clamp(-clip, clip))
+        value_terms = 0.5 * (kept - returns).pow(2)
     else:
         value_terms = 0.5 * (values - returns).pow(2)
 

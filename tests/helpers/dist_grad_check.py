@@ -12,7 +12,8 @@ Adam step. Each rank writes
 after the step; the test recomputes the same update in one process on the concatenated batch.
 
 The same update is also run through the trainer's own ``ddppo.train.ppo_update`` on a copy of the policy taken
-just before it (``trainer_state`` in the dump), so the trainer's code is checked, not only its pieces; and once more
+just before it (``trainer_state`` in the dump), so the trainer's code is checked, not only its pieces; once more
+with ``ddppo.grad_weighting=ranks`` (``trainer_grads_ranks``: each rank's mean gradient, averaged); and once more
 with ``ppo.normalize_advantages=true`` (``trainer_state_normalized``), whose advantages must be normalised over
 both ranks' rollouts together.
 """
@@ -96,6 +97,7 @@ def main() -> int:
 
     policy_copy = copy.deepcopy(policy)  # same weights and normaliser statistics, for ddppo.train.ppo_update
     policy_normalized = copy.deepcopy(policy)  # and for it with ppo.normalize_advantages
+    policy_ranks = copy.deepcopy(policy)  # and with ddppo.grad_weighting=ranks
 
     policy.train()
     (batch,) = list(storage.minibatches(1))
@@ -121,6 +123,10 @@ def main() -> int:
     policy_copy.train()
     trainer_losses = trainer.ppo_update(policy_copy, copy_optimizer, FlatGradients(copy_params), storage, cfg.ppo,
                                         info)
+    ranks_params = [p for p in policy_ranks.parameters() if p.requires_grad]
+    policy_ranks.train()
+    trainer.ppo_update(policy_ranks, make_adam(ranks_params, lr=cfg.ppo.lr, eps=cfg.ppo.eps),
+                       FlatGradients(ranks_params), storage, cfg.ppo, info, grad_weighting="ranks")
     # last: with ppo.normalize_advantages the update normalises storage.advantages in place
     normalized_cfg = load_config(None, [*POLICY_OVERRIDES, "ppo.normalize_advantages=true"])
     normalized_params = [p for p in policy_normalized.parameters() if p.requires_grad]
@@ -144,6 +150,8 @@ def main() -> int:
         # one minibatch, one epoch: the gradient the update stepped with (all-reduced, clipped)
         "trainer_grads_normalized": {n: p.grad.detach().clone() for n, p in policy_normalized.named_parameters()
                                      if p.requires_grad},
+        "trainer_grads_ranks": {n: p.grad.detach().clone() for n, p in policy_ranks.named_parameters()
+                                if p.requires_grad},
         "trainer_losses": trainer_losses,
         "policy_overrides": POLICY_OVERRIDES,
     }, out / f"rank{info.rank}.pt")
