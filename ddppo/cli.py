@@ -19,6 +19,18 @@ def _dataset_generate(args) -> int:
     return 0
 
 
+def _scene_export(args) -> int:
+    import os
+
+    # habitat-sim (when it computes navmeshes) and its renderer library log every step to the console otherwise
+    os.environ.setdefault("HABITAT_SIM_LOG", "quiet")
+    os.environ.setdefault("MAGNUM_LOG", "quiet")
+    from ddppo.sim.scene_export import export
+
+    export(args.source, args.out, args.split)
+    return 0
+
+
 def _bench_output(args, result: dict) -> int:
     """Every bench prints its JSON; with --record it is also appended to the results file."""
     from ddppo.bench import print_json, record
@@ -205,6 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="replace an existing dataset directory")
     g.add_argument("overrides", nargs="*", help="key=value, e.g. scenes.train=10 episodes_per_scene.train=50")
     g.set_defaults(func=_dataset_generate)
+
+    sc = sub.add_parser("scene", help="scenes of the embedded simulator")
+    scsub = sc.add_subparsers(dest="scene_command", required=True)
+    x = scsub.add_parser("export", help="export scenes as meshes habitat-sim loads (.glb, + .navmesh where "
+                                        "habitat-sim imports) and a dataset's episodes with them")
+    x.add_argument("source", help="a scene file (.npz) or a dataset directory (as `ddppo dataset generate` writes)")
+    x.add_argument("--out", required=True, help="output directory: then task.data_dir=OUT task.scenes_dir=OUT "
+                                                "sim.backend=habitat runs the exported dataset")
+    x.add_argument("--split", action="append", choices=["train", "val", "test"],
+                   help="split of a dataset to export (repeatable; default: every split it has)")
+    x.set_defaults(func=_scene_export)
 
     b = sub.add_parser("bench", help="throughput benchmarks (JSON)")
     bsub = b.add_subparsers(dest="bench_command", required=True)
