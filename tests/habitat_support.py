@@ -24,3 +24,16 @@ def need_habitat():
         if habitat_required():
             pytest.fail(f"DDPPO_REQUIRE_HABITAT is set but {e}", pytrace=False)
         pytest.skip(str(e))
+
+
+def need_habitat_baselines():
+    """The ``habitat_baselines`` package (imported by tests/helpers/habitat_baselines_import.py, which says why that
+    takes more than an import here); else skip (or fail where DDPPO_REQUIRE_HABITAT is set) with the reason."""
+    from helpers.habitat_baselines_import import HabitatBaselinesUnavailable, import_habitat_baselines
+
+    try:
+        return import_habitat_baselines()
+    except HabitatBaselinesUnavailable as e:
+        if habitat_required():
+            pytest.fail(f"DDPPO_REQUIRE_HABITAT is set but {e}", pytrace=False)
+        pytest.skip(f"{e} (pip install habitat-baselines==0.3.320260507 beside habitat-sim 0.3.3)")
