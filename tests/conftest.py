@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from habitat_support import need_habitat
 
 from ddppo.config import DatasetConfig
 from ddppo.sim.data import generate_dataset
@@ -44,4 +45,18 @@ def small_dataset(tmp_path_factory):
     """3 train + 3 val generated scenes (<= 12 m), 20 / 10 episodes each; generated once per session."""
     out = tmp_path_factory.mktemp("pointnav") / "data"
     generate_dataset(out, SMALL_DATASET, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def habitat_exported_dataset(small_dataset, tmp_path_factory):
+    """``small_dataset``'s val split exported for habitat-sim (``ddppo scene export``), once per session:
+    ``{scene}.glb`` with the ``.navmesh`` habitat-sim computed for our agent, and the val episodes with scene_id
+    ``{scene}.glb``. ``task.data_dir`` and ``task.scenes_dir`` are both this directory (the embedded backend reads
+    the same episodes from it too). Skips, or fails under DDPPO_REQUIRE_HABITAT, where habitat-sim does not import."""
+    need_habitat()
+    from ddppo.sim.scene_export import export_dataset
+
+    out = tmp_path_factory.mktemp("habitat_export") / "data"
+    export_dataset(small_dataset, out, ["val"], navmesh=True, log=lambda *_: None)
     return out

@@ -3,11 +3,12 @@
 - ``embedded``: ddppo's own batched simulator (PointNavVectorEnv), as ``make_vector_env`` builds it;
 - ``embedded-workers``: the habitat backend's code path (WorkerVectorEnv: worker processes, the pipe protocol,
   the task code in the main process) with the embedded simulator in the workers;
-- ``habitat``: habitat-sim through ``make_vector_env`` with ``sim.backend=habitat``. It runs wherever
-  ``habitat_sim`` imports and ``DDPPO_HABITAT_TEST_SCENE`` names a scene with its navmesh beside it (habitat's
-  test scene ``skokloster-castle.glb``, say); episodes are then drawn on that navmesh, or read from the json.gz
-  named by ``DDPPO_HABITAT_TEST_EPISODES`` (scene ids relative to the scene's directory). Skipped otherwise, with
-  the reason.
+- ``habitat``: habitat-sim through ``make_vector_env`` with ``sim.backend=habitat``, on the embedded suite's own
+  val scenes and episodes exported as meshes (``ddppo scene export``, the ``habitat_exported_dataset`` fixture).
+  ``DDPPO_HABITAT_TEST_SCENE`` overrides the scenes: a scene with its navmesh beside it (habitat's test scene
+  ``skokloster-castle.glb``, say), with episodes drawn on that navmesh or read from the json.gz named by
+  ``DDPPO_HABITAT_TEST_EPISODES`` (scene ids relative to the scene's directory). Skipped, with the reason, where
+  habitat-sim does not import (failed instead under DDPPO_REQUIRE_HABITAT, as in CI).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from habitat_support import need_habitat
 
 from ddppo.config import load_config
 from ddppo.envs import make_vector_env
@@ -71,6 +73,23 @@ def _habitat_episodes(scene: Path, n: int, seed: int) -> list[Episode]:
     return out
 
 
+def _habitat_data(request, tmp_path_factory) -> tuple[Path, Path]:
+    """(task.data_dir, task.scenes_dir) of the habitat backend: the exported small dataset, or the scene named by
+    DDPPO_HABITAT_TEST_SCENE with episodes drawn on its navmesh (or read from DDPPO_HABITAT_TEST_EPISODES)."""
+    given_scene = os.environ.get("DDPPO_HABITAT_TEST_SCENE")
+    if not given_scene:
+        exported = request.getfixturevalue("habitat_exported_dataset")
+        return exported, exported
+    scene = Path(given_scene)
+    if not scene.is_file() or not scene.with_suffix(".navmesh").is_file():
+        pytest.fail(f"DDPPO_HABITAT_TEST_SCENE={given_scene} does not name a scene with its .navmesh beside it",
+                    pytrace=False)
+    data = tmp_path_factory.mktemp("habitat_pointnav")
+    given = os.environ.get("DDPPO_HABITAT_TEST_EPISODES")
+    save_episodes(load_episodes(given) if given else _habitat_episodes(scene, 12, 0), episodes_path(data, "val"))
+    return data, scene.parent
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request, small_dataset, tmp_path_factory):
     made = []
@@ -80,24 +99,14 @@ def backend(request, small_dataset, tmp_path_factory):
         return env
 
     name = request.param
+    data = small_dataset
     if name == "habitat":
-        from ddppo.sim.habitat_backend import HabitatUnavailable, require_habitat_sim
-
-        try:
-            require_habitat_sim()
-        except HabitatUnavailable as e:
-            pytest.skip(str(e))
-        scene = Path(os.environ.get("DDPPO_HABITAT_TEST_SCENE", ""))
-        if not scene.is_file() or not scene.with_suffix(".navmesh").is_file():
-            pytest.skip("habitat-sim imports, but DDPPO_HABITAT_TEST_SCENE does not name a scene with its .navmesh "
-                        "(e.g. habitat-test-scenes/skokloster-castle.glb)")
-        data = tmp_path_factory.mktemp("habitat_pointnav")
-        given = os.environ.get("DDPPO_HABITAT_TEST_EPISODES")
-        save_episodes(load_episodes(given) if given else _habitat_episodes(scene, 12, 0), episodes_path(data, "val"))
+        need_habitat()
+        data, scenes_dir = _habitat_data(request, tmp_path_factory)
 
         def make(num_envs, seed=0, order="shuffle", episode_ids=None, max_episode_steps=500):
             cfg = load_config(None, [*_overrides(data, max_episode_steps), "sim.backend=habitat",
-                                     f"task.scenes_dir={scene.parent}", "sim.resolution=64"])
+                                     f"task.scenes_dir={scenes_dir}", "sim.resolution=64"])
             return keep(make_vector_env(cfg, "val", num_envs, seed=seed, order=order, episode_ids=episode_ids))
 
     elif name == "embedded-workers":
@@ -115,7 +124,8 @@ def backend(request, small_dataset, tmp_path_factory):
             cfg = load_config(None, _overrides(small_dataset, max_episode_steps))
             return keep(make_vector_env(cfg, "val", num_envs, seed=seed, order=order, episode_ids=episode_ids))
 
-    eps = make(1).episodes
+    # read from the file rather than from an environment: a habitat environment costs a simulator start
+    eps = load_episodes(episodes_path(data, "val"))
     yield Backend(name, make, len(eps), sorted(range(len(eps)), key=lambda k: eps[k].geodesic_distance))
     for env in made:
         env.close()
@@ -179,6 +189,11 @@ def test_forward_moves_0_25_m_unless_blocked_and_turns_are_10_degrees(backend):
             assert abs(turned) < 1e-5
             if r.info["collided"][0]:
                 assert moved <= 0.25 + 1e-4
+            elif backend.name == "habitat" and moved > 0.25 + 1e-3:
+                # habitat-sim flags a collision only where its navmesh shortens the step; a step that slides round
+                # an obstacle's corner ends at the navmesh point nearest the blocked target, which can lie farther
+                # than the step (0.259 m on the exported val scenes), unflagged (docs/scene_export.md)
+                assert moved < 0.3
             else:
                 assert moved == pytest.approx(0.25, abs=1e-3)
                 free_moves += 1
