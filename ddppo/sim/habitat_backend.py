@@ -217,7 +217,8 @@ class HabitatSim:
         if "depth" in self.sensors:
             obs["depth"] = depth_observation(self._raw["depth"], self.max_depth)
         position = [float(v) for v in state.position]
-        return {"obs": obs, "position": position, "heading": yaw_of_quaternion(quat_to_coeffs(state.rotation)),
+        rotation = [float(v) for v in quat_to_coeffs(state.rotation)]
+        return {"obs": obs, "position": position, "heading": yaw_of_quaternion(rotation), "rotation": rotation,
                 "collided": bool(collided), "geodesic": self._geodesic(position)}
 
     def place(self, scene: str, position, rotation, goal) -> dict:

@@ -12,7 +12,9 @@ importable by name, whose instances (built in the worker from keyword settings) 
     close()
 
 and a frame is ``{"obs": {"rgb": uint8 [H, W, 3], "depth": float32 [H, W, 1] in [0, 1]}, "position": [x, y, z],
-"heading": yaw in radians, "collided": bool, "geodesic": metres to the goal (inf when unreachable)}``.
+"heading": yaw in radians, "collided": bool, "geodesic": metres to the goal (inf when unreachable)}``, plus
+optionally ``"rotation": [x, y, z, w]``, the simulator's own rotation: a resume puts it back as it was (rebuilt from
+the heading, a quaternion differs in its last bits, and so would every later step and image).
 ``ddppo.sim.habitat_backend.HabitatSim`` is the habitat one; ``EmbeddedWorkerSim`` below runs the embedded
 simulator behind the same protocol, which is how the protocol and this class are tested where habitat-sim is not.
 """
@@ -166,6 +168,7 @@ class WorkerVectorEnv:
         self._worker_scene: list[str | None] = [None] * num_envs
         z = lambda dt=torch.float32: torch.zeros(num_envs, dtype=dt)  # noqa: E731  (CPU: frames arrive there)
         self.x, self.y, self.z, self.theta = z(), z(), z(), z()
+        self.rotation = torch.zeros(num_envs, 4, dtype=torch.float64)
         self.goal_x, self.goal_y, self.goal_z = z(), z(), z()
         self.start_x, self.start_z, self.start_theta = z(), z(), z()
         self.start_distance, self.prev_distance, self.path_length = z(), z(), z()
@@ -202,6 +205,8 @@ class WorkerVectorEnv:
             self._frames[e] = f
             self.x[e], self.y[e], self.z[e] = (float(v) for v in f["position"])
             self.theta[e] = math.remainder(float(f["heading"]), 2 * math.pi)  # (-pi, pi], as the embedded sim
+            rotation = f.get("rotation") or heading_to_quaternion(float(f["heading"]))
+            self.rotation[e] = torch.tensor([float(v) for v in rotation], dtype=torch.float64)
 
     def _place(self, envs: list[int], poses: list[tuple[list[float], list[float]]]) -> list[dict]:
         eps = [self.episodes[int(self.episode_index[e])] for e in envs]
@@ -305,7 +310,7 @@ class WorkerVectorEnv:
         return [self.episodes[int(k)] if a else None for k, a in zip(self.episode_index, self.active)]
 
     _STATE = ("start_x", "start_z", "start_theta", "start_distance", "prev_distance", "path_length", "steps",
-              "collisions", "episode_index", "active", "x", "y", "z", "theta")
+              "collisions", "episode_index", "active", "x", "y", "z", "theta", "rotation")
 
     def state_dict(self) -> dict:
         """Everything needed to continue mid-episode: iterator positions, agent poses, episode counters."""
@@ -317,8 +322,8 @@ class WorkerVectorEnv:
         load_iterators(self.iterators, state["iterators"])
         for k in self._STATE:
             getattr(self, k).copy_(state[k])
-        # agents turn about y only, so (position, heading) is their whole pose
-        poses = [([float(self.x[e]), float(self.y[e]), float(self.z[e])], heading_to_quaternion(float(self.theta[e])))
+        # agents turn about y only, so (position, rotation) is their whole pose
+        poses = [([float(self.x[e]), float(self.y[e]), float(self.z[e])], self.rotation[e].tolist())
                  for e in range(self.num_envs)]
         self._place(list(range(self.num_envs)), poses)
 
