@@ -1,18 +1,20 @@
-"""Export an embedded scene as a mesh habitat-sim loads: the same floor plan in both simulators.
+"""Export an embedded scene as a mesh habitat-sim loads: the same floor plan in both simulators
+(docs/scene_export.md says what habitat-sim needed and what the cross-check measured).
 
 The mesh is the scene's 2.5-D geometry in habitat's frame (y up; grid column i along +x, row j along +z from the
-scene's origin), as a binary glTF (``.glb``) written with trimesh:
+scene's origin), stored in the MP3D/Gibson file convention habitat-sim assumes for a ``.glb`` (``HABITAT_TO_FILE``),
+as a binary glTF written with trimesh:
 
-- the floor, the plane y = 0, as upward-facing quads;
-- every occupied cell a closed box from the floor to ``ceiling_height``;
+- the floor, a slab whose top is the plane y = 0 (``FLOOR_THICKNESS`` says why it has that thickness);
+- every occupied cell a closed box from the floor to ``ceiling_height``, 1 mm inside its cell (``BOX_INSET``);
 - the ceiling, the plane y = ``ceiling_height``, as downward-facing quads over the free cells. It faces down, so
   recast (habitat-sim's navmesh builder) marks it unwalkable, and it covers free cells only, so no walkable roof
   forms above the floor plan; without it the embedded simulator's ceiling would be missing from habitat's depth.
 
 Occupied cells, floor and ceiling are merged into rectangles (runs of equal cells along a row, then equal runs of
-consecutive rows), so a 30 m plan on 0.05 m cells is a few hundred boxes rather than 10^5 cubes.
+consecutive rows), so a 12 m plan on 0.05 m cells is ~50 boxes rather than ~4,000 cubes.
 
-Colours are glTF materials, one per colour: a room's floor colour under its free cells, its wall colour on the wall
+Colours are glTF materials, one per colour: a room's floor colour under its cells, its wall colour on the wall
 cells nearest to it (a wall between two rooms splits along its middle, so each room sees its own wall colour, as
 the embedded renderer paints it), an object's colour on its cells.
 
@@ -33,7 +35,24 @@ from scipy import ndimage
 
 from ddppo.atomic import atomic_open
 from ddppo.sim.navmesh import AGENT_HEIGHT, AGENT_RADIUS
+from ddppo.sim.render import CEILING_RGB
 from ddppo.sim.scene import FREE, OBJECT, Scene, load_scene, save_scene
+
+NAVMESH_CELL_HEIGHT = 0.2
+"""habitat-sim's default navmesh ``cell_height`` (habitat-lab keeps it), which ``navmesh_settings`` uses."""
+FLOOR_THICKNESS = NAVMESH_CELL_HEIGHT - 0.001
+"""The floor is a slab under y = 0 this thick. Recast stacks its voxels from the mesh's lowest point in steps of the
+cell height and puts the navmesh on the top of the floor's voxel: a floor with no thickness (or one cell height
+thick, give or take float rounding) leaves the navmesh, and so habitat's agent and its camera, one cell height
+(0.2 m) above the floor; this thickness leaves it 1 mm above."""
+BOX_INSET = 0.001
+"""Walls and objects are this much smaller than their cells on every side, so that recast's voxel columns (aligned
+with the scene's cells, from the mesh's lowest corner) are solid exactly under the occupied cells: a face exactly
+on a column boundary makes the column beside it solid or not by float rounding."""
+HABITAT_TO_FILE = np.array([[1.0, 0, 0, 0], [0, 0, -1.0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1.0]])
+"""habitat world (x, y, z) -> file (x, -z, y): habitat-sim loads a ``.glb`` stage without a config as an MP3D /
+Gibson mesh, z up and +y in front, and turns it to its y-up frame; exported scenes follow that convention, so their
+``scene_id`` is the ``.glb`` itself, as for Gibson, and the ``.navmesh`` beside it is found by name."""
 
 
 @dataclass(frozen=True)
@@ -135,26 +154,6 @@ def _material(rgb: np.ndarray):
     return TextureVisuals(material=PBRMaterial(baseColorFactor=rgba, metallicFactor=0.0, roughnessFactor=1.0))
 
 
-NAVMESH_CELL_HEIGHT = 0.2
-"""habitat-sim's default navmesh ``cell_height`` (habitat-lab keeps it), which ``navmesh_settings`` uses."""
-FLOOR_THICKNESS = NAVMESH_CELL_HEIGHT - 0.001
-"""The floor is a slab under y = 0 this thick. Recast stacks its voxels from the mesh's lowest point in steps of the
-cell height and puts the navmesh on the top of the floor's voxel: a floor with no thickness (or one cell height
-thick, give or take float rounding) leaves the navmesh, and so habitat's agent and its camera, one cell height
-(0.2 m) above the floor; this thickness leaves it 1 mm above."""
-BOX_INSET = 0.001
-"""Walls and objects are this much smaller than their cells on every side, so that recast's voxel columns (aligned
-with the scene's cells, from the mesh's lowest corner) are solid exactly under the occupied cells: a face exactly
-on a column boundary makes the column beside it solid or not by float rounding."""
-CEILING_RGB = (205, 205, 210)
-"""The embedded renderer's ceiling colour."""
-
-HABITAT_TO_FILE = np.array([[1.0, 0, 0, 0], [0, 0, -1.0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1.0]])
-"""habitat world (x, y, z) -> file (x, -z, y): habitat-sim loads a ``.glb`` stage without a config as an MP3D /
-Gibson mesh, z up and +y in front, and turns it to its y-up frame; exported scenes follow that convention, so their
-``scene_id`` is the ``.glb`` itself, as for Gibson, and the ``.navmesh`` beside it is found by name."""
-
-
 def scene_mesh(scene: Scene):
     """The scene as a ``trimesh.Scene`` in the file's frame (``HABITAT_TO_FILE``): one mesh per part and colour
     (floor_*, wall_*, object_*, ceiling)."""
@@ -176,6 +175,7 @@ def scene_mesh(scene: Scene):
         else:
             mesh = _boxes(scene, rects, 0.0, scene.ceiling_height, inset=BOX_INSET)
         _add(out, name, mesh, palette[rects[0].label])
+    # the embedded renderer's ceiling colour
     _add(out, "ceiling", _ceiling(scene, merge_rectangles(np.where(scene.occupancy == FREE, 0, -1))), CEILING_RGB)
     return out
 
@@ -196,7 +196,9 @@ def write_glb(scene: Scene, path: str | Path) -> Path:
 
 
 def navmesh_settings(habitat_sim):
-    """habitat-sim's navmesh settings for our agent: its defaults with the agent's radius and height."""
+    """habitat-sim's navmesh settings for our agent: its defaults with the agent's radius and height, as habitat-lab's
+    ``default_agent_navmesh`` makes them (and the habitat backend configures them: habitat-sim keeps a saved
+    navmesh made with equal settings instead of rebuilding it)."""
     settings = habitat_sim.NavMeshSettings()
     settings.set_defaults()
     settings.agent_radius, settings.agent_height = AGENT_RADIUS, AGENT_HEIGHT
@@ -231,7 +233,6 @@ def write_navmesh(glb: str | Path, path: str | Path) -> Path:
     return path
 
 
-
 # ---------------------------------------------------------------------------------------- scenes and datasets
 @dataclass
 class ExportedScene:
@@ -239,6 +240,9 @@ class ExportedScene:
     glb: Path
     navmesh: Path | None
     """None where habitat-sim does not import (habitat-sim then computes the navmesh when it loads the scene)."""
+
+    def summary(self) -> str:
+        return f"scene {self.name}: {self.glb}" + (" (+ .navmesh)" if self.navmesh else "")
 
 
 def habitat_imports() -> bool:
@@ -292,7 +296,7 @@ def export_dataset(data_dir: str | Path, out_dir: str | Path, splits: list[str] 
             if name not in exported:
                 exported[name] = export_scene(nav.scene, out, navmesh)
                 save_scene(nav.scene, out / "scenes" / f"{name}.npz")
-                log(f"scene {name}: {exported[name].glb}" + (" (+ .navmesh)" if exported[name].navmesh else ""))
+                log(exported[name].summary())
             _copy(geodesic_store_path(data_dir, split, name), geodesic_store_path(out, split, name))
         save_episodes_for_habitat(episodes, episodes_path(out, split))
         log(f"{split}: {len(episodes)} episodes in {episodes_path(out, split)}")
@@ -325,5 +329,5 @@ def export(source: str | Path, out_dir: str | Path, splits: list[str] | None = N
         raise ValueError(f"--split applies to a dataset directory; {source} is not one")
     scene = load_scene(source)
     done = export_scene(scene, out_dir, _navmesh_here(log))
-    log(f"scene {done.name}: {done.glb}" + (" (+ .navmesh)" if done.navmesh else ""))
+    log(done.summary())
     return [done]
