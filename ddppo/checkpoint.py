@@ -3,7 +3,14 @@ them and loading never runs code. Every file is written atomically.
 
 ``load`` is the one loader of every checkpoint-like file ddppo reads (resume state, ``ddppo eval``, transfer):
 a damaged file and a file that carries pickled objects other than tensors and plain values are both refused
-with a one-line ValueError naming the file, before anything in them runs."""
+with a one-line ValueError naming the file, before anything in them runs.
+
+One exception, read without running code either: habitat-baselines' checkpoints pickle their config, an OmegaConf
+DictConfig of its structured-config dataclasses, beside the weights. The types that needs are an explicit list
+(CONFIG_RECORD_TYPES, TYPE_REFERENCES, REFERENCED_TYPE_MODULES, EMPTY_DICT_FACTORIES); the weights-only unpickler
+reads them into inert stand-ins (the type's fields as a plain record, a referenced class as its name), never an
+instance of the type, and ``load`` hands back plain dicts and lists. A file needing any other type is refused,
+naming it."""
 
 from __future__ import annotations
 
@@ -39,6 +46,75 @@ def save(obj: dict, path: str | Path) -> None:
         raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from e
 
 
+CONFIG_RECORD_TYPES = frozenset(f"omegaconf.{name}" for name in (
+    "dictconfig.DictConfig", "listconfig.ListConfig", "base.ContainerMetadata", "base.Metadata", "nodes.AnyNode",
+    "nodes.StringNode", "nodes.IntegerNode", "nodes.FloatNode", "nodes.BooleanNode", "nodes.BytesNode"))
+"""OmegaConf's containers, value nodes and their metadata: read as ConfigRecord (their pickled fields)."""
+TYPE_REFERENCES = frozenset({"typing.Any", "typing.Dict", "typing.List", "typing.Tuple", "typing.Optional",
+                             "typing.Union", *(f"builtins.{t}" for t in ("dict", "list", "tuple", "int", "float",
+                                                                         "str", "bool", "bytes"))})
+"""Types a config's metadata names (a node's declared type): read as their names."""
+REFERENCED_TYPE_MODULES = ("habitat.config.default_structured_configs",
+                           "habitat_baselines.config.default_structured_configs")
+"""Modules whose classes (habitat's structured-config dataclasses) a config's metadata names: read as names."""
+EMPTY_DICT_FACTORIES = frozenset({"collections.defaultdict"})
+"""Called by the pickle to make a metadata cache: an empty dict instead."""
+
+
+class _Refused(ValueError):
+    """load's own one-line refusal (any other exception while loading means a damaged file)."""
+
+
+class ConfigRecord:
+    """The pickled fields of an OmegaConf object (in ``__dict__``): the weights-only unpickler makes one where the
+    pickle asks for a CONFIG_RECORD_TYPES object (object.__new__ and a __dict__ update, nothing of OmegaConf)."""
+
+
+def _empty_dict(*_args) -> dict:
+    return {}
+
+
+def _readable(name: str) -> bool:
+    return (name in CONFIG_RECORD_TYPES or name in TYPE_REFERENCES or name in EMPTY_DICT_FACTORIES
+            or name.rsplit(".", 1)[0] in REFERENCED_TYPE_MODULES)
+
+
+def _stand_in(name: str):
+    if name in CONFIG_RECORD_TYPES:
+        return ConfigRecord
+    return _empty_dict if name in EMPTY_DICT_FACTORIES else name
+
+
+def _plain(x):
+    """ConfigRecords as the plain values they hold: a container's content, a node's value, None for metadata."""
+    if isinstance(x, ConfigRecord):
+        fields = vars(x)
+        return _plain(fields["_content"] if "_content" in fields else fields.get("_val"))
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _torch_load(path: Path, map_location, stand_ins=()):
+    with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files: the error says it
+        warnings.simplefilter("ignore")
+        with torch.serialization.safe_globals(list(stand_ins)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _load_with_config_records(path: Path, map_location, refused: str):
+    """The file read with every global it names replaced by its stand-in, or a one-line refusal naming a global
+    outside the allow-list. ``refused``: the global torch's weights-only unpickler stopped at."""
+    names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path)) if zipfile.is_zipfile(path) else []
+    foreign = [n for n in names if not _readable(n)] if names else [refused]
+    if foreign:
+        raise _Refused(f"checkpoint {path}: refused: it holds a pickled object that would run code "
+                         f"(GLOBAL {', '.join(foreign[:3])}); ddppo never runs code from a file")
+    return _plain(_torch_load(path, map_location, [(_stand_in(n), n) for n in names]))
+
+
 def load(path: str | Path, map_location="cpu") -> dict:
     """Load a checkpoint without unpickling objects; any damage is a one-line ValueError naming the file."""
     path = Path(path)
@@ -46,17 +122,18 @@ def load(path: str | Path, map_location="cpu") -> dict:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     _check_archive(path)
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files: the error says it
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        # Not torch's advice (it suggests weights_only=False, i.e. running the file's code): name what was refused.
-        found = _REFUSED_RE.search(str(e))
-        if found and found[1].startswith("GLOBAL"):
-            raise ValueError(f"checkpoint {path}: refused: it holds a pickled object that would run code "
-                             f"({found[1]}); ddppo never runs code from a file") from None
-        raise ValueError(f"checkpoint {path}: refused: damaged, or not only tensors and plain values"
-                         f"{f' ({found[1]})' if found else ''}; ddppo never runs code from a file") from None
+        try:
+            obj = _torch_load(path, map_location)
+        except pickle.UnpicklingError as e:
+            # Not torch's advice (it suggests weights_only=False, i.e. running the file's code): name what was
+            # refused, unless it is a config the allow-list reads as plain data.
+            found = _REFUSED_RE.search(str(e))
+            if not (found and found[1].startswith("GLOBAL")):
+                raise _Refused(f"checkpoint {path}: refused: damaged, or not only tensors and plain values"
+                                 f"{f' ({found[1]})' if found else ''}; ddppo never runs code from a file") from None
+            obj = _load_with_config_records(path, map_location, found[1].split()[1])
+    except _Refused:
+        raise
     except Exception as e:  # torch raises RuntimeError, EOFError, OSError... for damaged files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"checkpoint {path}: damaged, cannot be loaded ({type(e).__name__}: {first[:200]})") from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +23,49 @@ from ddppo.sim.task import METRICS
 from ddppo.sim.vector_env import PointNavVectorEnv
 
 REFERENCE_AGENTS = ("oracle", "random", "forward", "untrained")
+PROTOCOLS = ("ddppo", "habitat")
+"""How ``ddppo eval`` evaluates a policy. ddppo: its most likely action, on the first ``--episodes`` (100) episodes
+of the split (the protocol of training's evaluations too); habitat: actions sampled from it, on every episode of the
+split, as habitat-baselines' evaluator (``test_episode_count: -1``, ``deterministic=False``). The numbers of the
+two are not comparable: sampling costs success and SPL, and the first 100 episodes are not the split."""
+DDPPO_PROTOCOL_EPISODES = 100
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """An evaluation protocol: its name (one of PROTOCOLS, or custom), sampled or most likely actions, and how many
+    episodes of the split (0 = all)."""
+
+    name: str
+    sample: bool
+    episodes: int
+
+    def describe(self, split: str) -> str:
+        actions = "actions sampled from the policy" if self.sample else "the policy's most likely action"
+        which = f"every episode of {split}" if self.episodes == 0 else f"the first {self.episodes} episodes of {split}"
+        return f"protocol {self.name}: {actions}, {which}"
+
+
+def evaluation_protocol(name: str | None, sample: bool | None = None, episodes: int | None = None) -> Protocol:
+    """The protocol ``--protocol`` names, with ``--sample``/``--deterministic`` and ``--episodes`` (None: not given).
+    A flag that contradicts the named protocol is a one-line ValueError. Without a name the flags choose (most
+    likely actions and 100 episodes unless given): ddppo if the actions are the most likely, habitat if sampled on
+    every episode, custom otherwise."""
+    if name is not None and name not in PROTOCOLS:
+        raise ValueError(f"--protocol {name}: use one of {', '.join(PROTOCOLS)}")
+    if name == "habitat":
+        if sample is False or episodes not in (None, 0):
+            raise ValueError("--protocol habitat samples actions on every episode of the split: drop "
+                             f"{'--deterministic' if sample is False else f'--episodes {episodes}'}")
+        return Protocol("habitat", True, 0)
+    if name == "ddppo" and sample:
+        raise ValueError("--protocol ddppo takes the policy's most likely action: drop --sample")
+    sample = bool(sample)
+    episodes = DDPPO_PROTOCOL_EPISODES if episodes is None else episodes
+    if episodes < 0:
+        raise ValueError(f"--episodes {episodes}: use 0 (every episode) or more")
+    named = "ddppo" if not sample else ("habitat" if episodes == 0 else "custom")
+    return Protocol(named, sample, episodes)
 
 
 class PolicyAgent:
@@ -169,13 +213,14 @@ def evaluate_policy(policy, cfg, split: str = "val", num_episodes: int = 100, nu
     return summarize(records)
 
 
-def reference_agent(kind: str, untrained_policy=None, device="cpu", seed: int = 0):
-    """``make_agent`` for a reference agent by name (see REFERENCE_AGENTS)."""
+def reference_agent(kind: str, untrained_policy=None, device="cpu", seed: int = 0, deterministic: bool = True):
+    """``make_agent`` for a reference agent by name (see REFERENCE_AGENTS); ``deterministic``: how the untrained
+    policy acts (as the evaluated one does)."""
     makers = {
         "oracle": lambda envs: OracleAgent(envs),
         "random": lambda envs: RandomAgent(envs.num_envs, seed),
         "forward": lambda envs: ForwardAgent(envs.num_envs),
-        "untrained": lambda envs: PolicyAgent(untrained_policy, envs.num_envs, device, deterministic=True),
+        "untrained": lambda envs: PolicyAgent(untrained_policy, envs.num_envs, device, deterministic=deterministic),
     }
     if kind not in makers:
         raise ValueError(f"reference agent {kind!r}: use one of {', '.join(REFERENCE_AGENTS)}")
@@ -188,14 +233,14 @@ def write_jsonl(records: list[dict], path: str | Path) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def format_table(summaries: dict[str, dict]) -> str:
-    """Plain-text table: one row per agent, mean ± 95% CI per metric."""
+def format_table(summaries: dict[str, dict], heading: str = "") -> str:
+    """Plain-text table: one row per agent, mean ± 95% CI per metric; ``heading`` (e.g. the protocol) above it."""
     cols = ("success", "spl", "softspl", "distance_to_goal", "collisions", "steps")
     first = next(iter(summaries.values()), {})
     if not all(c in first for c in cols):  # another task (Flee, Exploration): its own metrics
         cols = tuple(k for k in first if k != "episodes" and not k.endswith("_ci95"))
     head = f"{'agent':<12}{'episodes':>9}" + "".join(f"{c:>20}" for c in cols)
-    lines = [head, "-" * len(head)]
+    lines = ([heading] if heading else []) + [head, "-" * len(head)]
     for name, s in summaries.items():
         cells = "".join(f"{s[c]:>11.3f} ± {s[c + '_ci95']:<6.3f}" for c in cols)
         lines.append(f"{name:<12}{s['episodes']:>9}{cells}")

@@ -1,4 +1,5 @@
-"""``ddppo eval CHECKPOINT``: the checkpoint and the reference agents on one table, per-episode JSONL, videos.
+"""``ddppo eval CHECKPOINT``: the checkpoint and the reference agents on one table, per-episode JSONL, videos, under
+a named protocol (ddppo.evaluation.PROTOCOLS) that summary.json and the table state.
 
 Under torchrun every rank evaluates its share of the episodes and rank 0 writes the results."""
 
@@ -13,11 +14,12 @@ from omegaconf import OmegaConf
 
 from ddppo import checkpoint
 from ddppo.atomic import atomic_write_text
-from ddppo.config import TrainConfig, check
+from ddppo.config import ConfigError, TrainConfig, check, load_config
 from ddppo.distributed import init_distributed
 from ddppo.evaluation import (
     PolicyAgent,
     evaluate,
+    evaluation_protocol,
     format_table,
     reference_agent,
     split_episodes,
@@ -25,6 +27,11 @@ from ddppo.evaluation import (
     write_jsonl,
 )
 from ddppo.policy import build_policy
+from ddppo.policy.habitat_baselines_weights import (
+    ddppo_state_dict,
+    is_habitat_baselines_checkpoint,
+    policy_overrides,
+)
 
 
 def policy_spaces(cfg) -> dict:
@@ -39,9 +46,11 @@ def policy_spaces(cfg) -> dict:
 
 
 def policy_from_checkpoint(path: str | Path, overrides=()):
-    """(policy, config) of a training checkpoint; a file that is not one, or that does not fit the configured
-    architecture, is a one-line ValueError naming it."""
+    """(policy, config) of a training checkpoint, ddppo's or habitat-baselines'; a file that is not one, or that
+    does not fit the configured architecture, is a one-line ValueError naming it."""
     ckpt = checkpoint.load(path)
+    if is_habitat_baselines_checkpoint(ckpt):
+        return _habitat_baselines_policy(ckpt, path, overrides)
     if "policy" not in ckpt or "config" not in ckpt:
         raise ValueError(f"checkpoint {path}: missing field 'policy' or 'config' (not a ddppo checkpoint)")
     try:
@@ -65,7 +74,22 @@ def policy_from_checkpoint(path: str | Path, overrides=()):
     return policy.eval(), cfg
 
 
+def _habitat_baselines_policy(ckpt: dict, path, overrides):
+    """A habitat-baselines PointNavResNetPolicy checkpoint: ddppo's defaults, the policy its weights imply
+    (ddppo/policy/habitat_baselines_weights.py), then ``overrides`` (the backend and dataset to evaluate on)."""
+    source = f"checkpoint {path}"
+    try:
+        cfg = load_config(None, [*policy_overrides(ckpt, source), *overrides])
+    except ConfigError as e:
+        raise ValueError(f"{source}: {e}") from None
+    policy = build_policy(cfg.policy, policy_spaces(cfg))
+    policy.load_state_dict(ddppo_state_dict(ckpt, policy, source))
+    return policy.eval(), cfg
+
+
 def run_eval(args) -> int:
+    protocol = evaluation_protocol(getattr(args, "protocol", None), args.sample, args.episodes)
+    args.sample = protocol.sample  # what the videos' agent does too
     # a run directory stands for its newest checkpoint that loads (a damaged newer one is skipped with a warning)
     args.checkpoint = str(checkpoint.latest(args.checkpoint))
     policy, cfg = policy_from_checkpoint(args.checkpoint, args.overrides)
@@ -75,8 +99,8 @@ def run_eval(args) -> int:
     info = init_distributed(cfg.device)
     policy = policy.to(info.device)
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / "eval" / args.split
-    n = args.episodes or None
-    agents = {"checkpoint": lambda envs: PolicyAgent(policy, envs.num_envs, info.device, not args.sample)}
+    n = protocol.episodes or None
+    agents = {"checkpoint": lambda envs: PolicyAgent(policy, envs.num_envs, info.device, not protocol.sample)}
     names = [a for a in args.agents.split(",") if a]
     if cfg.task.type != "pointnav" and "oracle" in names:  # its shortest path to the goal bounds PointNav only
         names.remove("oracle")
@@ -87,16 +111,19 @@ def run_eval(args) -> int:
         torch.manual_seed(cfg.seed)
         untrained = build_policy(cfg.policy, policy_spaces(cfg)).to(info.device).eval()
     for name in names:
-        agents[name] = reference_agent(name, untrained, info.device, cfg.seed)
+        agents[name] = reference_agent(name, untrained, info.device, cfg.seed, deterministic=not protocol.sample)
     summaries = {}
     for name, make_agent in agents.items():
+        torch.manual_seed(cfg.seed + info.rank)  # sampled actions: the same draws on a rerun
         records = evaluate(cfg, make_agent, args.split, n, args.num_envs, info)
         summaries[name] = summarize(records)
         if info.is_main:
             write_jsonl(records, out / f"{name}.jsonl")
     if info.is_main:
-        atomic_write_text(out / "summary.json", json.dumps(summaries, indent=1))
-        print(format_table(summaries))
+        described = {"name": protocol.name, "actions": "sampled" if protocol.sample else "most likely",
+                     "episodes": "all" if protocol.episodes == 0 else protocol.episodes, "split": args.split}
+        atomic_write_text(out / "summary.json", json.dumps({"protocol": described, **summaries}, indent=1))
+        print(format_table(summaries, protocol.describe(args.split)))
         print(f"per-episode records and summary in {out}")
         if args.video:
             _videos(cfg, policy, args, out, info.device)

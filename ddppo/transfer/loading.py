@@ -12,8 +12,9 @@ a training checkpoint (``ddppo.checkpoint.load``: tensors only, never unpickled 
   loaded with ``transfer.core=load``;
 - the actor and critic heads are always new: they belong to the source task's reward.
 
-A checkpoint of another encoder family, or with tensors of other shapes, is a one-line ValueError naming the
-module. The run records what it loaded in ``<run_dir>/transfer.json``.
+A checkpoint of another encoder family (or compression layer), or with tensors of other shapes, is a one-line
+ValueError naming the module. habitat-baselines' PointNavResNetPolicy checkpoints load too, their weights renamed by
+ddppo/policy/habitat_baselines_weights.py. The run records what it loaded in ``<run_dir>/transfer.json``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from torch import nn
 
 from ddppo import checkpoint
 from ddppo.atomic import atomic_write_text
+from ddppo.policy.habitat_baselines_weights import (
+    ddppo_state_dict,
+    is_habitat_baselines_checkpoint,
+    policy_overrides,
+)
 
 ENCODER_MODULES = ("visual_input", "encoder", "visual_fc")
 CORE_MODULES = ("goal_embed", "action_embed", "core")
@@ -75,6 +81,21 @@ def freeze(policy: nn.Module, names: tuple[str, ...]) -> None:
     policy.train(policy.training)
 
 
+def _as_ddppo_checkpoint(ckpt: dict, policy: nn.Module, source: str) -> dict:
+    """A ddppo training checkpoint as is; a habitat-baselines one as the fields transfer reads (its weights under
+    ddppo's names, in ``policy``'s goal-feature form; the policy config they imply; its step count)."""
+    if is_habitat_baselines_checkpoint(ckpt):
+        implied = dict(item.split("=", 1) for item in policy_overrides(ckpt, source))
+        config = {"name": "habitat-baselines", "task": {"type": "pointnav"},
+                  "policy": {"encoder": implied.get("policy.encoder"),
+                             "compression_groups": int(implied.get("policy.compression_groups", 0))}}
+        return {"policy": ddppo_state_dict(ckpt, policy, source, complete=False), "config": config,
+                "env_steps": (ckpt.get("extra_state") or {}).get("step")}
+    if "policy" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{source}: missing field 'policy' or 'config' (not a ddppo training checkpoint)")
+    return ckpt
+
+
 def apply_transfer(policy: nn.Module, cfg, run_dir: str | Path | None = None, log=print, write: bool = True):
     """Load and freeze what ``cfg.transfer`` asks for; returns (trainable parameters, optimizer param groups).
 
@@ -91,20 +112,19 @@ def apply_transfer(policy: nn.Module, cfg, run_dir: str | Path | None = None, lo
     elif t.checkpoint:
         path = Path(t.checkpoint)
         source = f"transfer.checkpoint {path}"
-        ckpt = checkpoint.load(path)
-        if "policy" not in ckpt or "config" not in ckpt:
-            raise ValueError(f"{source}: missing field 'policy' or 'config' (not a ddppo training checkpoint)")
-        theirs = ckpt["config"].get("policy", {}).get("encoder")
+        ckpt = _as_ddppo_checkpoint(checkpoint.load(path), policy, source)
+        theirs = ckpt["config"].get("policy", {})
         names = (ENCODER_MODULES if t.encoder != "scratch" else ()) + (CORE_MODULES if t.core == "load" else ())
-        if t.encoder != "scratch" and theirs != cfg.policy.encoder:
-            raise ValueError(f"{source}: module 'encoder' is a {theirs} in the checkpoint but policy.encoder="
-                             f"{cfg.policy.encoder} here")
+        for key, default in (("encoder", None), ("compression_groups", 0)) if t.encoder != "scratch" else ():
+            if theirs.get(key, default) != cfg.policy[key]:  # another family, or the same shapes for another function
+                raise ValueError(f"{source}: module 'encoder' has policy.{key}={theirs.get(key, default)} in the "
+                                 f"checkpoint but policy.{key}={cfg.policy[key]} here")
         copy_modules(policy, ckpt["policy"], names, source)
         src_task = ckpt["config"].get("task", {})
         record = {
             "checkpoint": str(path.resolve()), "sha256": _sha256(path),
             "source_run": ckpt["config"].get("name"), "source_task": src_task.get("type", "pointnav"),
-            "source_env_steps": ckpt.get("env_steps"), "source_encoder": theirs,
+            "source_env_steps": ckpt.get("env_steps"), "source_encoder": theirs.get("encoder"),
             "encoder": t.encoder, "core": t.core, "encoder_lr_scale": t.encoder_lr_scale,
             "loaded": list(names),
             "fresh": [n for n, _ in policy.named_children() if n not in names],
