@@ -174,7 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint on a split (also under torchrun)")
     e.add_argument("checkpoint")
     e.add_argument("--split", default="val", choices=["train", "val", "test"])
-    e.add_argument("--episodes", type=int, default=100, help="the first N episodes of the split (0 = all)")
+    e.add_argument("--protocol", choices=["ddppo", "habitat"], default=None,
+                   help="ddppo: most likely action, first 100 episodes (default); habitat: sampled actions, every "
+                        "episode (habitat-baselines' evaluator)")
+    e.add_argument("--episodes", type=int, default=None, help="the first N episodes of the split (0 = all)")
     mode = e.add_mutually_exclusive_group()
     mode.add_argument("--deterministic", dest="sample", action="store_false", help="most likely action (default)")
     mode.add_argument("--sample", dest="sample", action="store_true", help="sample actions from the policy")
@@ -184,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="output directory (default: <run>/eval/<split>)")
     e.add_argument("--video", type=int, default=0, help="record videos of the first N episodes")
     e.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config")
-    e.set_defaults(func=_eval, sample=False)
+    e.set_defaults(func=_eval, sample=None)
 
     pl = sub.add_parser("plot", help="learning curves of runs as a PNG")
     pl.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
