@@ -17,6 +17,7 @@ import torch
 
 from ddppo.cli import main as cli_main
 from ddppo.config import load_config
+from ddppo.evaluation import Protocol, evaluation_protocol
 from ddppo.sim.data import generate_dataset, load_split
 from ddppo.sim.geometry import STOP
 from ddppo.train import train
@@ -63,6 +64,47 @@ def test_single_process_eval_writes_records_and_table(trained, tmp_path, capsys)
     assert summary["oracle"]["spl"] >= 0.9 and summary["oracle"]["success"] >= 0.99
     assert summary["random"]["spl"] <= 0.05 and summary["forward"]["success"] == 0.0
     assert summary["oracle"]["spl_ci95"] >= 0.0
+
+
+def test_protocols_are_named_in_the_summary_and_the_table(trained, tmp_path, capsys):
+    """Default: the ddppo protocol (most likely action, first 100 episodes: all 12 here). --protocol habitat:
+    actions sampled (the untrained reference's too) on every episode, the same draws on a rerun."""
+    base = ["eval", str(trained["ckpt"]), "--num-envs", "3", "--agents", "untrained", "task.max_episode_steps=150"]
+    runs = {"ddppo": [], "habitat": ["--protocol", "habitat"], "again": ["--protocol", "habitat"]}
+    for name, extra in runs.items():
+        capsys.readouterr()
+        assert cli_main([*base, *extra, "--out", str(tmp_path / name)]) == 0
+        first_line = capsys.readouterr().out.splitlines()[0]
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        if name == "ddppo":
+            assert first_line == "protocol ddppo: the policy's most likely action, the first 100 episodes of val"
+            assert summary["protocol"] == {"name": "ddppo", "actions": "most likely", "episodes": 100, "split": "val"}
+        else:
+            assert first_line == "protocol habitat: actions sampled from the policy, every episode of val"
+            assert summary["protocol"] == {"name": "habitat", "actions": "sampled", "episodes": "all", "split": "val"}
+        assert summary["checkpoint"]["episodes"] == summary["untrained"]["episodes"] == 12
+    actions = {name: [r["actions"] for r in read_jsonl(tmp_path / name / "checkpoint.jsonl")] for name in runs}
+    assert actions["habitat"] == actions["again"] and actions["habitat"] != actions["ddppo"]
+    untrained = {name: [r["actions"] for r in read_jsonl(tmp_path / name / "untrained.jsonl")] for name in runs}
+    assert untrained["habitat"] != untrained["ddppo"]
+
+
+@pytest.mark.parametrize("extra,named", [(["--protocol", "habitat", "--episodes", "5"], "--episodes 5"),
+                                         (["--protocol", "habitat", "--deterministic"], "--deterministic"),
+                                         (["--protocol", "ddppo", "--sample"], "--sample")])
+def test_flags_contradicting_the_protocol_are_one_line_errors(trained, tmp_path, capsys, extra, named):
+    capsys.readouterr()
+    assert cli_main(["eval", str(trained["ckpt"]), "--agents", "", "--out", str(tmp_path / "x"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and named in err and "--protocol" in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_protocol_names_without_the_flag():
+    assert evaluation_protocol(None) == Protocol("ddppo", False, 100)
+    assert evaluation_protocol(None, True, 0) == Protocol("habitat", True, 0)
+    assert evaluation_protocol(None, True, 10).name == "custom"
+    assert evaluation_protocol("ddppo", None, 0) == Protocol("ddppo", False, 0)
 
 
 def test_distributed_eval_equals_single_process(trained, tmp_path):
@@ -186,3 +228,52 @@ def test_checkpoint_of_another_architecture_or_damaged_is_a_one_line_error(train
     assert cli_main(["eval", str(bad), "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(bad) in err
+
+
+class SystemCall:
+    """Unpickling calls os.system(command)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_habitat_baselines_shaped_checkpoints_never_run_code(tmp_path, capsys):
+    """habitat-baselines' layout ({state_dict, config: an OmegaConf DictConfig, extra_state}): its config reads as
+    plain data; the same file with an object whose unpickling calls os.system is refused in one line naming it, by
+    checkpoint.load, `ddppo eval` and transfer.checkpoint, and nothing runs. So is a config holding a type outside
+    the allow-list (here pathlib's), named."""
+    from omegaconf import OmegaConf
+
+    from ddppo import checkpoint
+    from ddppo.transfer.loading import apply_transfer
+
+    marker = tmp_path / "PWNED"
+    config = OmegaConf.create({"habitat_baselines": {"rl": {"ddppo": {"backbone": "resnet50"}}}, "steps": [1, 2.5]})
+    shaped = {"state_dict": {"critic.fc.bias": torch.zeros(1)}, "config": config, "extra_state": {"step": 3}}
+    files = {"benign": shaped, "system": {**shaped, "extra_state": SystemCall(f"touch {marker}")},
+             "path": {**shaped, "config": OmegaConf.create({"data": Path("/tmp")})}}
+    for name, content in files.items():
+        torch.save(content, tmp_path / f"{name}.pth")
+    loaded = checkpoint.load(tmp_path / "benign.pth")
+    assert loaded["config"] == {"habitat_baselines": {"rl": {"ddppo": {"backbone": "resnet50"}}}, "steps": [1, 2.5]}
+    for name, named in (("system", "GLOBAL posix.system"), ("path", "pathlib.")):
+        bad = tmp_path / f"{name}.pth"
+        with pytest.raises(ValueError, match="refused") as e:
+            checkpoint.load(bad)
+        assert "\n" not in str(e.value) and named in str(e.value) and str(bad) in str(e.value)
+        capsys.readouterr()
+        assert cli_main(["eval", str(bad), "--agents", "", "--out", str(tmp_path / "ev")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and named in err, err
+        cfg = load_config(None, [*TINY, f"transfer.checkpoint={bad}", "sim.sensors=[depth]"])
+        with pytest.raises(ValueError, match=named):
+            apply_transfer(None, cfg, None, log=lambda *_: None)
+    assert not marker.exists()
+    # the benign one holds no policy: one line naming the first key ddppo's mapping does not know
+    assert cli_main(["eval", str(tmp_path / "benign.pth"), "--agents", "", "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is not in the checkpoint" in err, err
+

@@ -366,5 +366,5 @@ def test_eval_of_a_flee_checkpoint_has_no_oracle_reference(data_dir, tmp_path, c
     out = tmp_path / "eval"
     assert cli_main(["eval", str(ckpt), "--episodes", "2", "--num-envs", "2", "--agents", "oracle,random",
                      "--out", str(out)]) == 0
-    assert set(json.loads((out / "summary.json").read_text())) == {"checkpoint", "random"}
+    assert set(json.loads((out / "summary.json").read_text())) == {"protocol", "checkpoint", "random"}
     assert "no oracle reference for task.type=flee" in capsys.readouterr().err
