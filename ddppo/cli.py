@@ -50,6 +50,17 @@ def _bench_sim(args) -> int:
                                          episode_steps=args.episode_steps, stop=args.stop))
 
 
+def _bench_backends(args) -> int:
+    import os
+
+    os.environ.setdefault("HABITAT_SIM_LOG", "quiet")  # habitat-sim logs every simulator start otherwise
+    os.environ.setdefault("MAGNUM_LOG", "quiet")
+    from ddppo.bench_backends import bench_backends
+
+    return _bench_output(args, bench_backends(args.num_envs, args.resolution, args.sensors.split(","), args.steps,
+                                              args.warmup, args.data_dir, rounds=args.rounds))
+
+
 def _bench_train(args) -> int:
     from ddppo.bench import bench_train
 
@@ -246,6 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop", action="store_true", help="draw STOP too (episodes of ~4 steps: a reset benchmark)")
     _add_record_options(s)
     s.set_defaults(func=_bench_sim)
+    bk = bsub.add_parser("backends", help="the embedded simulator against habitat-sim on the same exported scenes")
+    bk.add_argument("--num-envs", type=int, default=4)
+    bk.add_argument("--resolution", type=int, default=64)
+    bk.add_argument("--sensors", default="depth", help="comma-separated: depth,rgb")
+    bk.add_argument("--steps", type=int, default=200)
+    bk.add_argument("--warmup", type=int, default=50, help="untimed steps first, every round")
+    bk.add_argument("--rounds", type=int, default=3, help="rounds, the order of the two reversed every other round")
+    bk.add_argument("--data-dir", default="data/pointnav_bench",
+                    help="embedded dataset (generated when missing); its export goes to DATA_DIR_habitat")
+    _add_record_options(bk)
+    bk.set_defaults(func=_bench_backends)
     tr = bsub.add_parser("train", help="end-to-end training env-steps/s and its ratio to the serial limit")
     tr.add_argument("--config", default=None, help="YAML (default: the quickstart config)")
     tr.add_argument("--updates", type=int, default=10)
