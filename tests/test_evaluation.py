@@ -14,6 +14,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from habitat_support import need_habitat
 
 from ddppo.cli import main as cli_main
 from ddppo.config import load_config
@@ -201,7 +202,7 @@ def test_video_of_a_flee_or_exploration_run_shows_that_task(trained, tmp_path):
 def test_video_is_refused_for_the_habitat_backend(trained, tmp_path, capsys):
     """Videos draw the embedded simulator's top-down map: with sim.backend=habitat, `ddppo eval --video` stops with
     one line before evaluating anything."""
-    pytest.importorskip("habitat_sim", reason="habitat-sim is not installed: the habitat backend cannot be configured")
+    need_habitat()  # the habitat backend cannot be configured without it
     capsys.readouterr()
     habitat = ("sim.backend=habitat", "task.generate_if_missing=false", f"task.scenes_dir={tmp_path}")
     assert eval_cli(trained, tmp_path / "hab", "--video", "1", *habitat) == 2
