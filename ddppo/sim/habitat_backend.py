@@ -44,6 +44,9 @@ TESTED_HABITAT_SIM = "0.3.3"
 """The habitat-sim release CI runs the habitat tests on (and the Docker image pins)."""
 HFOV = 90.0
 AGENT_MAX_CLIMB, AGENT_MAX_SLOPE = 0.2, 45.0
+NAVMESH_CELL_HEIGHT = 0.2
+"""habitat-sim's default navmesh ``cell_height`` (habitat-lab keeps it), stated because the exported scenes' floor
+slab is sized to it (ddppo.sim.scene_export)."""
 """habitat-lab's agent defaults (``AgentConfig.max_climb`` in metres, ``max_slope`` in degrees), which its
 ``default_agent_navmesh`` puts in the navmesh settings."""
 ACTION_NAMES = {MOVE_FORWARD: "move_forward", TURN_LEFT: "turn_left", TURN_RIGHT: "turn_right"}
@@ -128,6 +131,19 @@ def worker_settings(sim_cfg, task_cfg, num_envs: int, seed: int, env_offset: int
                  scene_dataset_config=str(task_cfg.scene_dataset_config)) for e in range(num_envs)]
 
 
+def agent_navmesh_settings(hs):
+    """habitat-lab's ``default_agent_navmesh``: habitat-sim's defaults with the agent's radius and height (and
+    habitat-lab's max_climb 0.2 m, max_slope 45°, static objects left out: its defaults, habitat-sim's too). The
+    backend configures these, and scene export computes its navmeshes with them, so habitat-sim keeps a saved
+    navmesh made with equal settings instead of rebuilding it."""
+    settings = hs.NavMeshSettings()
+    settings.set_defaults()
+    settings.agent_radius, settings.agent_height = AGENT_RADIUS, AGENT_HEIGHT
+    settings.agent_max_climb, settings.agent_max_slope = AGENT_MAX_CLIMB, AGENT_MAX_SLOPE
+    settings.cell_height = NAVMESH_CELL_HEIGHT
+    return settings
+
+
 # ---------------------------------------------------------------------------------------- the simulator
 class HabitatSim:
     """One ``habitat_sim.Simulator`` behind the worker protocol of ddppo.sim.worker_env (one per process)."""
@@ -155,15 +171,6 @@ class HabitatSim:
         spec.position = [0.0, SENSOR_HEIGHT, 0.0]
         return spec
 
-    def _navmesh_settings(self):
-        """habitat-lab's ``default_agent_navmesh``: habitat-sim's defaults with the agent's radius and height (and
-        habitat-lab's max_climb 0.2 m, max_slope 45°, static objects left out: its defaults, habitat-sim's too)."""
-        settings = self.hs.NavMeshSettings()
-        settings.set_defaults()
-        settings.agent_radius, settings.agent_height = AGENT_RADIUS, AGENT_HEIGHT
-        settings.agent_max_climb, settings.agent_max_slope = AGENT_MAX_CLIMB, AGENT_MAX_SLOPE
-        return settings
-
     def _configuration(self, scene: str):
         hs = self.hs
         sim_cfg = hs.SimulatorConfiguration()
@@ -175,7 +182,7 @@ class HabitatSim:
         sim_cfg.enable_physics = False  # kinematic navmesh motion, as PointNav
         sim_cfg.allow_sliding = True  # collisions slide along walls (DESIGN §3)
         if hasattr(sim_cfg, "navmesh_settings"):  # habitat-lab's default_agent_navmesh: habitat-sim recomputes
-            sim_cfg.navmesh_settings = self._navmesh_settings()  # a scene's navmesh made with other settings
+            sim_cfg.navmesh_settings = agent_navmesh_settings(self.hs)  # a scene's navmesh made with other settings
         actions = {name: hs.ActionSpec(name, hs.ActuationSpec(amount=amount)) for name, amount in (
             ("move_forward", self.forward_step), ("turn_left", self.turn_angle), ("turn_right", self.turn_angle))}
         agent = hs.AgentConfiguration(height=AGENT_HEIGHT, radius=AGENT_RADIUS, action_space=actions,
@@ -191,7 +198,7 @@ class HabitatSim:
             self.sim = hs.Simulator(cfg)
         else:
             self.sim.reconfigure(cfg)  # habitat-lab's way to change scene: keeps the GL context
-        pathfinder, settings = self.sim.pathfinder, self._navmesh_settings()
+        pathfinder, settings = self.sim.pathfinder, agent_navmesh_settings(self.hs)
         # habitat-sim applies the configured settings itself where it has SimulatorConfiguration.navmesh_settings;
         # older releases get the same rule here: no navmesh, or one made for another agent, is rebuilt
         shipped = getattr(pathfinder, "nav_mesh_settings", settings) if pathfinder.is_loaded else None

@@ -34,12 +34,11 @@ import numpy as np
 from scipy import ndimage
 
 from ddppo.atomic import atomic_open
+from ddppo.sim.habitat_backend import NAVMESH_CELL_HEIGHT, agent_navmesh_settings
 from ddppo.sim.navmesh import AGENT_HEIGHT, AGENT_RADIUS
 from ddppo.sim.render import CEILING_RGB
 from ddppo.sim.scene import FREE, OBJECT, Scene, load_scene, save_scene
 
-NAVMESH_CELL_HEIGHT = 0.2
-"""habitat-sim's default navmesh ``cell_height`` (habitat-lab keeps it), which ``navmesh_settings`` uses."""
 FLOOR_THICKNESS = NAVMESH_CELL_HEIGHT - 0.001
 """The floor is a slab under y = 0 this thick. Recast stacks its voxels from the mesh's lowest point in steps of the
 cell height and puts the navmesh on the top of the floor's voxel: a floor with no thickness (or one cell height
@@ -195,17 +194,6 @@ def write_glb(scene: Scene, path: str | Path) -> Path:
     return path
 
 
-def navmesh_settings(habitat_sim):
-    """habitat-sim's navmesh settings for our agent: its defaults with the agent's radius and height, as habitat-lab's
-    ``default_agent_navmesh`` makes them (and the habitat backend configures them: habitat-sim keeps a saved
-    navmesh made with equal settings instead of rebuilding it)."""
-    settings = habitat_sim.NavMeshSettings()
-    settings.set_defaults()
-    settings.agent_radius, settings.agent_height = AGENT_RADIUS, AGENT_HEIGHT
-    settings.cell_height = NAVMESH_CELL_HEIGHT
-    return settings
-
-
 def write_navmesh(glb: str | Path, path: str | Path) -> Path:
     """Load ``glb`` in habitat-sim (no renderer), compute its navmesh for our agent and save it as ``path``,
     atomically. Raises HabitatUnavailable where habitat-sim does not import."""
@@ -221,7 +209,7 @@ def write_navmesh(glb: str | Path, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with hs.Simulator(hs.Configuration(sim_cfg, [agent])) as sim:
-        if not sim.recompute_navmesh(sim.pathfinder, navmesh_settings(hs)):
+        if not sim.recompute_navmesh(sim.pathfinder, agent_navmesh_settings(hs)):
             raise ValueError(f"scene mesh {glb}: habitat-sim could not compute a navmesh")
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             staged = Path(tmp) / path.name
