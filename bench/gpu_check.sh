@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see README "Benchmarks"): the CUDA tests, GPU throughput and the NCCL
-# path, in about 5 minutes. Everything goes to $OUT (default ./gpu-out); the figures then go into bench/RESULTS.md.
+# path, in about 5 minutes. Everything goes to $OUT (default ./gpu-out); the raw figures then go into bench/LOG.md
+# and the current ones into bench/RESULTS.md.
 #   run:  bash bench/gpu_check.sh   (torch with CUDA and the package's dependencies already installed; the dataset
 #         data/pointnav_small with its stored geodesic fields, so no FMM is needed there)
 set -uo pipefail

@@ -1,4 +1,4 @@
-"""``ddppo bench sim``: simulator throughput, printed as JSON (and appended to bench/RESULTS.md on request)."""
+"""``ddppo bench sim``: simulator throughput, printed as JSON (and appended to bench/LOG.md on request)."""
 
 from __future__ import annotations
 
@@ -39,8 +39,9 @@ def machine() -> str:
 
 
 def record(result: dict, command: str, path: str | os.PathLike) -> None:
-    """Append ``result`` to the results file (bench/RESULTS.md) as a dated entry with the exact command line and
-    the machine, so every figure there can be traced to a run and rerun."""
+    """Append ``result`` to the results file (bench/LOG.md, the benchmarks' history) as a dated entry with the exact
+    command line and the machine, so every figure can be traced to a run and rerun; bench/RESULTS.md holds the
+    current figure of each benchmark, taken from those entries."""
     from datetime import datetime, timezone
     from pathlib import Path
 
