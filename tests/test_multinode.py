@@ -1,0 +1,262 @@
+"""DD-PPO across two hosts for real: two network namespaces joined by a veth pair (slurm/two-hosts.sh), each with its
+own host name and address, sharing this machine's file system as cluster nodes share a network file system.
+
+- torchrun --nnodes 2 (c10d rendezvous on the first host's address): gradients identical on both ranks after an
+  update and equal to one process's on the concatenated batch; the trainer trains, checkpoints and resumes; straggler
+  preemption cuts the slow host's rollouts.
+
+The only link between the hosts is the veth pair, so every collective that completes went over it: Gloo finds the
+address to bind to by resolving the host's name (each host's /etc/hosts names both), or takes GLOO_SOCKET_IFNAME.
+Traffic goes only to the two addresses the fixture made. Everything the tests start runs inside the two namespaces,
+and the fixture kills it and removes them at the end, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_distributed import reference_update
+from test_faults import assert_run_dir_sound, tb_steps
+from tiny import tiny
+
+from ddppo.config import load_config
+from ddppo.sim.data import generate_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+HELPERS = Path(__file__).resolve().parent / "helpers"
+TWO_HOSTS = ROOT / "slurm" / "two-hosts.sh"
+CLUSTER = ROOT / "slurm" / "local-cluster.sh"
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+DDPPO = Path(sys.executable).with_name("ddppo")
+LONG = os.environ.get("DDPPO_LONG_TESTS") == "1"
+IFACE = "veth0"
+NUM_ENVS, NUM_STEPS = 2, 8
+PER_UPDATE = 2 * NUM_ENVS * NUM_STEPS  # env steps of one update of both ranks
+TINY = tiny(NUM_ENVS, NUM_STEPS, "log_interval=1", "task.max_episode_steps=50")
+RUN_TIMEOUT = 300  # seconds for any one launch; a tiny two-host run takes 15-60 s on 2 busy cores
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
+
+
+def _why_no_namespaces() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root: network namespaces and veth pairs"
+    for tool in ("ip", "nsenter", "unshare"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (iproute2, util-linux)"
+    if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
+        return "`ip netns` is unavailable here"
+    return None
+
+
+pytestmark.append(pytest.mark.skipif(_why_no_namespaces() is not None, reason=str(_why_no_namespaces())))
+
+HOSTS, ADDRS = zip(*(line.split() for line in subprocess.run(
+    [str(TWO_HOSTS), "list"], capture_output=True, text=True, check=True).stdout.splitlines()))
+
+
+def two_hosts(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(TWO_HOSTS), *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    """The two hosts, for this module only: one test session at a time holds them (a lock file), and they are
+    removed at the end, whatever happened."""
+    with open("/run/lock/ddppo-two-hosts.lock", "w") as lock:
+        deadline = time.monotonic() + 900
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "another test session held the two hosts for 15 minutes"
+                time.sleep(1)
+        two_hosts("down")  # what a killed session may have left
+        up = two_hosts("up")
+        assert up.returncode == 0, up.stderr
+        try:
+            yield HOSTS
+        finally:
+            down = two_hosts("down", timeout=120)
+            assert down.returncode == 0, down.stderr
+
+
+@pytest.fixture
+def clean_hosts(hosts):
+    """Whatever a test started on the hosts is SIGKILLed after it (the SLURM daemons too: `cluster` restarts them)."""
+    yield hosts
+    for host in hosts:
+        two_hosts("kill", host)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("multinode_data") / "data"
+    cfg = load_config(None, ["dataset.scenes={train: 2, val: 1, test: 1}",
+                             "dataset.episodes_per_scene={train: 20, val: 5, test: 5}",
+                             "dataset.min_extent=5", "dataset.max_extent=8"]).dataset
+    generate_dataset(out, cfg, log=lambda *_: None)
+    return out
+
+
+def overrides(data_dir: Path, run_root: Path, name: str, updates: int, *extra: str) -> list[str]:
+    return [*TINY, f"task.data_dir={data_dir}", f"run_dir={run_root}", f"name={name}",
+            f"total_steps={updates * PER_UPDATE}", "checkpoint_interval=2", *extra]
+
+
+def host_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def start_on(host: str, cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
+    """CMD on HOST, output to LOG; the process is the command itself (two-hosts.sh execs it)."""
+    with log.open("w") as out:
+        return subprocess.Popen([str(TWO_HOSTS), "exec", host, *cmd], cwd=ROOT, env=host_env(**env), stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def run_on(host: str, cmd: list[str], timeout: float = 60, **env: str) -> str:
+    out = subprocess.run([str(TWO_HOSTS), "exec", host, *cmd], cwd=ROOT, env=host_env(**env), capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, f"{cmd} on {host}: rc {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+    return out.stdout
+
+
+def torchrun(port: int, run_id: str, args: list[str], max_restarts: int = 0) -> list[str]:
+    """The same torchrun command on every node: the rendezvous is hosted by whichever node's agent owns the
+    endpoint's address (the first host's)."""
+    return [str(TORCHRUN), "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={ADDRS[0]}:{port}", f"--rdzv-id={run_id}", f"--max-restarts={max_restarts}",
+            "--rdzv-conf=join_timeout=240", *args]
+
+
+def wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float = RUN_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    for proc, log in zip(procs, logs):
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{log.name}: still running after {timeout} s:\n{log.read_text()[-3000:]}") from None
+    for proc, log in zip(procs, logs):
+        assert proc.returncode == 0, f"{log.name}: rc {proc.returncode}\n{log.read_text()[-4000:]}"
+
+
+def on_both(tmp_path: Path, port: int, run_id: str, args: list[str], tag: str, **env: str) -> list[Path]:
+    logs = [tmp_path / f"{tag}_{host}.log" for host in HOSTS]
+    procs = [start_on(host, torchrun(port, run_id, args), log, **env) for host, log in zip(HOSTS, logs)]
+    wait_all(procs, logs)
+    return logs
+
+
+def wait_until(condition, timeout: float, what: str, poll: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(poll)
+
+
+def rank_dumps(dump: Path) -> tuple[list[dict], list[dict]]:
+    infos = [json.loads((dump / f"rank{r}.json").read_text()) for r in range(2)]
+    states = [torch.load(dump / f"rank{r}_policy.pt", weights_only=True) for r in range(2)]
+    return infos, states
+
+
+def assert_same_state(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
+
+
+# ---------------------------------------------------------------------------------------------- the hosts
+def test_each_host_has_its_own_name_and_address_and_shares_the_files(clean_hosts, tmp_path):
+    shared = tmp_path / "written_here.txt"
+    shared.write_text("seen")
+    for host, addr in zip(HOSTS, ADDRS):
+        out = run_on(host, ["sh", "-c", f"hostname; getent hosts {' '.join(HOSTS)}; ip -o -4 addr show; cat {shared}"])
+        lines = out.splitlines()
+        assert lines[0] == host
+        assert [line.split() for line in lines[1:3]] == [[a, h] for a, h in zip(ADDRS, HOSTS)]
+        addresses = re.findall(r"^\d+: (\S+)\s+inet (\S+)", out, re.M)
+        assert addresses == [("lo", "127.0.0.1/8"), (IFACE, f"{addr}/30")], out  # no other network
+        assert lines[-1] == "seen"
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+def test_gradients_identical_on_both_hosts_after_an_update(clean_hosts, tmp_path):
+    """tests/helpers/dist_grad_check.py across the hosts, Gloo told its interface (GLOO_SOCKET_IFNAME): the
+    all-reduced gradients and the weights after the step are bit-identical on both ranks and equal the update of one
+    process on the concatenated batch."""
+    out = tmp_path / "grads"
+    on_both(tmp_path, 29410, "grads", [str(HELPERS / "dist_grad_check.py"), str(out)], "grads",
+            GLOO_SOCKET_IFNAME=IFACE)
+    d0, d1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert d0["world_size"] == d1["world_size"] == 2
+    assert_same_state(d0["reduced_grads"], d1["reduced_grads"], "all-reduced gradients")
+    assert_same_state(d0["final_state"], d1["final_state"], "weights after the step")
+    assert any(not torch.equal(d0["local_grads"][k], d1["local_grads"][k]) for k in d0["local_grads"])
+    ref_grads, ref_state, n_valid = reference_update([d0, d1])
+    assert n_valid == d0["n_global"]
+    for k, g in ref_grads.items():
+        torch.testing.assert_close(d0["reduced_grads"][k], g, rtol=1e-4, atol=1e-6)
+    for k, v in ref_state.items():
+        torch.testing.assert_close(d0["final_state"][k], v, rtol=1e-4, atol=1e-6)
+
+
+def test_trainer_across_hosts_trains_and_resumes_after_a_restart(clean_hosts, data_dir, tmp_path):
+    """ddppo's trainer on both hosts: 3 updates, then the same command with total_steps for 5 resumes at update 3.
+    Gloo finds its address from the host name in the first launch and from GLOO_SOCKET_IFNAME in the second."""
+    run_dir, dump = tmp_path / "runs" / "two", tmp_path / "dump"
+    script = [str(HELPERS / "train_rank_dump.py")]
+    on_both(tmp_path, 29420, "train1", [*script, *overrides(data_dir, tmp_path / "runs", "two", 3)], "first",
+            DDPPO_TEST_DUMP=str(dump))
+    infos, states = rank_dumps(dump)
+    assert [i["rc"] for i in infos] == [0, 0]
+    assert_same_state(states[0], states[1], "rank 0 vs rank 1 after 3 updates")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["updates"] == 3 and summary["env_steps"] == 3 * PER_UPDATE
+    assert summary["torch_threads_per_rank"] == [1, 1]  # two ranks reported
+    assert sorted(p.name for p in run_dir.glob("resume_rank1*.pt")) == ["resume_rank1.u0000002.pt",
+                                                                        "resume_rank1.u0000003.pt"]
+
+    logs = on_both(tmp_path, 29421, "train2", [*script, *overrides(data_dir, tmp_path / "runs", "two", 5)], "second",
+                   DDPPO_TEST_DUMP=str(dump), GLOO_SOCKET_IFNAME=IFACE)
+    assert f"resumed {run_dir} at update 3" in logs[0].read_text()
+    infos, states = rank_dumps(dump)
+    assert_same_state(states[0], states[1], "rank 0 vs rank 1 after the resumed run")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["resumed_from_update"], summary["updates"]) == (3, 5)
+    assert tb_steps(run_dir, "loss/value") == [u * PER_UPDATE for u in range(1, 6)]
+    assert_run_dir_sound(run_dir, ranks=2)
+
+
+def test_straggler_preemption_across_hosts(clean_hosts, data_dir, tmp_path):
+    """The second host's rank sleeps 0.1 s per step; with sync_frac 0.5 the first host finishing preempts it once it
+    has 25% of its steps (the counter lives in the first host's TCPStore)."""
+    dump = tmp_path / "dump"
+    ov = overrides(data_dir, tmp_path / "runs", "slow", 4, "ddppo.slowdown=0.1", "ddppo.slow_rank=1",
+                   "ddppo.sync_frac=0.5", "ddppo.preemption=true")
+    on_both(tmp_path, 29430, "slow", [str(HELPERS / "train_rank_dump.py"), *ov], "slow", DDPPO_TEST_DUMP=str(dump))
+    infos, states = rank_dumps(dump)
+    fast, slow = infos[0]["rollout_lengths"], infos[1]["rollout_lengths"]
+    assert len(fast) == len(slow) > 4  # cut rollouts: more updates to reach total_steps
+    assert fast[1:] == [NUM_STEPS] * (len(fast) - 1), f"the fast host's rank must not be cut: {fast}"
+    assert all(int(0.25 * NUM_STEPS) <= s < NUM_STEPS for s in slow[1:]), f"the slow host's rollouts: {slow}"
+    assert_same_state(states[0], states[1], "rank 0 vs rank 1 with preemption")
