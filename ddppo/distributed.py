@@ -92,14 +92,15 @@ def init_distributed(device_cfg: str = "auto", backend: str = "auto", timeout_s:
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
-    if "TORCHELASTIC_RESTART_COUNT" in os.environ:
-        # torchrun keeps its store across restarts (--max-restarts): the process group's keys from the attempt
-        # that died are still there, and a restarted rank would read a dead peer's address. Each attempt gets
-        # its own key space. Under torchrun the agent hosts the store unless it was told not to share it.
-        hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                              is_master=rank == 0 and not hosted_by_agent, timeout=timeout)
-        attempt = dist.PrefixStore(f"ddppo_attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        # torchrun's agent keeps its store across restarts (--max-restarts): the process group's keys from the
+        # attempt that died are still there, and a restarted rank would read a dead peer's address. Each attempt
+        # gets its own key space. (With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which a replaced node needs to
+        # rejoin, rank 0 hosts a new store every attempt, and the restart counts of the nodes differ: a new
+        # node's agent counts from 0. There the plain rendezvous below is right and a count prefix would hang.)
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                              timeout=timeout)
+        attempt = dist.PrefixStore(f"ddppo_attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         dist.init_process_group(backend, store=attempt, rank=rank, world_size=world, timeout=timeout)
     else:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)

@@ -3,7 +3,8 @@ own host name and address, sharing this machine's file system as cluster nodes s
 
 - torchrun --nnodes 2 (c10d rendezvous on the first host's address): gradients identical on both ranks after an
   update and equal to one process's on the concatenated batch; the trainer trains, checkpoints and resumes; straggler
-  preemption cuts the slow host's rollouts.
+  preemption cuts the slow host's rollouts; a lost host (every process of its namespace SIGKILLed) is replaced by a
+  new torchrun there, the survivor's agent takes it into its restarted group, and the run resumes.
 
 The only link between the hosts is the veth pair, so every collective that completes went over it: Gloo finds the
 address to bind to by resolving the host's name (each host's /etc/hosts names both), or takes GLOO_SOCKET_IFNAME.
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_distributed import reference_update
-from test_faults import assert_run_dir_sound, tb_steps
+from test_faults import assert_run_dir_sound, saved_update, tb_steps
 from tiny import tiny
 
 from ddppo.config import load_config
@@ -260,3 +261,46 @@ def test_straggler_preemption_across_hosts(clean_hosts, data_dir, tmp_path):
     assert fast[1:] == [NUM_STEPS] * (len(fast) - 1), f"the fast host's rank must not be cut: {fast}"
     assert all(int(0.25 * NUM_STEPS) <= s < NUM_STEPS for s in slow[1:]), f"the slow host's rollouts: {slow}"
     assert_same_state(states[0], states[1], "rank 0 vs rank 1 with preemption")
+
+
+@pytest.mark.slow
+def test_lost_host_is_replaced_and_the_run_resumes(clean_hosts, data_dir, tmp_path):
+    """Every process of the second host is SIGKILLed mid-run (its torchrun agent and its rank): the first host's rank
+    fails in its next collective, its agent restarts it (--max-restarts) and waits in the rendezvous; a new torchrun
+    on the second host (the replaced machine) joins, and the group resumes from the last resume state. Step counters
+    go on, TensorBoard has one point per update, and everything on disk loads. DDPPO_LONG_TESTS=1 loses the host
+    twice.
+
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on both: with torchrun's default (the agent's store shared with the
+    workers), a new agent can never join a running group (it waits for the bootstrap address the old rank-0 agent
+    does not write again; pytorch/pytorch#135712), and the whole job must be restarted instead."""
+    losses = 2 if LONG else 1
+    updates = 40 * (losses + 1)
+    run_dir = tmp_path / "runs" / "lost"
+    cmd = torchrun(29440, "lost", [str(ROOT / "ddppo" / "train.py"),
+                                   *overrides(data_dir, tmp_path / "runs", "lost", updates)], max_restarts=losses)
+    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    first_log = tmp_path / "first.log"
+    first = start_on(HOSTS[0], cmd, first_log, **env)
+    second = start_on(HOSTS[1], cmd, tmp_path / "second0.log", **env)
+    kill_saved = [0]
+    for loss in range(1, losses + 1):
+        wait_until(lambda after=kill_saved[-1]: saved_update(run_dir) >= after + 2, RUN_TIMEOUT, "new resume state")
+        kill_saved.append(saved_update(run_dir))
+        assert kill_saved[-1] < updates - 10, "the run is nearly over before the host is lost: make it longer"
+        assert two_hosts("kill", HOSTS[1]).returncode == 0
+        second.wait(timeout=30)
+        wait_until(lambda n=loss: first_log.read_text().count("failed (exitcode") >= n, 120, "the survivor's failure")
+        assert first.poll() is None, first_log.read_text()[-3000:]  # the survivor's agent waits for the group
+        second = start_on(HOSTS[1], cmd, tmp_path / f"second{loss}.log", **env)
+    kill_saved = kill_saved[1:]
+    wait_all([first, second], [first_log, tmp_path / f"second{losses}.log"])
+
+    text = first_log.read_text()
+    resumed = [int(u) for u in re.findall(rf"resumed {re.escape(str(run_dir))} at update (\d+)", text)]
+    assert len(resumed) == losses and all(k <= r for k, r in zip(kill_saved, resumed)), (kill_saved, resumed)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["updates"] == updates and summary["env_steps"] == updates * PER_UPDATE
+    assert summary["resumed_from_update"] == resumed[-1]
+    assert tb_steps(run_dir, "loss/value") == [u * PER_UPDATE for u in range(1, updates + 1)]
+    assert_run_dir_sound(run_dir, ranks=2)
