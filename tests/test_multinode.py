@@ -4,7 +4,9 @@ own host name and address, sharing this machine's file system as cluster nodes s
 - torchrun --nnodes 2 (c10d rendezvous on the first host's address): gradients identical on both ranks after an
   update and equal to one process's on the concatenated batch; the trainer trains, checkpoints and resumes; straggler
   preemption cuts the slow host's rollouts; a lost host (every process of its namespace SIGKILLed) is replaced by a
-  new torchrun there, the survivor's agent takes it into its restarted group, and the run resumes.
+  new torchrun there, the survivor's agent takes it into its restarted group, and the run resumes;
+- a two-node SLURM cluster (slurm/local-cluster.sh start --nodes 2): `ddppo slurm train --nodes 2 --gpus-per-node 0`
+  and slurm/multi_node.sbatch run one task per node to the end.
 
 The only link between the hosts is the veth pair, so every collective that completes went over it: Gloo finds the
 address to bind to by resolving the host's name (each host's /etc/hosts names both), or takes GLOO_SOCKET_IFNAME.
@@ -30,6 +32,7 @@ from test_distributed import reference_update
 from test_faults import assert_run_dir_sound, saved_update, tb_steps
 from tiny import tiny
 
+from ddppo import checkpoint
 from ddppo.config import load_config
 from ddppo.sim.data import generate_dataset
 
@@ -303,4 +306,94 @@ def test_lost_host_is_replaced_and_the_run_resumes(clean_hosts, data_dir, tmp_pa
     assert summary["updates"] == updates and summary["env_steps"] == updates * PER_UPDATE
     assert summary["resumed_from_update"] == resumed[-1]
     assert tb_steps(run_dir, "loss/value") == [u * PER_UPDATE for u in range(1, updates + 1)]
+    assert_run_dir_sound(run_dir, ranks=2)
+
+
+# ---------------------------------------------------------------------------------------------- SLURM
+@pytest.fixture
+def cluster(clean_hosts):
+    """The two-node SLURM cluster on the hosts: slurmctld on the first, a slurmd on each (started again if a test
+    killed them)."""
+    out = subprocess.run([str(CLUSTER), "start", "--nodes", "2"], capture_output=True, text=True, timeout=300)
+    if out.returncode != 0 and shutil.which("slurmctld") is None:
+        pytest.skip(f"no SLURM here and none could be installed: {out.stderr.strip()[-300:]}")
+    assert out.returncode == 0, out.stdout + out.stderr
+    yield clean_hosts
+    # no job of this test outlives it in the controller's state (its processes die with the hosts' next)
+    subprocess.run([str(TWO_HOSTS), "exec", HOSTS[0], "scancel", "--user", "root"], capture_output=True, timeout=60)
+
+
+def slurm(*cmd: str, timeout: float = 60) -> str:
+    """A SLURM command on the first host, where the two-node cluster's configuration is /etc/slurm."""
+    return run_on(HOSTS[0], list(cmd), timeout=timeout).strip()
+
+
+def job_state(job_id: str) -> str:
+    fields = dict(re.findall(r"(\w+)=(\S+)", slurm("scontrol", "show", "job", job_id)))
+    return f"{fields['JobState']} {fields['Reason']}"
+
+
+def requeued(job_id: str) -> bool:
+    state = job_state(job_id)
+    assert not state.startswith(("FAILED", "NODE_FAIL", "CANCELLED", "COMPLETED")), f"job {job_id}: {state}"
+    return state.startswith("PENDING")
+
+
+def submit_two_nodes(data_dir: Path, run_root: Path, name: str, updates: int, log: Path) -> subprocess.Popen:
+    """`ddppo slurm train --nodes 2 --gpus-per-node 0 --wait` on the first host, as a user on a login node."""
+    cmd = [str(DDPPO), "slurm", "train", "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1",
+           "--time", "10", "--signal-delay", "30", "--wait", *overrides(data_dir, run_root, name, updates)]
+    return start_on(HOSTS[0], cmd, log)
+
+
+def submitit_results(log: Path) -> list[dict]:
+    """The result of every task, as `--wait` printed it."""
+    lines = [line for line in log.read_text().splitlines() if line.startswith('{"job_id"')]
+    assert len(lines) == 1, log.read_text()[-4000:]
+    return json.loads(lines[0])["results"]
+
+
+def assert_one_task_per_host(log_dir: Path) -> None:
+    """submitit's log of each task names its host: rank r ran on host r."""
+    for rank, host in enumerate(HOSTS):
+        (log,) = log_dir.glob(f"*_{rank}_log.out")
+        assert f"hostname={host}" in log.read_text() and f"global_rank={rank}(2)" in log.read_text(), log.read_text()
+
+
+def test_slurm_train_runs_one_task_per_node(cluster, data_dir, tmp_path):
+    log = tmp_path / "submit.log"
+    proc = submit_two_nodes(data_dir, tmp_path / "runs", "s2", 4, log)
+    wait_all([proc], [log])
+    results = submitit_results(log)
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert results[0]["param_checksum"] == results[1]["param_checksum"]
+    assert all(r["env_steps"] == 4 * PER_UPDATE for r in results)  # both ranks' samples count
+    (job_id,) = re.findall(r"submitted (\d+)", log.read_text())
+    assert_one_task_per_host(tmp_path / "runs" / "slurm_logs" / job_id)
+
+
+def submit_template(data_dir: Path, run_root: Path, name: str, updates: int) -> str:
+    """slurm/multi_node.sbatch on the first host, asking for CPU tasks (it asks for 8 nodes x 8 GPUs)."""
+    logs = run_root / "slurm_logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    sbatch = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+              "--mem=1G", "--time=10", f"--chdir={ROOT}", f"--output={logs}/%j.out"]
+    return run_on(HOSTS[0], [*sbatch, str(ROOT / "slurm" / "multi_node.sbatch"),
+                             *overrides(data_dir, run_root, name, updates)],
+                  CONFIG=str(ROOT / "configs" / "quickstart.yaml")).strip()
+
+
+def job_gone(job_id: str) -> bool:
+    return slurm("squeue", "-h", "-j", job_id) == ""
+
+
+def test_multi_node_sbatch_template_runs_one_task_per_node(cluster, data_dir, tmp_path):
+    job_id = submit_template(data_dir, tmp_path / "runs", "tpl", 4)
+    wait_until(lambda: job_gone(job_id), RUN_TIMEOUT, f"end of job {job_id}", poll=1)
+    fields = dict(re.findall(r"(\w+)=(\S+)", slurm("scontrol", "show", "job", job_id)))
+    out = (tmp_path / "runs" / "slurm_logs" / f"{job_id}.out").read_text()
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), out[-4000:]
+    assert fields["NodeList"] == "ddppo-n[1-2]"
+    run_dir = tmp_path / "runs" / "tpl"
+    assert checkpoint.load(run_dir / "resume.pt")["state"]["env_steps"] == 4 * PER_UPDATE
     assert_run_dir_sound(run_dir, ranks=2)
