@@ -110,6 +110,14 @@ def init_distributed(device_cfg: str = "auto", backend: str = "auto", timeout_s:
     return DistInfo(rank, world, local_rank, device, store)
 
 
+def is_lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective or a store operation failing because another worker is gone (its node failed,
+    or it was killed): torch.distributed's own errors (the TCPStore, NCCL) and Gloo's transport errors, which reach
+    Python as plain RuntimeErrors raised in gloo/transport/."""
+    return isinstance(error, getattr(dist, "DistError", ())) or (
+        isinstance(error, RuntimeError) and "gloo/transport" in str(error))
+
+
 def all_reduce_sum(values: list[float] | torch.Tensor, info: DistInfo) -> torch.Tensor:
     """One flat all-reduce of several numbers (float64 on the collective's device)."""
     t = torch.as_tensor(values, dtype=torch.float64)

@@ -9,14 +9,20 @@ requeued job resumes from its run directory. SIGTERM saves and exits with code 0
 from __future__ import annotations
 
 import itertools
+import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ddppo.config import ConfigError, load_config
+
+# Jobs ask to be requeueable: `scontrol requeue` (after SIGUSR1) and SLURM's requeue of the jobs of a failed node
+# are refused for jobs that did not ask, on clusters whose JobRequeue is 0.
+REQUEUE = {"requeue": True}
 
 
 def parse_sweep(items: list[str]) -> list[list[str]]:
@@ -70,11 +76,20 @@ class TrainJob:
     def __call__(self) -> dict:
         import submitit
 
+        from ddppo.distributed import is_lost_peer
         from ddppo.train import train
 
         cfg = load_config(self.config_file, self.overrides)
-        result = train(cfg)
         env = submitit.JobEnvironment()
+        try:
+            result = train(cfg)
+        except Exception as error:
+            if env.num_tasks == 1 or not is_lost_peer(error):
+                raise
+            print(lost_peer_message(env.global_rank, Path(cfg.run_dir) / cfg.name, error), file=sys.stderr, flush=True)
+            # no result file: a waiting client (`ddppo slurm train --wait`) waits for the requeued job instead of
+            # reporting this task's failure while the job goes on
+            sys.exit(-1)
         if result.get("signal") == signal.SIGUSR1:
             if env.global_rank == 0:
                 subprocess.run(["scontrol", "requeue", str(env.job_id)], check=True, timeout=60)
@@ -83,6 +98,14 @@ class TrainJob:
         summary = {k: v for k, v in result.items() if k != "progress"}
         summary["rank"] = env.global_rank
         return summary
+
+
+def lost_peer_message(rank: int, run_dir: Path, error: BaseException) -> str:
+    """One line for the log of a task whose peers went away, e.g. with their node."""
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip().splitlines()[0]).split(". ")[0]  # no source location
+    return (f"ddppo slurm: rank {rank} on {socket.gethostname()} lost the other workers ({reason}). If SLURM declares "
+            f"their node failed, it requeues this job (--requeue), which resumes from the last resume state in "
+            f"{run_dir}; otherwise see the other tasks' logs.")
 
 
 @dataclass
@@ -122,7 +145,7 @@ def submit_eval(argv: list[str], *, tasks: int = 1, cpus_per_task: int = 2, gpus
     executor = submitit.AutoExecutor(folder=str(Path(log_dir) / "%j"), cluster="slurm")
     hours, minutes = _minutes(time_limit)
     params = dict(nodes=1, tasks_per_node=tasks, cpus_per_task=cpus_per_task, timeout_min=hours * 60 + minutes,
-                  name="ddppo-eval")
+                  name="ddppo-eval", slurm_additional_parameters=REQUEUE)
     for key, value in (("gpus_per_node", gpus_per_node), ("slurm_partition", partition),
                        ("slurm_account", account), ("slurm_mem", mem)):
         if value:
@@ -153,7 +176,8 @@ def submit_train(config_file: str | None, overrides: list[str], sweep: list[str]
     executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
     hours, minutes = _minutes(time_limit)
     params = dict(nodes=nodes, tasks_per_node=tasks, cpus_per_task=cpus_per_task, timeout_min=hours * 60 + minutes,
-                  slurm_signal_delay_s=signal_delay_s, name=runs[0][1].name.split("/")[0])
+                  slurm_signal_delay_s=signal_delay_s, name=runs[0][1].name.split("/")[0],
+                  slurm_additional_parameters=REQUEUE)
     if gpus_per_node:
         params["gpus_per_node"] = gpus_per_node
     if partition:
