@@ -430,6 +430,83 @@ def test_full_disk_while_saving_keeps_the_old_files_and_resumes(data_dir, tmp_pa
     assert_run_dir_sound(run_dir)
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs: a disk that really fills up (mounting needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("a really full disk needs root, to mount a small tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def pages(path: Path) -> int:
+    return -(-path.stat().st_size // PAGE)
+
+
+PAGE = os.statvfs("/").f_frsize  # tmpfs counts whole pages of this size
+
+
+def fill_disk(disk: Path, room_pages: int) -> Path:
+    """A file that leaves ``room_pages`` pages of ``disk`` free."""
+    st = os.statvfs(disk)
+    filler = disk / "filler"
+    with filler.open("wb") as f:
+        f.write(bytes((st.f_bavail - room_pages) * st.f_frsize))
+    assert os.statvfs(disk).f_bavail == room_pages
+    return filler
+
+
+@pytest.mark.parametrize("full_in", ["resume_rank0", "resume.pt", "ckpt"])
+def test_really_full_disk_while_saving_keeps_the_old_files_and_resumes(data_dir, small_disk, capsys, reference_4,
+                                                                       full_in):
+    """The run directory on a 4 MiB tmpfs, filled (by another file) so that the next save runs out of room in its
+    rank file, resume.pt or checkpoint: `ddppo train` stops with one line naming the file and "No space left on
+    device"; no temporary file is left, the previous resume set and checkpoints are byte for byte what they were
+    and load; with room again (the other file deleted) the same command resumes from the newest complete resume
+    state and ends exactly where an uninterrupted run ends. Each time, the free room is a little less than the
+    file needs and more than the rest of an update writes (TensorBoard's events, the saved config)."""
+    first = 1 if full_in == "resume.pt" else 2  # resume.pt runs out only when no older set is freed before it
+    run(overrides(data_dir, small_disk, "full", first, "keep_checkpoints=5"))
+    run_dir = small_disk / "full"
+    before = {p: p.read_bytes() for p in [*run_dir.glob("resume*.pt"), *(run_dir / "checkpoints").glob("*.pt")]}
+    rank, ckpt = run_dir / f"resume_rank0.u{first:07d}.pt", run_dir / "checkpoints" / f"ckpt_{first:06d}.pt"
+    failing, room = {
+        "resume_rank0": (f"resume_rank0.u{first + 1:07d}.pt", pages(rank) - 1),
+        "resume.pt": ("resume.pt", pages(rank) + pages(run_dir / "resume.pt") // 2),
+        "ckpt": (f"ckpt_{first + 1:06d}.pt", pages(rank) + pages(ckpt) // 2),
+    }[full_in]
+    filler = fill_disk(small_disk, room)
+    more = overrides(data_dir, small_disk, "full", 4, "keep_checkpoints=5")
+    capsys.readouterr()
+    assert trainer.main(more) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and failing in err, err
+    assert os.statvfs(small_disk).f_bavail <= room  # the disk was full: not a simulated failure
+    assert not list(run_dir.rglob("*.tmp")), "a failed write left its temporary file"
+    if full_in == "ckpt":  # update 3's resume set was complete before its checkpoint ran out: update 2's is previous
+        before[run_dir / "resume.prev.pt"] = before.pop(run_dir / "resume.pt")
+    for path, data in before.items():
+        assert path.read_bytes() == data, path
+    assert_run_dir_sound(run_dir)
+    resumes_at = first + 1 if full_in == "ckpt" else first
+    assert shared_update(run_dir) == resumes_at
+
+    filler.unlink()
+    result = run(more)
+    assert result["resumed_from_update"] == resumes_at and result["updates"] == 4
+    assert_same_tensors(checkpoint.load(run_dir / "resume.pt")["policy"], reference_4["policy"],
+                        f"disk full in {failing}, resumed from {resumes_at}")
+    assert_run_dir_sound(run_dir)
+
+
 def test_eval_of_a_run_directory_skips_a_damaged_newest_checkpoint(data_dir, tmp_path, capsys):
     run(overrides(data_dir, tmp_path, "ev", 3))
     run_dir = tmp_path / "ev"
