@@ -155,11 +155,14 @@ def _add_record_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args) -> int:
-    from ddppo.train import main as train_main
+    from ddppo.train import run_training
 
-    config = args.config or default_config()
-    argv = ["--config", config] + (["--fresh"] if args.fresh else []) + args.overrides
-    return train_main(argv)
+    return run_training(args.config or default_config(), args.overrides, args.fresh)
+
+
+def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``ddppo train``'s arguments (``--config`` None when not given), for the script form ``ddppo/train.py``."""
+    return _parse(build_parser(), ["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 def _add_resource_options(parser: argparse.ArgumentParser, time_default: str) -> None:
@@ -322,16 +325,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     # key=value overrides may follow options (`ddppo eval CKPT --episodes 10 policy.x=1`), which argparse's
     # positional matching does not allow: collect them here
     args, extra = parser.parse_known_args(argv)
-    args.command_line = shlex.join(["ddppo", *(sys.argv[1:] if argv is None else argv)])  # what --record writes
     if extra:
         if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parse(build_parser(), argv)
+    args.command_line = shlex.join(["ddppo", *argv])  # what --record writes
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

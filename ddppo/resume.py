@@ -109,6 +109,22 @@ def load_resume(run_dir: Path, info) -> tuple[dict, dict]:
                      "resume_rank*.pt) loads; see the warnings above, or start over with --fresh")
 
 
+def restore_resume(run_dir: Path, info, policy, optimizer, scheduler, envs, storage) -> tuple[dict, dict]:
+    """Put back what :func:`save_resume` saved, from the newest set that loads (:func:`load_resume`): the model,
+    optimiser and scheduler, this rank's RNG, environments (mid-episode) and the storage's first step. Returns the
+    saved counters and this rank's file, whose records the trainer's own objects read back."""
+    shared, mine = load_resume(run_dir, info)
+    policy.load_state_dict(shared["policy"])
+    optimizer.load_state_dict(shared["optimizer"])
+    scheduler.load_state_dict(shared["scheduler"])
+    torch.set_rng_state(mine["torch_rng"])
+    envs.load_state_dict(mine["envs"])
+    first_obs = policy.preprocess({k: v.to(info.device) for k, v in envs.observe().items()})
+    storage.set_first_observation(first_obs, mine["hidden"].to(info.device), mine["masks"].to(info.device))
+    storage.prev_actions[0].copy_(mine["prev_actions"])
+    return shared["state"], mine
+
+
 def set_aside_previous_run(run_dir: Path, log) -> None:
     """--fresh: the old resume state goes (so a crash before the first save cannot resume it); the old
     checkpoints and TensorBoard logs move to a dated folder instead of mixing with the new run's."""
@@ -134,14 +150,15 @@ def _sweep_temporaries(directory: Path, prefix: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_resume(run_dir, info, policy, optimizer, scheduler, state, envs, storage, cfg, counters: dict) -> None:
-    """Each rank's state, then the shared state (see the module's docstring)."""
+def save_resume(run_dir, info, policy, optimizer, scheduler, state: dict, envs, storage, cfg, records: dict) -> None:
+    """Each rank's state, then the shared state (see the module's docstring). ``state`` holds the run's counters
+    (``update`` and ``env_steps`` among them), ``records`` the rank's own to save beside its RNG and environments."""
     run_dir = Path(run_dir)
     update = state["update"]
     _sweep_temporaries(run_dir, f"resume_rank{info.rank}.")
     checkpoint.save({"torch_rng": torch.get_rng_state(), "envs": envs.state_dict(),
                      "hidden": storage.hidden[0].cpu(), "masks": storage.masks[0].cpu(),
-                     "prev_actions": storage.prev_actions[0].cpu(), "update": update, **counters},
+                     "prev_actions": storage.prev_actions[0].cpu(), "update": update, **records},
                     rank_state_path(run_dir, info.rank, update))
     if info.enabled:
         dist.barrier()  # every rank's file of this update exists before resume.pt names the update

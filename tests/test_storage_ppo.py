@@ -444,9 +444,9 @@ def test_preempted_rollout_ignores_unfilled_steps() -> None:
     batches = list(s.minibatches(1))
     assert len(batches) == 1
     b = batches[0]
-    assert b["actions"].shape == (3, 3) and b["obs"]["depth"].shape == (3, 3, 2, 2, 1)
-    assert b["num_samples"] == 9
-    assert b["old_log_probs"].abs().max() < 1e6 and b["returns"].abs().max() < 1e5
+    assert b.actions.shape == (3, 3) and b.obs["depth"].shape == (3, 3, 2, 2, 1)
+    assert b.num_samples == 9
+    assert b.old_log_probs.abs().max() < 1e6 and b.returns.abs().max() < 1e5
 
 
 def test_after_update_copies_last_entry_of_preempted_rollout() -> None:
@@ -469,17 +469,17 @@ def test_minibatches_cover_every_env_once_and_keep_sequences_whole() -> None:
     s.compute_returns(torch.zeros(5), 0.99, 0.95)
     batches = list(s.minibatches(2, generator=torch.Generator().manual_seed(3)))
     assert len(batches) == 2
-    seen = torch.cat([b["env_indices"] for b in batches])
+    seen = torch.cat([b.env_indices for b in batches])
     assert sorted(seen.tolist()) == [0, 1, 2, 3, 4]
-    assert sorted(b["env_indices"].numel() for b in batches) == [2, 3]
+    assert sorted(b.env_indices.numel() for b in batches) == [2, 3]
     for b in batches:
-        idx = b["env_indices"]
+        idx = b.env_indices
         nb = idx.numel()
-        assert b["num_samples"] == 4 * nb
-        assert b["hidden0"].shape == (2, nb, 4)
-        torch.testing.assert_close(b["hidden0"], s.hidden[0][:, idx])
+        assert b.num_samples == 4 * nb
+        assert b.hidden0.shape == (2, nb, 4)
+        torch.testing.assert_close(b.hidden0, s.hidden[0][:, idx])
         for k in OBS_SPACES:
-            torch.testing.assert_close(b["obs"][k], s.obs[k][:4, idx])
+            torch.testing.assert_close(b.obs[k], s.obs[k][:4, idx])
         for key, src in (
             ("prev_actions", s.prev_actions[:4]),
             ("masks", s.masks[:4]),
@@ -489,11 +489,11 @@ def test_minibatches_cover_every_env_once_and_keep_sequences_whole() -> None:
             ("returns", s.returns),
             ("advantages", s.advantages),
         ):
-            assert b[key].shape == (4, nb)
-            torch.testing.assert_close(b[key], src[:, idx])
+            assert getattr(b, key).shape == (4, nb)
+            torch.testing.assert_close(getattr(b, key), src[:, idx])
     # Same generator seed -> same split; env-level permutation is random otherwise.
     again = list(s.minibatches(2, generator=torch.Generator().manual_seed(3)))
-    assert [b["env_indices"].tolist() for b in again] == [b["env_indices"].tolist() for b in batches]
+    assert [b.env_indices.tolist() for b in again] == [b.env_indices.tolist() for b in batches]
     assert len(list(s.minibatches(5))) == 5
 
 

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
+
+
+class EpisodeSummary(NamedTuple):
+    """The episodes that ended in a window (over every rank, when the sums were all-reduced)."""
+
+    episodes: int
+    means: dict[str, float]
+    """``episode/<name>`` means; empty without episodes."""
 
 
 class EpisodeStats:
@@ -49,6 +58,10 @@ class EpisodeStats:
         if sums[0] <= 0:
             return {}
         return {f"episode/{name}": float(sums[k + 1]) / float(sums[0]) for k, name in enumerate(self.names)}
+
+    def summarize(self, sums: Sequence[float]) -> EpisodeSummary:
+        """The count and :meth:`means` of sums as :meth:`take` returns them (summed over ranks)."""
+        return EpisodeSummary(int(sums[0]), self.means(sums))
 
     def state_dict(self) -> dict[str, Tensor]:
         """Copies, for exact resume (``window`` / ``episode_return``: the names resume files have always used)."""

@@ -14,7 +14,7 @@ steps; :attr:`RolloutStorage.step` counts the valid steps and everything (return
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ from torch import Tensor
 from ddppo.rl.ppo import gae
 from ddppo.rows import HostViews
 
-__all__ = ["RolloutStorage", "ObsSpaces"]
+__all__ = ["RolloutStorage", "Minibatch", "ObsSpaces"]
 
 ObsSpaces = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 """Observation name -> (per-env shape, dtype)."""
@@ -40,6 +40,27 @@ _STEP_TENSORS: tuple[str, ...] = (
     "advantages",
     "returns",
 )
+
+
+class Minibatch(NamedTuple):
+    """Whole sequences of ``nb`` environments over the rollout's ``t = step`` valid steps."""
+
+    obs: dict[str, Tensor]
+    """``[t, nb, *shape]`` each."""
+    hidden0: Tensor
+    """``[L, nb, H]``, the recurrent state before ``obs[0]``."""
+    prev_actions: Tensor
+    """``[t, nb]``, as are ``masks`` .. ``advantages``."""
+    masks: Tensor
+    actions: Tensor
+    old_log_probs: Tensor
+    old_values: Tensor
+    returns: Tensor
+    advantages: Tensor
+    env_indices: Tensor
+    """``[nb]`` long: which environments these are."""
+    num_samples: int
+    """``t * nb``."""
 
 
 class RolloutStorage:
@@ -216,19 +237,11 @@ class RolloutStorage:
     # ------------------------------------------------------------------ sampling
     def minibatches(
         self, num_mini_batch: int, generator: torch.Generator | None = None
-    ) -> Iterator[dict[str, Any]]:
-        """Yield ``num_mini_batch`` minibatches that split the ENVIRONMENTS, keeping every sequence whole.
+    ) -> Iterator[Minibatch]:
+        """Yield ``num_mini_batch`` :class:`Minibatch` es that split the ENVIRONMENTS, keeping every sequence whole.
 
         Environments are randomly permuted (with ``generator`` if given; it must be a CPU generator) and split
         into ``num_mini_batch`` groups whose sizes differ by at most one, so every env appears exactly once.
-        With ``t = step`` and ``nb`` envs in the batch, each dict holds:
-
-        - ``obs``: dict of ``[t, nb, *shape]``;
-        - ``prev_actions``, ``masks``, ``actions``, ``old_log_probs``, ``old_values``, ``returns``,
-          ``advantages``: ``[t, nb]``;
-        - ``hidden0``: ``[L, nb, H]``, the recurrent state before ``obs[0]``;
-        - ``env_indices``: ``[nb]`` long, which envs these are;
-        - ``num_samples``: ``t * nb`` (int).
         """
         if num_mini_batch < 1:
             raise ValueError(f"num_mini_batch must be >= 1, got {num_mini_batch}")
@@ -245,19 +258,19 @@ class RolloutStorage:
         perm = torch.randperm(self.num_envs, generator=generator)
         for inds in torch.tensor_split(perm, num_mini_batch):
             inds = inds.to(self.device)
-            yield {
-                "obs": {key: buf[:t].index_select(1, inds) for key, buf in self.obs.items()},
-                "hidden0": self.hidden[0].index_select(1, inds),
-                "prev_actions": self.prev_actions[:t].index_select(1, inds),
-                "masks": self.masks[:t].index_select(1, inds),
-                "actions": self.actions[:t].index_select(1, inds),
-                "old_log_probs": self.log_probs[:t].index_select(1, inds),
-                "old_values": self.values[:t].index_select(1, inds),
-                "returns": self.returns[:t].index_select(1, inds),
-                "advantages": self.advantages[:t].index_select(1, inds),
-                "env_indices": inds,
-                "num_samples": t * int(inds.numel()),
-            }
+            yield Minibatch(
+                obs={key: buf[:t].index_select(1, inds) for key, buf in self.obs.items()},
+                hidden0=self.hidden[0].index_select(1, inds),
+                prev_actions=self.prev_actions[:t].index_select(1, inds),
+                masks=self.masks[:t].index_select(1, inds),
+                actions=self.actions[:t].index_select(1, inds),
+                old_log_probs=self.log_probs[:t].index_select(1, inds),
+                old_values=self.values[:t].index_select(1, inds),
+                returns=self.returns[:t].index_select(1, inds),
+                advantages=self.advantages[:t].index_select(1, inds),
+                env_indices=inds,
+                num_samples=t * int(inds.numel()),
+            )
 
     # ------------------------------------------------------------------ bookkeeping
     def after_update(self) -> None:

@@ -21,6 +21,7 @@ both ranks' rollouts together.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -101,13 +102,13 @@ def main() -> int:
 
     policy.train()
     (batch,) = list(storage.minibatches(1))
-    log_probs, values, entropy = policy.evaluate_actions(batch["obs"], batch["prev_actions"], batch["masks"],
-                                                         batch["hidden0"], batch["actions"])
-    loss, _ = ppo_loss(log_probs, batch["old_log_probs"], batch["advantages"], values, batch["old_values"],
-                       batch["returns"], entropy, clip=cfg.ppo.clip, value_coef=cfg.ppo.value_coef,
+    log_probs, values, entropy = policy.evaluate_actions(batch.obs, batch.prev_actions, batch.masks,
+                                                         batch.hidden0, batch.actions)
+    loss, _ = ppo_loss(log_probs, batch.old_log_probs, batch.advantages, values, batch.old_values,
+                       batch.returns, entropy, clip=cfg.ppo.clip, value_coef=cfg.ppo.value_coef,
                        entropy_coef=cfg.ppo.entropy_coef, clipped_value_loss=cfg.ppo.clipped_value_loss,
                        reduction="sum")
-    n_global = all_reduce_sum([batch["num_samples"]], info)[0].item()
+    n_global = all_reduce_sum([batch.num_samples], info)[0].item()
     grads = FlatGradients(params)
     grads.zero_()
     (loss / n_global).backward()
@@ -137,9 +138,9 @@ def main() -> int:
     torch.save({
         "rank": info.rank,
         "world_size": info.world_size,
-        "num_samples": batch["num_samples"],
+        "num_samples": batch.num_samples,
         "n_global": n_global,
-        "batch": {k: v for k, v in batch.items() if k not in ("num_samples",)},
+        "batch": {k: v for k, v in batch._asdict().items() if k != "num_samples"},
         "init_state": init_state,
         "local_grads": local_grads,
         "reduced_grads": reduced_grads,
@@ -152,7 +153,7 @@ def main() -> int:
                                      if p.requires_grad},
         "trainer_grads_ranks": {n: p.grad.detach().clone() for n, p in policy_ranks.named_parameters()
                                 if p.requires_grad},
-        "trainer_losses": trainer_losses,
+        "trainer_losses": torch.tensor(dataclasses.astuple(trainer_losses), dtype=torch.float64),
         "policy_overrides": POLICY_OVERRIDES,
     }, out / f"rank{info.rank}.pt")
     torch.distributed.barrier()

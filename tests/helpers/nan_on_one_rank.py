@@ -63,7 +63,7 @@ def main() -> int:
         update = len(skipped) + 1
         with nan_values(policy) if rank == bad_rank and update in bad_updates else contextlib.nullcontext():
             result = original_update(policy, *args, **kwargs)
-        skipped.append(float(result[6]))
+        skipped.append(float(result.skipped))
         return result
 
     trainer.build_policy = build_policy
