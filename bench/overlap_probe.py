@@ -35,15 +35,15 @@ from ddppo.config import load_config  # noqa: E402
 from ddppo.envs import make_vector_env  # noqa: E402
 from ddppo.policy import build_policy  # noqa: E402
 from ddppo.sim.data import ensure_dataset  # noqa: E402
-from ddppo.sim.render import set_render_threads  # noqa: E402
+from ddppo.sim.kernels.numba_kernels import set_render_threads  # noqa: E402
 
 
 def step_kernels() -> list[tuple[object, str]]:
     """(module, name) of every compiled kernel an environment step runs."""
-    from ddppo.sim import geometry, physics, render, task
+    from ddppo.sim.kernels import numba_kernels
 
-    return [(render, "_render_numba"), (physics, "_step_numba"), (physics, "_geodesic_numba"),
-            (geometry, "_pose_sensors_numba"), (task, "_tally_numba"), (task, "_pointnav_step_numba")]
+    return [(numba_kernels, name) for name in ("_render_numba", "_step_numba", "_geodesic_numba", "_pose_sensors_numba",
+                                               "_tally_numba", "_pointnav_step_numba")]
 
 
 def release_gil() -> None:

@@ -7,6 +7,7 @@ at start with a one-line error naming the key. Checks that span several keys liv
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +27,11 @@ class SimConfig:
     """Visual sensors: any of depth, rgb; empty for a blind agent."""
     device: str = "cpu"
     """Where the simulator's tensors live: cpu, cuda, or cuda:N. 'auto' = the trainer's device."""
-    renderer: str = "auto"
-    """numba (CPU kernel) | torch (vectorised, any device) | auto."""
+    kernels: str = "auto"
+    """The implementation of every kernel of the embedded simulator (moves, geodesics, rendering, sensors, PointNav's
+    bookkeeping): numba (compiled, CPU) | torch (vectorised, any device) | auto (numba on the CPU, else torch)."""
+    renderer: str = ""
+    """Deprecated: the earlier name of ``kernels``, read as it (with a warning)."""
     forward_step: float = 0.25
     turn_angle: float = 10.0
     max_depth: float = 10.0
@@ -256,12 +260,13 @@ def check(cfg) -> None:
         if not ok:
             raise ConfigError(msg)
 
+    read_renamed_keys(cfg)  # here, as every config passes through: loaded ones and those of checkpoints
     sim, ppo, task, dd = cfg.sim, cfg.ppo, cfg.task, cfg.ddppo
     check_dataset(cfg.dataset, "dataset.")
     bad = [s for s in sim.sensors if s not in ("depth", "rgb")]
     need(not bad, f"sim.sensors: unknown sensor(s) {bad}; choose from depth, rgb")
     need(8 <= sim.resolution <= 1024, f"sim.resolution={sim.resolution} must be in [8, 1024]")
-    need(sim.renderer in ("auto", "numba", "torch"), f"sim.renderer={sim.renderer!r}: use auto, numba or torch")
+    need(sim.kernels in ("auto", "numba", "torch"), f"sim.kernels={sim.kernels!r}: use auto, numba or torch")
     need(ppo.num_envs >= 1, f"ppo.num_envs={ppo.num_envs} must be >= 1")
     need(ppo.num_steps >= 4, f"ppo.num_steps={ppo.num_steps} must be >= 4")
     need(1 <= ppo.num_mini_batch <= ppo.num_envs,
@@ -326,6 +331,23 @@ def check(cfg) -> None:
     need(sim.resolution // cfg.policy.avgpool >= 16 or not sim.sensors,
          f"sim.resolution={sim.resolution} / policy.avgpool={cfg.policy.avgpool} leaves < 16 pixels")
     check_backend(cfg)
+
+
+def read_renamed_keys(cfg) -> None:
+    """Keys that configs, run directories and checkpoints still hold under an earlier name, read as the new one with
+    a one-line warning: ``sim.renderer`` is ``sim.kernels`` (it always picked every kernel, not only the renderer).
+    The old key is emptied, so the saved config names each setting once."""
+    sim = cfg.sim
+    if sim.renderer in ("", "auto"):  # "auto", the old default, is in every config saved before the rename
+        sim.renderer = ""
+        return
+    if sim.renderer not in ("numba", "torch"):
+        raise ConfigError(f"sim.renderer={sim.renderer!r}: use auto, numba or torch (better: sim.kernels)")
+    if sim.kernels == "auto":  # the new key, when set, wins
+        sim.kernels = sim.renderer
+    print(f"ddppo: warning: sim.renderer is deprecated, use sim.kernels (it picks every simulator kernel); "
+          f"sim.renderer={sim.renderer} read as sim.kernels={sim.kernels}", file=sys.stderr)
+    sim.renderer = ""
 
 
 def _old_bool(setting: str) -> str:

@@ -51,7 +51,7 @@ from ddppo.rl.flat_grads import FlatGradients  # noqa: E402
 from ddppo.rl.ppo import bootstrap_truncated, make_adam  # noqa: E402
 from ddppo.rl.storage import RolloutStorage  # noqa: E402
 from ddppo.sim.data import ensure_dataset  # noqa: E402
-from ddppo.sim.render import set_render_threads  # noqa: E402
+from ddppo.sim.kernels.numba_kernels import set_render_threads  # noqa: E402
 from ddppo.telemetry import ProgressDisplay, TBWriter  # noqa: E402
 from ddppo.train_records import (  # noqa: E402
     Counters,

@@ -115,7 +115,7 @@ def backend(request, small_dataset, tmp_path_factory):
             eps = load_episodes(episodes_path(small_dataset, "val"))
             eps = eps if episode_ids is None else [eps[k] for k in episode_ids]
             settings = dict(scenes_dir=str(small_dataset / "scenes"), store_dir=str(small_dataset / "geodesic" / "val"),
-                            resolution=16, sensors=["rgb", "depth"], renderer="torch")
+                            resolution=16, sensors=["rgb", "depth"], kernels="torch")
             return keep(WorkerVectorEnv(eps, num_envs, cfg.sim, cfg.task, EmbeddedWorkerSim, [settings] * num_envs,
                                         seed=seed, order=order))
 

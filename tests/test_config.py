@@ -10,7 +10,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from ddppo.config import ConfigError, PPOConfig, TrainConfig, load_config
+from ddppo.config import ConfigError, PPOConfig, TrainConfig, check, load_config
 from ddppo.policy import build_policy
 from ddppo.sim.data import generate_dataset
 
@@ -180,6 +180,8 @@ def test_wrong_type_in_yaml(tmp_path):
     (["policy.compression_groups=-1"], "policy.compression_groups"),
     (["policy.conv_init=xavier"], "policy.conv_init"),
     (["ddppo.grad_weighting=equal"], "ddppo.grad_weighting"),
+    (["sim.kernels=opengl"], "sim.kernels"),
+    (["sim.renderer=opengl"], "sim.renderer"),
 ])
 def test_impossible_combinations_are_config_errors(overrides, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
@@ -192,6 +194,23 @@ def test_normalize_visual_takes_its_earlier_boolean_form():
         cfg = load_config(None, [f"policy.normalize_visual={old}"])
         policy = build_policy(cfg.policy, obs_spaces_of(cfg))
         assert isinstance(policy.visual_input.normalizer, torch.nn.Identity) == (new == "never")
+
+
+def test_sim_renderer_is_read_as_sim_kernels_with_one_warning(capsys):
+    """sim.kernels was called sim.renderer: configs and checkpoints that set it still load, as sim.kernels, with one
+    line saying so; its old default (auto, in every config saved before) says nothing; the new key wins."""
+    cfg = load_config(None, ["sim.renderer=torch"])
+    assert cfg.sim.kernels == "torch" and cfg.sim.renderer == ""
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "sim.renderer is deprecated, use sim.kernels" in err[0], err
+    assert load_config(None, ["sim.renderer=numba", "sim.kernels=torch"]).sim.kernels == "torch"
+    capsys.readouterr()
+    saved = OmegaConf.to_container(OmegaConf.structured(TrainConfig))  # as a checkpoint from before the rename
+    saved["sim"]["renderer"] = "auto"
+    del saved["sim"]["kernels"]
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+    check(cfg)
+    assert cfg.sim.kernels == "auto" and capsys.readouterr().err == ""
 
 
 def test_blind_agent_may_use_any_resolution():

@@ -128,7 +128,7 @@ def test_worker_envs_load_a_scene_per_scene_run_not_per_episode(small_dataset):
     run; shuffled over the whole split, nearly one per episode."""
     episodes, _ = load_split(small_dataset, "train")
     settings = dict(scenes_dir=str(small_dataset / "scenes"), store_dir=str(small_dataset / "geodesic" / "train"),
-                    resolution=4, sensors=["depth"], renderer="torch")
+                    resolution=4, sensors=["depth"], kernels="torch")
     loads = {}
     for grouped in (True, False):
         with WorkerVectorEnv(episodes, 2, SimConfig(resolution=4, sensors=["depth"]), TaskConfig(), EmbeddedWorkerSim,

@@ -196,11 +196,11 @@ def test_worker_backend_matches_the_embedded_backend_step_for_step(small_dataset
     and PointNavVectorEnv give the same observations, rewards, episode ends and metrics (both in habitat-lab's
     scene-grouped order, the worker backend's default)."""
     cfg = unchecked_config(f"task.data_dir={small_dataset}", "sim.resolution=12", "sim.sensors=[rgb,depth]",
-                           "sim.renderer=torch", "task.max_episode_steps=25")
+                           "sim.kernels=torch", "task.max_episode_steps=25")
     episodes, navs = load_split(small_dataset, "val")
     ours = PointNavVectorEnv(episodes, navs, 3, cfg.sim, cfg.task, seed=5, group_by_scene=True)
     settings = dict(scenes_dir=str(small_dataset / "scenes"), store_dir=str(small_dataset / "geodesic" / "val"),
-                    resolution=12, sensors=["rgb", "depth"], renderer="torch")
+                    resolution=12, sensors=["rgb", "depth"], kernels="torch")
     with WorkerVectorEnv(episodes, 3, cfg.sim, cfg.task, EmbeddedWorkerSim, [settings] * 3, seed=5) as theirs:
         a, b = ours.reset(), theirs.reset()
         assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)  # headings wrap apart
@@ -224,7 +224,7 @@ def test_worker_backend_matches_the_embedded_backend_step_for_step(small_dataset
 def test_a_failing_worker_is_a_one_line_error_naming_it(small_dataset):
     ep = load_split(small_dataset, "val")[0][0]
     good = (ep.scene_id, list(ep.start_position), list(ep.start_rotation), list(ep.goal_position))
-    pool = WorkerPool(EmbeddedWorkerSim, [dict(scenes_dir=str(small_dataset / "scenes"), renderer="torch")] * 2)
+    pool = WorkerPool(EmbeddedWorkerSim, [dict(scenes_dir=str(small_dataset / "scenes"), kernels="torch")] * 2)
     try:
         with pytest.raises(RuntimeError, match=r"simulator worker 1: FileNotFoundError: .*nowhere") as e:
             pool.call([0, 1], "place", [good, ("nowhere", *good[1:])])
@@ -234,7 +234,7 @@ def test_a_failing_worker_is_a_one_line_error_naming_it(small_dataset):
 
 
 def test_a_dead_worker_is_reported_not_waited_for(small_dataset):
-    pool = WorkerPool(EmbeddedWorkerSim, [dict(scenes_dir=str(small_dataset / "scenes"), renderer="torch")])
+    pool = WorkerPool(EmbeddedWorkerSim, [dict(scenes_dir=str(small_dataset / "scenes"), kernels="torch")])
     try:
         pool.procs[0].kill()
         with pytest.raises(RuntimeError, match=r"simulator worker 0 \(pid \d+\) died"):

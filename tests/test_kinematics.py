@@ -23,7 +23,7 @@ from ddppo.sim.geometry import (
 )
 from ddppo.sim.navmesh import NavGrid
 
-RENDERERS = ("numba", "torch")
+KERNELS = ("numba", "torch")
 NO_FIELD = np.zeros((1, 1), np.float32)
 RADIUS = 0.1
 SUBSTEP = 0.05  # the movers split a 0.25 m move into sub-steps of one 0.05 m cell
@@ -35,9 +35,9 @@ def hall_nav(make_scene):
     return NavGrid(make_scene(np.zeros((120, 200), np.uint8)))
 
 
-def make_sim(navs, poses, renderer):
+def make_sim(navs, poses, kernels):
     navs = navs if isinstance(navs, list) else [navs]
-    sim = BatchSimulator(SceneAtlas(navs), len(poses), 8, (), renderer=renderer)
+    sim = BatchSimulator(SceneAtlas(navs), len(poses), 8, (), kernels=kernels)
     s, x, z, th = (list(v) for v in zip(*poses))
     sim.place(torch.arange(len(poses)), s, x, z, th, [NO_FIELD] * len(poses))
     return sim
@@ -52,11 +52,11 @@ def angle_diff(a, b):
 
 
 # ---------------------------------------------------------------------------------------------------- turning
-@pytest.mark.parametrize("renderer", RENDERERS)
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("action, sign", [(TURN_LEFT, 1.0), (TURN_RIGHT, -1.0)])
-def test_36_turns_return_the_heading(hall_nav, renderer, action, sign):
+def test_36_turns_return_the_heading(hall_nav, kernels, action, sign):
     starts = [0.0, 0.3, -2.0, math.pi - 0.01]
-    sim = make_sim(hall_nav, [(0, 5.0, 3.0, t) for t in starts], renderer)
+    sim = make_sim(hall_nav, [(0, 5.0, 3.0, t) for t in starts], kernels)
     for k in range(1, 37):
         collided, moved = act(sim, action)
         assert not collided.any() and moved.max().item() == 0.0
@@ -68,16 +68,16 @@ def test_36_turns_return_the_heading(hall_nav, renderer, action, sign):
     np.testing.assert_array_equal(sim.z.numpy(), 3.0)
 
 
-@pytest.mark.parametrize("renderer", RENDERERS)
-def test_stop_does_nothing(hall_nav, renderer):
-    sim = make_sim(hall_nav, [(0, 5.0, 3.0, 0.7)], renderer)
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_stop_does_nothing(hall_nav, kernels):
+    sim = make_sim(hall_nav, [(0, 5.0, 3.0, 0.7)], kernels)
     collided, moved = act(sim, STOP)
     assert not collided.any() and moved.item() == 0.0
     assert (sim.x.item(), sim.z.item()) == (5.0, 3.0) and sim.theta.item() == pytest.approx(0.7)
 
 
 # ---------------------------------------------------------------------------------------------------- forward
-@pytest.mark.parametrize("renderer", RENDERERS)
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize(
     "theta, dx, dz",
     [
@@ -88,8 +88,8 @@ def test_stop_does_nothing(hall_nav, renderer):
         (math.pi / 4, -0.25 * math.sqrt(0.5), -0.25 * math.sqrt(0.5)),
     ],
 )
-def test_forward_moves_a_quarter_metre_along_the_view(hall_nav, renderer, theta, dx, dz):
-    sim = make_sim(hall_nav, [(0, 5.0, 3.0, theta)], renderer)
+def test_forward_moves_a_quarter_metre_along_the_view(hall_nav, kernels, theta, dx, dz):
+    sim = make_sim(hall_nav, [(0, 5.0, 3.0, theta)], kernels)
     for k in range(1, 5):
         collided, moved = act(sim, MOVE_FORWARD)
         assert not collided.item()
@@ -98,10 +98,10 @@ def test_forward_moves_a_quarter_metre_along_the_view(hall_nav, renderer, theta,
         assert sim.z.item() == pytest.approx(3.0 + k * dz, abs=1e-5)
 
 
-@pytest.mark.parametrize("renderer", RENDERERS)
-def test_turn_left_then_forward_goes_to_the_left(hall_nav, renderer):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_turn_left_then_forward_goes_to_the_left(hall_nav, kernels):
     """Facing -z, the agent's left is -x: nine left turns and a step forward move it to smaller x."""
-    sim = make_sim(hall_nav, [(0, 5.0, 3.0, 0.0)], renderer)
+    sim = make_sim(hall_nav, [(0, 5.0, 3.0, 0.0)], kernels)
     for _ in range(9):
         act(sim, TURN_LEFT)
     act(sim, MOVE_FORWARD)
@@ -110,7 +110,7 @@ def test_turn_left_then_forward_goes_to_the_left(hall_nav, renderer):
 
 
 # ---------------------------------------------------------------------------------------------------- collisions
-@pytest.mark.parametrize("renderer", RENDERERS)
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize(
     "x, z, theta, axis, face, direction",
     [
@@ -120,8 +120,8 @@ def test_turn_left_then_forward_goes_to_the_left(hall_nav, renderer):
         (9.0, 3.0, -math.pi / 2, "x", 9.9, 1),
     ],
 )
-def test_walking_into_a_wall_stops_before_it(hall_nav, renderer, x, z, theta, axis, face, direction):
-    sim = make_sim(hall_nav, [(0, x, z, theta)], renderer)
+def test_walking_into_a_wall_stops_before_it(hall_nav, kernels, x, z, theta, axis, face, direction):
+    sim = make_sim(hall_nav, [(0, x, z, theta)], kernels)
     collisions = 0
     for _ in range(50):
         collided, _ = act(sim, MOVE_FORWARD)
@@ -136,7 +136,7 @@ def test_walking_into_a_wall_stops_before_it(hall_nav, renderer, x, z, theta, ax
     assert other == pytest.approx(x if axis == "z" else z, abs=1e-4)  # head-on: no sideways drift
 
 
-@pytest.mark.parametrize("renderer", RENDERERS)
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize(
     "x, z, theta, slide_axis, slide_sign",
     [
@@ -146,8 +146,8 @@ def test_walking_into_a_wall_stops_before_it(hall_nav, renderer, x, z, theta, ax
         (9.4, 3.0, -3 * math.pi / 4, "z", 1),
     ],
 )
-def test_walking_at_45_degrees_slides_along_the_wall(hall_nav, renderer, x, z, theta, slide_axis, slide_sign):
-    sim = make_sim(hall_nav, [(0, x, z, theta)], renderer)
+def test_walking_at_45_degrees_slides_along_the_wall(hall_nav, kernels, x, z, theta, slide_axis, slide_sign):
+    sim = make_sim(hall_nav, [(0, x, z, theta)], kernels)
     for _ in range(4):  # reach the wall
         act(sim, MOVE_FORWARD)
     along = sim.x if slide_axis == "x" else sim.z
@@ -163,14 +163,14 @@ def test_walking_at_45_degrees_slides_along_the_wall(hall_nav, renderer, x, z, t
         assert moved.item() == pytest.approx(0.25 * math.sin(math.pi / 4), abs=0.01)
 
 
-@pytest.mark.parametrize("renderer", RENDERERS)
-def test_agent_cannot_pass_a_thin_wall(make_scene, renderer):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_agent_cannot_pass_a_thin_wall(make_scene, kernels):
     """A one-cell (5 cm) wall across the room: 50 forward steps never cross it, at any angle of approach."""
     occ = np.zeros((120, 200), np.uint8)
     occ[60, :] = 1  # z in [3.0, 3.05)
     nav = NavGrid(make_scene(occ))
     thetas = np.linspace(-1.4, 1.4, 15)  # all headings with a -z component
-    sim = make_sim(nav, [(0, 5.0, 4.5, t) for t in thetas], renderer)
+    sim = make_sim(nav, [(0, 5.0, 4.5, t) for t in thetas], kernels)
     for _ in range(50):
         act(sim, MOVE_FORWARD)
         assert (sim.z >= 3.05 + RADIUS - SUBSTEP - 1e-5).all()

@@ -28,7 +28,7 @@ NO_FIELD = np.zeros((1, 1), np.float32)
 def render(scene_or_navs, poses, res=32, renderer="numba", sensors=("depth", "rgb")):
     """Render agents at poses [(scene_idx, x, z, theta)]; returns depth in metres [N,R,R] and rgb [N,R,R,3]."""
     navs = scene_or_navs if isinstance(scene_or_navs, list) else [NavGrid(scene_or_navs)]
-    sim = BatchSimulator(SceneAtlas(navs), len(poses), res, sensors, renderer=renderer)
+    sim = BatchSimulator(SceneAtlas(navs), len(poses), res, sensors, kernels=renderer)
     s, x, z, th = (list(v) for v in zip(*poses))
     sim.place(torch.arange(len(poses)), s, x, z, th, [NO_FIELD] * len(poses))
     out = sim.render()
@@ -315,7 +315,7 @@ from ddppo.sim.batch_sim import BatchSimulator, SceneAtlas
 from ddppo.sim.floorplan import generate_floor_plan, scene_seed
 from ddppo.sim.navmesh import NavGrid
 nav = NavGrid(generate_floor_plan(scene_seed(0, "train", 0), "train_0"))
-sim = BatchSimulator(SceneAtlas([nav]), 1, 16, ("depth",), renderer="numba")
+sim = BatchSimulator(SceneAtlas([nav]), 1, 16, ("depth",), kernels="numba")
 x, z = nav.sample_navigable(np.random.default_rng(0), 1)[0]
 sim.place(torch.arange(1), [0], [x], [z], [0.0], [np.zeros((1, 1), np.float32)])
 assert sim.render()["depth"].std() > 0

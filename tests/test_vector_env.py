@@ -14,18 +14,19 @@ from ddppo.rows import HostViews, put_rows
 from ddppo.sim.data import load_split
 from ddppo.sim.dataset import Episode, check_episodes_in_scenes
 from ddppo.sim.geometry import MOVE_FORWARD, STOP, TURN_LEFT, TURN_RIGHT, heading_to_quaternion
+from ddppo.sim.kernels import IMPLEMENTATIONS, select_kernels
 from ddppo.sim.navmesh import NavGrid
 from ddppo.sim.oracle import ShortestPathFollower
-from ddppo.sim.task import POINTNAV_STEP, TALLY, pointnav_reward, soft_spl, spl
+from ddppo.sim.task import pointnav_reward, soft_spl, spl
 from ddppo.sim.vector_env import PointNavVectorEnv
 
 TEN_DEG = math.radians(10)
 
 
 def make_env(episodes, navs, num_envs=1, res=16, sensors=("rgb", "depth"), order="partition", seed=0,
-             device="cpu", renderer="auto", **task):
+             device="cpu", kernels="auto", **task):
     return PointNavVectorEnv(episodes, navs, num_envs, SimConfig(resolution=res, sensors=list(sensors),
-                                                                 renderer=renderer),
+                                                                 kernels=kernels),
                              TaskConfig(**task), seed=seed, device=device, order=order)
 
 
@@ -336,7 +337,7 @@ def test_load_state_dict_rejects_wrong_env_count(small_dataset):
 def test_cpu_and_cuda_agree(small_dataset):
     episodes, navs = load_split(small_dataset, "val")
     kw = dict(num_envs=4, res=32, sensors=("rgb", "depth"), order="shuffle", seed=2)
-    cpu = make_env(episodes, navs, device="cpu", renderer="torch", **kw)
+    cpu = make_env(episodes, navs, device="cpu", kernels="torch", **kw)
     gpu = make_env(episodes, navs, device="cuda", **kw)
     a, b = cpu.reset(), gpu.reset()
     rng = np.random.default_rng(0)
@@ -372,8 +373,8 @@ def test_numba_and_torch_backends_agree_on_a_rollout(small_dataset):
     output of a step (movement, sensors, the tally, reward and metrics, automatic resets)."""
     episodes, navs = load_split(small_dataset, "val")
     kw = dict(num_envs=6, res=16, sensors=("rgb", "depth"), order="shuffle", seed=2, max_episode_steps=40)
-    a_env, b_env = make_env(episodes, navs, renderer="numba", **kw), make_env(episodes, navs, renderer="torch", **kw)
-    assert (a_env.sim.kernels, b_env.sim.kernels) == ("numba", "torch")
+    a_env, b_env = make_env(episodes, navs, kernels="numba", **kw), make_env(episodes, navs, kernels="torch", **kw)
+    assert (a_env.sim.kernels.name, b_env.sim.kernels.name) == ("numba", "torch")
     a, b = a_env.reset(), b_env.reset()
     rng = np.random.default_rng(0)
     outcomes = {"success": 0, "truncated": 0, "failed stop": 0}
@@ -402,7 +403,7 @@ def test_numba_and_torch_backends_agree_on_a_rollout(small_dataset):
     assert all(v >= 2 for v in outcomes.values()), outcomes
 
 
-@pytest.mark.parametrize("kernels", sorted(POINTNAV_STEP))
+@pytest.mark.parametrize("kernels", sorted(IMPLEMENTATIONS))
 def test_pointnav_step_hand_cases(kernels):
     """Reward, success, SPL and SoftSPL of one step, by hand, for both twins: a success, STOP just outside the 0.2 m
     radius, a step away, an inactive env, and an unreachable goal (infinite distance: no progress reward)."""
@@ -413,7 +414,7 @@ def test_pointnav_step_hand_cases(kernels):
     now = torch.tensor([0.1, 0.2, 2.25, 1.0, math.inf])
     start = torch.tensor([4.0, 4.0, 4.0, 4.0, 4.0])
     path = torch.tensor([5.0, 3.0, 2.0, 0.0, 1.0])
-    reward, m = POINTNAV_STEP[kernels](task, stop, active, prev, now, start, path)
+    reward, m = select_kernels(kernels, "cpu").pointnav_step(task, stop, active, prev, now, start, path)
     np.testing.assert_allclose(reward.numpy(), [-0.01 + 0.2 + 2.5, -0.01 + 0.25, -0.01 - 0.25, 0.0, -0.01], atol=1e-6)
     np.testing.assert_array_equal(m["success"].numpy(), [1, 0, 0, 0, 0])
     np.testing.assert_allclose(m["spl"].numpy(), [0.8, 0, 0, 0, 0], atol=1e-6)
@@ -421,12 +422,13 @@ def test_pointnav_step_hand_cases(kernels):
     np.testing.assert_array_equal(m["distance_to_goal"].numpy(), now.numpy())
     # a degenerate episode (start on the goal, nothing walked) gives NaN metrics in both twins, not an exception
     zero = torch.zeros(1)
-    reward, m = POINTNAV_STEP[kernels](task, torch.tensor([True]), torch.tensor([True]), zero, zero, zero, zero)
+    pointnav_step = select_kernels(kernels, "cpu").pointnav_step
+    reward, m = pointnav_step(task, torch.tensor([True]), torch.tensor([True]), zero, zero, zero, zero)
     assert reward.item() == pytest.approx(-0.01 + 2.5) and m["success"].item() == 1.0
     assert math.isnan(m["spl"].item()) and math.isnan(m["softspl"].item())
 
 
-@pytest.mark.parametrize("kernels", sorted(TALLY))
+@pytest.mark.parametrize("kernels", sorted(IMPLEMENTATIONS))
 def test_tally_hand_cases(kernels):
     """Counters and episode ends, by hand, for both twins: STOP terminates, the step limit truncates, an inactive
     env counts nothing (not even a collision reported for it)."""
@@ -436,7 +438,8 @@ def test_tally_hand_cases(kernels):
     collided = torch.tensor([False, True, False, True])
     moved = torch.tensor([0.0, 0.1, 0.25, 0.0])
     steps, path, collisions = torch.tensor([3, 9, 4, 7]), torch.tensor([1.0, 2.0, 0.5, 3.0]), torch.tensor([0, 2, 0, 1])
-    stop, terminated, truncated = TALLY[kernels](task, actions, active, collided, moved, steps, path, collisions)
+    tally = select_kernels(kernels, "cpu").tally
+    stop, terminated, truncated = tally(task, actions, active, collided, moved, steps, path, collisions)
     assert stop.tolist() == terminated.tolist() == [True, False, False, False]
     assert truncated.tolist() == [False, True, False, False]
     assert steps.tolist() == [4, 10, 5, 7] and collisions.tolist() == [0, 3, 0, 1]

@@ -9,9 +9,8 @@ import torch
 from scipy import ndimage
 
 from ddppo.rows import HostViews
+from ddppo.sim.kernels import select_kernels
 from ddppo.sim.navmesh import SENSOR_HEIGHT, NavGrid
-from ddppo.sim.physics import GEODESICS, STEPPERS
-from ddppo.sim.render import RENDERERS
 from ddppo.sim.scene import FREE, OBJECT, WALL
 
 
@@ -64,14 +63,15 @@ class SceneAtlas:
 
 
 class BatchSimulator:
-    """Agents as tensors; ``step`` applies habitat's discrete actions with sliding collisions (ddppo.sim.physics).
+    """Agents as tensors; ``step`` applies habitat's discrete actions with sliding collisions (ddppo.sim.kernels).
 
     The agent is a disc of ``NavGrid.agent_radius`` (habitat's 0.1 m): only cells whose centre is that far from
-    geometry are navigable. ``renderer`` picks the kernels: numba (CPU) or torch (any device).
+    geometry are navigable. ``kernels`` picks the implementation of every kernel: numba (CPU), torch (any device) or
+    auto (``ddppo.sim.kernels.select_kernels``).
     """
 
     def __init__(self, atlas: SceneAtlas, num_envs: int, resolution: int = 64, sensors=("depth",),
-                 renderer: str = "auto", forward_step: float = 0.25, turn_angle: float = 10.0,
+                 kernels: str = "auto", forward_step: float = 0.25, turn_angle: float = 10.0,
                  max_depth: float = 10.0):
         bad = set(sensors) - {"depth", "rgb"}
         if bad:
@@ -81,17 +81,8 @@ class BatchSimulator:
         self.num_envs = num_envs
         self.resolution = int(resolution)
         self.sensors = tuple(sensors)
-        if renderer == "auto":
-            renderer = "numba" if self.device.type == "cpu" else "torch"
-        if renderer == "numba" and self.device.type != "cpu":
-            raise ValueError(f"renderer 'numba' runs on the CPU only, not on {self.device}")
-        if renderer not in RENDERERS:
-            raise ValueError(f"renderer {renderer!r} is not one of {sorted(RENDERERS)} or 'auto'")
-        self.renderer = RENDERERS[renderer]
-        self.kernels = renderer
-        """Which twin of every per-step kernel runs ('numba' or 'torch'): the environment's own follow suit."""
-        self.stepper = STEPPERS[renderer]
-        self.geodesic_lookup = GEODESICS[renderer]
+        self.kernels = select_kernels(kernels, self.device)
+        """Which implementation of every per-step kernel runs: the environment's own follow suit."""
         self.forward_step = forward_step
         self.turn = math.radians(turn_angle)
         self.max_depth = max_depth
@@ -104,9 +95,9 @@ class BatchSimulator:
         self.all_envs = torch.arange(num_envs, device=self.device)
         self.host = HostViews(self.scene_of, self.x, self.z, self.theta, self.goal_x, self.goal_z, self.fields,
                               self.all_envs)
-        # the numba twins take the state as numpy views made once (Tensor.numpy() costs ~3.5 us a call on a small
-        # CPU, ~50 calls a step), the torch twins as the tensors themselves
-        self.kernel_arg = self.host.kernel_arg(renderer)
+        # the numba kernels take the state as numpy views made once (a step passes dozens of tensors, and
+        # Tensor.numpy() itself costs more than a small kernel's work), the torch ones the tensors themselves
+        self.kernel_arg = self.kernels.argument(self.host)
 
     # ----------------------------------------------------------------------------------------------- state
     def place(self, env_ids, scene_idx, x, z, theta, fields: list[np.ndarray], goal_x=None, goal_z=None):
@@ -134,8 +125,8 @@ class BatchSimulator:
     def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply actions (0 STOP, 1 FORWARD, 2 LEFT, 3 RIGHT). Returns (collided, distance moved)."""
         a = self.kernel_arg
-        return self.stepper(self.atlas, a(self.scene_of), a(self.x), a(self.z), a(self.theta), actions.to(self.device),
-                            self.turn, self.forward_step, self.substeps)
+        return self.kernels.step(self.atlas, a(self.scene_of), a(self.x), a(self.z), a(self.theta),
+                                 actions.to(self.device), self.turn, self.forward_step, self.substeps)
 
     # ------------------------------------------------------------------------------------------ perception
     def render(self, env_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -151,7 +142,7 @@ class BatchSimulator:
         if "rgb" in self.sensors:
             rgb = out["rgb"] = torch.empty((n, r, r, 3), device=self.device, dtype=torch.uint8)
         d = depth.view(n, r, r) if depth is not None else None
-        self.renderer(self.atlas, s, x, z, th, r, d, rgb, self.max_depth, SENSOR_HEIGHT)
+        self.kernels.render(self.atlas, s, x, z, th, r, d, rgb, self.max_depth, SENSOR_HEIGHT)
         return out
 
     def geodesic(self, env_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -160,4 +151,4 @@ class BatchSimulator:
         state = (self.scene_of, self.x, self.z, self.goal_x, self.goal_z)
         # all envs (every step) without gathers
         rows, state = (self.all_envs, state) if env_ids is None else (env_ids, [v[env_ids] for v in state])
-        return self.geodesic_lookup(a(self.fields), a(rows), self.atlas, *map(a, state)).to(self.device)
+        return self.kernels.geodesic(a(self.fields), a(rows), self.atlas, *map(a, state)).to(self.device)

@@ -11,7 +11,7 @@ import math
 import torch
 
 from ddppo.sim.geometry import MOVE_FORWARD, STOP, TURN_LEFT, TURN_RIGHT, wrap_angle
-from ddppo.sim.physics import navigable_torch
+from ddppo.sim.kernels.torch_kernels import navigable
 
 
 class ShortestPathFollower:
@@ -34,9 +34,9 @@ class ShortestPathFollower:
         cand_z = (sim.z[:, None] - torch.cos(angles)[None] * self.lookahead).reshape(-1)
         rows = torch.arange(n, device=dev).repeat_interleave(self.headings)
         scene_of = sim.scene_of[rows]
-        geo = sim.geodesic_lookup(sim.fields, rows, sim.atlas, scene_of, cand_x, cand_z, sim.goal_x[rows],
+        geo = sim.kernels.geodesic(sim.fields, rows, sim.atlas, scene_of, cand_x, cand_z, sim.goal_x[rows],
                                   sim.goal_z[rows]).to(dev)
-        nav = navigable_torch(sim.atlas, scene_of, cand_x, cand_z)
+        nav = navigable(sim.atlas, scene_of, cand_x, cand_z)
         geo = torch.where(nav, geo, math.inf).view(n, self.headings)
         best = angles[geo.argmin(dim=1)]
         err = wrap_angle(best - sim.theta)

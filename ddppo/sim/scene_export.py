@@ -35,8 +35,8 @@ from scipy import ndimage
 
 from ddppo.atomic import atomic_open
 from ddppo.sim.habitat_backend import NAVMESH_CELL_HEIGHT, agent_navmesh_settings
+from ddppo.sim.kernels.shading import CEILING_RGB
 from ddppo.sim.navmesh import AGENT_HEIGHT, AGENT_RADIUS
-from ddppo.sim.render import CEILING_RGB
 from ddppo.sim.scene import FREE, OBJECT, Scene, load_scene, save_scene
 
 FLOOR_THICKNESS = NAVMESH_CELL_HEIGHT - 0.001

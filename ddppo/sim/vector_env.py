@@ -14,9 +14,9 @@ from ddppo.rows import HostViews, put_rows
 from ddppo.sim.batch_sim import BatchSimulator, SceneAtlas
 from ddppo.sim.dataset import Episode, check_episodes_in_scenes, scene_name
 from ddppo.sim.episode_order import EpisodeIterator, load_iterators, make_iterators  # noqa: F401  (re-exported)
-from ddppo.sim.geometry import POSE_SENSORS, STOP
+from ddppo.sim.geometry import STOP
 from ddppo.sim.navmesh import GeodesicCache, NavGrid
-from ddppo.sim.task import METRICS, POINTNAV_STEP, TALLY
+from ddppo.sim.task import METRICS
 
 
 @dataclass
@@ -98,14 +98,12 @@ class PointNavVectorEnv:
         self.episode_start = np.array([(e.start_position[0], e.start_position[2], e.start_heading) for e in episodes])
         self.episode_goal = np.array([(e.goal_position[0], e.goal_position[2]) for e in episodes])
         self.sim = BatchSimulator(
-            self.atlas, num_envs, sim_cfg.resolution, tuple(sim_cfg.sensors), renderer=sim_cfg.renderer,
+            self.atlas, num_envs, sim_cfg.resolution, tuple(sim_cfg.sensors), kernels=sim_cfg.kernels,
             forward_step=sim_cfg.forward_step, turn_angle=sim_cfg.turn_angle, max_depth=sim_cfg.max_depth,
         )
         # plain attributes: the step reads these settings every step, and an OmegaConf read costs ~25 us
         self.task = (SimpleNamespace(**OmegaConf.to_container(task_cfg, resolve=True))
                      if OmegaConf.is_config(task_cfg) else task_cfg)
-        self._tally, self._pose_sensors = TALLY[self.sim.kernels], POSE_SENSORS[self.sim.kernels]
-        self._pointnav_step = POINTNAV_STEP[self.sim.kernels]
         self.cache = cache or GeodesicCache()
         self.iterators = make_iterators(self.episode_scene, num_envs, seed, env_offset, order, num_shares,
                                         group_by_scene)
@@ -119,8 +117,8 @@ class PointNavVectorEnv:
         self.host = HostViews(self.start_x, self.start_z, self.start_theta, self.start_distance, self.prev_distance,
                               self.path_length, self.steps, self.collisions, self.episode_index, self.sim.x, self.sim.z,
                               self.sim.theta, self.sim.goal_x, self.sim.goal_z)
-        # as the simulator's: numpy views for the numba twins, the tensors for the torch twins
-        self.kernel_arg = self.host.kernel_arg(self.sim.kernels)
+        # as the simulator's: numpy views for the numba kernels, the tensors for the torch ones
+        self.kernel_arg = self.sim.kernels.argument(self.host)
         self.reset_seconds = 0.0
         """Wall time spent starting episodes (geodesic fields included): the reset share of a benchmark."""
 
@@ -173,7 +171,7 @@ class PointNavVectorEnv:
     def _observe(self, env_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         obs = self.sim.render(env_ids)
         sim = self.sim
-        obs["pointgoal_with_gps_compass"], obs["gps"], obs["compass"] = self._pose_sensors(env_ids, *map(
+        obs["pointgoal_with_gps_compass"], obs["gps"], obs["compass"] = self.sim.kernels.pose_sensors(env_ids, *map(
             self.kernel_arg, (sim.x, sim.z, sim.theta, self.goal_x, self.goal_z, self.start_x, self.start_z,
                               self.start_theta)))
         return obs
@@ -189,8 +187,8 @@ class PointNavVectorEnv:
         was_active = self.active.clone()
         collided, moved = self.sim.step(actions)
         a = self.kernel_arg
-        stop, terminated, truncated = self._tally(self.task, actions, was_active, collided, moved, a(self.steps),
-                                                  a(self.path_length), a(self.collisions))
+        stop, terminated, truncated = self.sim.kernels.tally(self.task, actions, was_active, collided, moved,
+                                                             a(self.steps), a(self.path_length), a(self.collisions))
         if self._count_steps:
             count_steps(self.iterators, was_active)
         reward, metrics = self._reward_and_metrics(stop, was_active)
@@ -218,7 +216,7 @@ class PointNavVectorEnv:
         the automatic reset replaces ended episodes. Other tasks (ddppo.transfer.tasks) override this."""
         distance = self.sim.geodesic()
         a = self.kernel_arg
-        reward, metrics = self._pointnav_step(self.task, stop, was_active, a(self.prev_distance), distance,
+        reward, metrics = self.sim.kernels.pointnav_step(self.task, stop, was_active, a(self.prev_distance), distance,
                                               a(self.start_distance), a(self.path_length))
         self.prev_distance.copy_(distance)  # in place: its numpy view (self.host) stays valid
         return reward, metrics

@@ -349,11 +349,11 @@ class EmbeddedWorkerSim:
     them, so both give the same distances)."""
 
     def __init__(self, scenes_dir: str, store_dir: str = "", resolution: int = 64, sensors=("depth",),
-                 renderer: str = "numba", forward_step: float = 0.25, turn_angle: float = 10.0,
+                 kernels: str = "numba", forward_step: float = 0.25, turn_angle: float = 10.0,
                  max_depth: float = 10.0):
         torch.set_num_threads(1)  # one env per process: a thread pool per worker would only oversubscribe
         self.scenes_dir, self.store_dir = scenes_dir, store_dir
-        self.args = dict(resolution=resolution, sensors=tuple(sensors), renderer=renderer, forward_step=forward_step,
+        self.args = dict(resolution=resolution, sensors=tuple(sensors), kernels=kernels, forward_step=forward_step,
                          turn_angle=turn_angle, max_depth=max_depth)
         self.scene, self.sim, self.nav = None, None, None
         self._obs = None

@@ -78,7 +78,7 @@ class FleeVectorEnv(PointNavVectorEnv):
         """Geodesic distance from each agent's episode start to where it is now (metres)."""
         idx = self.sim.all_envs if env_ids is None else env_ids
         sim = self.sim
-        d = sim.geodesic_lookup(self.start_fields, idx, self.atlas, sim.scene_of[idx], sim.x[idx], sim.z[idx],
+        d = sim.kernels.geodesic(self.start_fields, idx, self.atlas, sim.scene_of[idx], sim.x[idx], sim.z[idx],
                                 self.start_x[idx], self.start_z[idx]).to(self.device)
         return torch.nan_to_num(d, nan=0.0, posinf=0.0)  # an agent always stays on its start's island
 
