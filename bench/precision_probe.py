@@ -12,7 +12,7 @@ above 1 means bf16 is faster. Observations are random images of the config's sen
 learning. No simulator, no optimiser step.
 
 ``--layouts`` also times each precision with the encoder forced into the other memory layout than the one it picks
-(``ddppo.policy.common.in_memory_format``: SimpleCNN runs channels-last, the GroupNorm encoders NCHW):
+(``ddppo.policy.encoders.base.in_memory_format``: SimpleCNN runs channels-last, the GroupNorm encoders NCHW):
 ``<term>_ms_<precision>_other_layout``, and ``<term>_layout_gain_<precision>`` = that time ÷ the chosen layout's.
 """
 
@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import ddppo.policy.common  # noqa: E402
-import ddppo.policy.encoders  # noqa: E402
+import ddppo.policy.encoders.base  # noqa: E402
+import ddppo.policy.encoders.small_cnn  # noqa: E402
 from ddppo.bench import machine  # noqa: E402
 from ddppo.config import load_config  # noqa: E402
 from ddppo.distributed import resolve_device  # noqa: E402
@@ -56,13 +56,13 @@ def random_batch(spaces: dict, *lead: int, gen: torch.Generator) -> dict[str, to
 @contextlib.contextmanager
 def other_layout():
     """Encoders run in the memory layout they do not pick (channels-last instead of NCHW and vice versa)."""
-    chosen = ddppo.policy.common.in_memory_format
+    chosen = ddppo.policy.encoders.base.in_memory_format
 
     def swapped(x, memory_format):
         cl = memory_format == torch.channels_last
         return chosen(x, torch.contiguous_format if cl else torch.channels_last)
 
-    modules = (ddppo.policy.common, ddppo.policy.encoders)
+    modules = (ddppo.policy.encoders.base, ddppo.policy.encoders.small_cnn)
     for module in modules:
         module.in_memory_format = swapped
     try:

@@ -319,10 +319,12 @@ def check(cfg) -> None:
                                 ("ddppo.grad_weighting", dd.grad_weighting, ("samples", "ranks"))):
         need(value in choices, f"{key}={value!r}: use one of {', '.join(choices)}")
     need(cfg.policy.compression_groups >= 0, f"policy.compression_groups={cfg.policy.compression_groups} must be >= 0")
-    from ddppo.policy.encoders import ENCODERS
+    from ddppo.policy.encoders import encoder_constructor
 
-    need(cfg.policy.encoder in ENCODERS,
-         f"policy.encoder={cfg.policy.encoder!r}: use one of {', '.join(sorted(ENCODERS))}")
+    try:
+        encoder_constructor(cfg.policy.encoder, "policy.encoder")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     from ddppo.policy.precision import ENCODER_PRECISIONS
 
     need(cfg.policy.encoder_precision in ENCODER_PRECISIONS,

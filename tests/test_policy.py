@@ -21,7 +21,7 @@ from ddppo.policy import (
     goal_features,
     make_encoder,
 )
-from ddppo.policy.common import in_memory_format
+from ddppo.policy.encoders.base import in_memory_format
 from ddppo.policy.packing import episode_segments
 from ddppo.policy.policy import block_mean
 from ddppo.policy.precision import has_native_bfloat16, resolve_encoder_dtype

@@ -44,7 +44,7 @@ def test_probe_refuses_bad_input(capsys):
 def test_layouts_swap_the_encoders_memory_format_and_restore_it(capsys):
     import torch
 
-    import ddppo.policy.common as common
+    import ddppo.policy.encoders.base as common
     from ddppo.policy.encoders import make_encoder
 
     probe = load_probe()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddppo.policy.encoders import ENCODERS, make_encoder
+from ddppo.policy.encoders import VisualEncoder, encoder_constructor, make_encoder
 from ddppo.policy.packing import episode_segments, run_packed
 from ddppo.policy.precision import encode, resolve_encoder_dtype
 from ddppo.policy.running_norm import RunningMeanAndVar
@@ -183,8 +183,7 @@ class Policy(nn.Module):
         conv_init: str = "kaiming_normal",
     ):
         super().__init__()
-        if encoder not in ENCODERS:
-            raise ValueError(f"unknown encoder {encoder!r}; choose one of {sorted(ENCODERS)}")
+        encoder_constructor(encoder)  # refuses an unknown name, blind agents' too
         rnn_type = rnn_type.lower()
         if rnn_type not in RNN_TYPES:
             raise ValueError(f"unknown rnn_type {rnn_type!r}; choose one of {', '.join(RNN_TYPES)}")
@@ -204,7 +203,7 @@ class Policy(nn.Module):
         input statistics must not drift either). Set by ddppo.transfer.loading."""
 
         self.visual_input: VisualInput | None = None
-        self.encoder: nn.Module | None = None
+        self.encoder: VisualEncoder | None = None
         self.visual_fc: nn.Module | None = None
         core_in = 0
         if any(k in obs_spaces for k in VISUAL_SENSORS):

@@ -65,10 +65,8 @@ def probe_observations(cfg, sensors: list[str], n: int, seed: int = 0, num_envs:
 
 
 def layer_names(policy) -> list[str]:
-    enc = policy.encoder
-    stages = ([f"layers.{i}" for i in range(len(enc.layers))] if not hasattr(enc, "stem")
-              else ["stem", *[f"layers.{i}" for i in range(len(enc.layers))], "compression"])
-    return stages + ["visual_fc"]
+    """Every stage of the encoder (its contract's ``stage_names``), then visual_fc."""
+    return [*policy.encoder.stage_names, "visual_fc"]
 
 
 @torch.no_grad()

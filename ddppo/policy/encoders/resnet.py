@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ddppo.policy.common import (
+from ddppo.policy.encoders.base import (
     StagedEncoder,
     init_conv_weights,
     trace_hw,
@@ -167,14 +167,14 @@ def _check_groups(base_planes: int, ngroups: int) -> None:
 
 
 def resnet18(in_channels: int, input_hw: tuple[int, int], base_planes: int = 32, ngroups: int = 16,
-             compression_groups: int = 0):
+             compression_groups: int = 0) -> ResNetEncoder:
     _check_groups(base_planes, ngroups)
     return ResNetEncoder(in_channels, input_hw, BasicBlock, [2, 2, 2, 2], base_planes, ngroups,
                          compression_groups=compression_groups)
 
 
 def resnet50(in_channels: int, input_hw: tuple[int, int], base_planes: int = 32, ngroups: int = 16,
-             compression_groups: int = 0):
+             compression_groups: int = 0) -> ResNetEncoder:
     """habitat-baselines' resnet50 at half width: Bottleneck stages [3, 4, 6, 3], GroupNorm everywhere."""
     _check_groups(base_planes, ngroups)
     return ResNetEncoder(in_channels, input_hw, Bottleneck, [3, 4, 6, 3], base_planes, ngroups,
@@ -182,7 +182,7 @@ def resnet50(in_channels: int, input_hw: tuple[int, int], base_planes: int = 32,
 
 
 def se_resnext50(in_channels: int, input_hw: tuple[int, int], base_planes: int = 32, ngroups: int = 16,
-                 compression_groups: int = 0):
+                 compression_groups: int = 0) -> ResNetEncoder:
     _check_groups(base_planes, ngroups)
     # Cardinality base_planes/2 follows habitat-baselines; it keeps 2 channels per group in the first stage.
     return ResNetEncoder(

@@ -1,4 +1,5 @@
-"""Pieces shared by the visual encoders: the ~2048-feature compression head and output-size arithmetic."""
+"""The visual encoders' contract (:class:`VisualEncoder`), and the pieces they share: the ~2048-feature compression
+head, output-size arithmetic, memory formats and initial weights."""
 
 from __future__ import annotations
 
@@ -77,7 +78,30 @@ def init_conv_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class StagedEncoder(nn.Module):
+class VisualEncoder(nn.Module):
+    """What every visual encoder is, and all the policy and the representation analysis rely on:
+
+    - ``forward(x)``: a normalised channels-first float batch ``[B, C, H, W]`` to flat features ``[B, output_size]``;
+    - ``output_size`` (int) and ``output_shape`` (``(channels, height, width)`` of the last map, flattened by
+      ``forward``), known when the encoder is built, without a forward pass;
+    - ``stages(x)``: the activations after each stage, in order, the last one ``forward``'s map before flattening
+      (``ddppo compare-reps`` compares them layer by layer), and ``stage_names``, the submodule that produces each.
+
+    Constructors (ddppo.policy.encoders.ENCODERS) take ``(in_channels, input_hw, base_planes, ngroups,
+    compression_groups)``; submodule names are part of checkpoints, so they stay as they are."""
+
+    output_size: int
+    output_shape: tuple[int, int, int]
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def stages(self, x: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+
+class StagedEncoder(VisualEncoder):
     """An encoder made of ``stem``, ``layers`` (a ModuleList of stages) and ``compression``, each a stage of
     ``stages()`` for representation analysis; ``forward`` flattens the compressed map. Runs in plain NCHW memory:
     with channels-last input (a one-channel depth image permuted from [B, H, W, 1] has its strides) a ResNet18 PPO
@@ -90,6 +114,10 @@ class StagedEncoder(nn.Module):
         init_conv_weights(self.compression)
         self.output_shape = (channels, *out_hw)
         self.output_size = channels * out_hw[0] * out_hw[1]
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return ("stem", *(f"layers.{i}" for i in range(len(self.layers))), "compression")
 
     def stages(self, x: Tensor) -> list[Tensor]:
         outs = [self.stem(in_memory_format(x, torch.contiguous_format))]
