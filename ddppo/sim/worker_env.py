@@ -23,17 +23,16 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-import time
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from ddppo.sim.dataset import Episode, check_episode_in_scene, scene_name
-from ddppo.sim.episode_order import MAX_SCENE_REPEAT_STEPS, load_iterators, make_iterators
+from ddppo.sim.env_base import BatchedPointNavEnv, StepResult
+from ddppo.sim.episode_order import MAX_SCENE_REPEAT_STEPS, make_iterators
 from ddppo.sim.geometry import STOP, episodic_gps, heading_to_quaternion, pointgoal_polar, wrap_angle
 from ddppo.sim.task import episode_ends, pointnav_step
-from ddppo.sim.vector_env import PointNavVectorEnv, StepResult, count_steps, start_next_episodes
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -130,7 +129,7 @@ class WorkerPool:
 
 
 # ----------------------------------------------------------------------------------------------- main side
-class WorkerVectorEnv:
+class WorkerVectorEnv(BatchedPointNavEnv):
     """``num_envs`` PointNav environments, one worker simulator each, with PointNavVectorEnv's interface and
     semantics: automatic reset, ``final_obs``, the same ``info`` keys, episode streams and resume state.
 
@@ -141,23 +140,18 @@ class WorkerVectorEnv:
     episode is in another one (``scene_loads`` counts those loads).
     """
 
-    episode_metrics = PointNavVectorEnv.episode_metrics
-    record_metrics = PointNavVectorEnv.record_metrics
+    _STATE = BatchedPointNavEnv._STATE + ("x", "y", "z", "theta", "rotation")
 
     def __init__(self, episodes: list[Episode], num_envs: int, sim_cfg, task_cfg, sim_class, settings: list[dict],
                  scene_of=lambda ep: scene_name(ep.scene_id), seed: int = 0, env_offset: int = 0,
                  device: str | torch.device = "cpu", order: str = "shuffle", num_shares: int | None = None,
                  start_method: str = "forkserver", group_by_scene: bool = True,
                  max_scene_repeat_steps: int = MAX_SCENE_REPEAT_STEPS):
-        if num_envs < 1:
-            raise ValueError(f"num_envs={num_envs} must be >= 1")
-        if not episodes:
-            raise ValueError("no episode to run")
+        # the episode records on the CPU, where the workers' frames arrive
+        super().__init__(episodes, num_envs, sim_cfg.resolution, sim_cfg.sensors, task_cfg, device, "cpu")
         if len(settings) != num_envs:
             raise ValueError(f"{len(settings)} simulator settings for {num_envs} environments")
-        self.device = torch.device(device)
-        self.episodes, self.num_envs, self.task, self.scene_of = episodes, num_envs, task_cfg, scene_of
-        self.resolution, self.sensors = int(sim_cfg.resolution), tuple(sim_cfg.sensors)
+        self.scene_of = scene_of
         scenes = sorted({scene_of(ep) for ep in episodes})
         index = {name: k for k, name in enumerate(scenes)}
         episode_scene = np.array([index[scene_of(ep)] for ep in episodes], np.int64)
@@ -166,17 +160,11 @@ class WorkerVectorEnv:
         self.scene_loads = 0
         """Episode starts that put a worker in another scene than its last one (each loads a scene there)."""
         self._worker_scene: list[str | None] = [None] * num_envs
-        z = lambda dt=torch.float32: torch.zeros(num_envs, dtype=dt)  # noqa: E731  (CPU: frames arrive there)
+        z = lambda: torch.zeros(num_envs)  # noqa: E731
         self.x, self.y, self.z, self.theta = z(), z(), z(), z()
         self.rotation = torch.zeros(num_envs, 4, dtype=torch.float64)
         self.goal_x, self.goal_y, self.goal_z = z(), z(), z()
-        self.start_x, self.start_z, self.start_theta = z(), z(), z()
-        self.start_distance, self.prev_distance, self.path_length = z(), z(), z()
-        self.steps, self.collisions, self.episode_index = z(torch.long), z(torch.long), z(torch.long)
-        self.active = torch.ones(num_envs, dtype=torch.bool)
         self._frames: list[dict | None] = [None] * num_envs
-        self.reset_seconds = 0.0
-        """Wall time spent starting episodes (scene loads included)."""
         self.pool = WorkerPool(sim_class, settings, start_method)
 
     @property
@@ -184,19 +172,6 @@ class WorkerVectorEnv:
         """The agents' poses under the names the embedded simulator uses (``x``, ``z``, ``theta``, ``goal_x``,
         ``goal_z``), for code that reads ``envs.sim.x`` (evaluation's paths)."""
         return self
-
-    @property
-    def obs_spaces(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        r = self.resolution
-        spaces = {}
-        if "rgb" in self.sensors:
-            spaces["rgb"] = ((r, r, 3), torch.uint8)
-        if "depth" in self.sensors:
-            spaces["depth"] = ((r, r, 1), torch.float32)
-        spaces["pointgoal_with_gps_compass"] = ((2,), torch.float32)
-        spaces["gps"] = ((2,), torch.float32)
-        spaces["compass"] = ((1,), torch.float32)
-        return spaces
 
     # ------------------------------------------------------------------------------------------- frames
     def _take(self, envs: list[int], frames: list[dict]) -> None:
@@ -220,16 +195,10 @@ class WorkerVectorEnv:
             self.goal_x[e], self.goal_y[e], self.goal_z[e] = ep.goal_position
         return frames
 
-    def _start_episodes(self, env_ids: list[int]) -> list[int]:
-        t0 = time.perf_counter()
-        started = []
-        for e in env_ids:
-            k = self.iterators[e].next() if self.active[e] else None
-            if k is None:
-                self.active[e] = False
-                continue
+    def _start_episodes_untimed(self, env_ids: list[int]) -> list[int]:
+        started, ks = self._next_episodes(env_ids)
+        for e, k in zip(started, ks):
             self.episode_index[e] = k
-            started.append(e)
         if started:
             eps = [self.episodes[int(self.episode_index[e])] for e in started]
             frames = self._place(started, [(ep.start_position, ep.start_rotation) for ep in eps])
@@ -238,7 +207,6 @@ class WorkerVectorEnv:
             d0 = torch.tensor([f["geodesic"] for f in frames], dtype=torch.float32)
             self.start_distance[ids], self.prev_distance[ids] = d0, d0
             self.path_length[ids], self.steps[ids], self.collisions[ids] = 0.0, 0, 0
-        self.reset_seconds += time.perf_counter() - t0
         return started
 
     def _observe(self, env_ids: list[int] | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -255,17 +223,13 @@ class WorkerVectorEnv:
         return {k: v.to(self.device) for k, v in obs.items()}
 
     # ------------------------------------------------------------------------------------------- API
-    def reset(self) -> dict[str, torch.Tensor]:
-        self._start_episodes(list(range(self.num_envs)))
-        return self._observe()
-
     def step(self, actions: torch.Tensor) -> StepResult:
         actions = torch.where(self.active, actions.detach().cpu().long().reshape(-1), STOP)
         was_active = self.active.clone()
         envs = was_active.nonzero().flatten().tolist()
         before = torch.stack([self.x, self.y, self.z], dim=1)
         self._take(envs, self.pool.call(envs, "step", [(int(actions[e]),) for e in envs]))
-        count_steps(self.iterators, was_active)
+        self._count_step(was_active)
         moved = torch.linalg.vector_norm(torch.stack([self.x, self.y, self.z], dim=1) - before, dim=1)
         collided = torch.tensor([bool(f["collided"]) for f in self._frames]) & was_active
         distance = torch.tensor([f["geodesic"] for f in self._frames], dtype=torch.float32)
@@ -277,20 +241,7 @@ class WorkerVectorEnv:
         reward, metrics = pointnav_step(self.task, stop, was_active, self.prev_distance, distance,
                                         self.start_distance, self.path_length)
         self.prev_distance = distance
-        info = {
-            **metrics,
-            "collisions": self.collisions.clone(), "steps": self.steps.clone(),
-            "path_length": self.path_length.clone(), "geodesic_distance": self.start_distance.clone(),
-            "episode_index": self.episode_index.clone(), "collided": collided,
-            "agent_x": self.x.clone(), "agent_z": self.z.clone(), "agent_theta": self.theta.clone(),
-            "goal_x": self.goal_x.clone(), "goal_z": self.goal_z.clone(),
-        }
-        obs = self._observe()
-        final_obs = start_next_episodes(self, obs, terminated | truncated)
-        info["active"] = self.active.clone()
-        dev = self.device
-        info = {k: v.to(dev) for k, v in info.items()}
-        return StepResult(obs, reward.to(dev), terminated.to(dev), truncated.to(dev), info, final_obs)
+        return self._end_step(reward, terminated, truncated, metrics, collided)
 
     def oracle_actions(self) -> torch.Tensor:
         """Each env's next action along the shortest path (STOP within 0.75 x success distance of the goal)."""
@@ -301,44 +252,14 @@ class WorkerVectorEnv:
                                  dtype=torch.long)
         return out
 
-    def restart(self, env_ids: list[int]) -> dict[str, torch.Tensor]:
-        """Abandon the current episodes of ``env_ids`` and start their next ones; returns all observations."""
-        self._start_episodes(list(env_ids))
-        return self._observe()
-
-    def current_episodes(self) -> list[Episode | None]:
-        return [self.episodes[int(k)] if a else None for k, a in zip(self.episode_index, self.active)]
-
-    _STATE = ("start_x", "start_z", "start_theta", "start_distance", "prev_distance", "path_length", "steps",
-              "collisions", "episode_index", "active", "x", "y", "z", "theta", "rotation")
-
-    def state_dict(self) -> dict:
-        """Everything needed to continue mid-episode: iterator positions, agent poses, episode counters."""
-        state = {k: getattr(self, k).clone() for k in self._STATE}
-        state["iterators"] = [it.state_dict() for it in self.iterators]
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        load_iterators(self.iterators, state["iterators"])
-        for k in self._STATE:
-            getattr(self, k).copy_(state[k])
+    def _restore_poses(self, state: dict) -> None:
         # agents turn about y only, so (position, rotation) is their whole pose
         poses = [([float(self.x[e]), float(self.y[e]), float(self.z[e])], self.rotation[e].tolist())
                  for e in range(self.num_envs)]
         self._place(list(range(self.num_envs)), poses)
 
-    def observe(self) -> dict[str, torch.Tensor]:
-        """Observations of the current state (after ``load_state_dict``)."""
-        return self._observe()
-
     def close(self) -> None:
         self.pool.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # ----------------------------------------------------------------------------------------------- embedded
