@@ -35,7 +35,7 @@ from tiny import tiny
 
 from ddppo import checkpoint
 from ddppo.config import load_config
-from ddppo.sim.data import generate_dataset
+from ddppo.sim.dataset_dir import generate_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 HELPERS = Path(__file__).resolve().parent / "helpers"
