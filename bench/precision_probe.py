@@ -35,10 +35,10 @@ import ddppo.policy.encoders.small_cnn  # noqa: E402
 from ddppo.bench import machine  # noqa: E402
 from ddppo.config import load_config  # noqa: E402
 from ddppo.distributed import resolve_device  # noqa: E402
-from ddppo.evaluation_cli import policy_spaces  # noqa: E402
-from ddppo.memory import keep_freed_memory  # noqa: E402
+from ddppo.malloc_settings import keep_freed_memory  # noqa: E402
 from ddppo.policy import build_policy  # noqa: E402
 from ddppo.policy.precision import has_native_bfloat16  # noqa: E402
+from ddppo.trained_policy import policy_spaces  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16")
 

@@ -11,8 +11,9 @@ import time
 import torch
 
 from ddppo.config import DatasetConfig, SimConfig, TaskConfig
-from ddppo.memory import keep_freed_memory, peak_memory
-from ddppo.sim.data import ensure_dataset, load_split
+from ddppo.malloc_settings import keep_freed_memory
+from ddppo.peak_memory import peak_memory
+from ddppo.sim.dataset_dir import ensure_dataset, load_split
 from ddppo.sim.vector_env import PointNavVectorEnv
 
 
@@ -115,7 +116,7 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
 
     from ddppo.config import load_config
     from ddppo.distributed import DistInfo, resolve_device, resolve_sim_device
-    from ddppo.envs import make_vector_env
+    from ddppo.env_factory import make_vector_env
     from ddppo.policy import build_policy
     from ddppo.rl.flat_grads import FlatGradients
     from ddppo.rl.ppo import make_adam

@@ -16,7 +16,7 @@ import torch
 
 from ddppo.bench import machine
 from ddppo.config import DatasetConfig, load_config
-from ddppo.memory import peak_memory
+from ddppo.peak_memory import peak_memory
 
 BENCH_DATASET = DatasetConfig(scenes={"train": 0, "val": 4, "test": 0}, episodes_per_scene={"val": 20},
                               min_extent=4.0, max_extent=10.0, max_rooms=4, max_objects_per_room=2, max_geodesic=12.0)
@@ -25,7 +25,7 @@ BENCH_DATASET = DatasetConfig(scenes={"train": 0, "val": 4, "test": 0}, episodes
 
 def _prepare(data_dir: Path, split: str) -> Path:
     """The embedded dataset (generated when missing) and its export for habitat-sim beside it."""
-    from ddppo.sim.data import generate_dataset, has_dataset
+    from ddppo.sim.dataset_dir import generate_dataset, has_dataset
     from ddppo.sim.scene_export import export_dataset
 
     if not has_dataset(data_dir, split):
@@ -48,7 +48,7 @@ def bench_backends(num_envs: int = 4, resolution: int = 64, sensors=("depth",), 
                    warmup: int = 50, data_dir: str = "data/pointnav_bench", split: str = "val", rounds: int = 3,
                    episode_steps: int = 100, seed: int = 0) -> dict:
     """Env-steps/s of both backends on the same scenes under the same random movement actions."""
-    from ddppo.envs import make_vector_env
+    from ddppo.env_factory import make_vector_env
     from ddppo.sim.habitat_backend import HabitatUnavailable, require_habitat_sim
 
     if rounds < 1 or steps < 1:

@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ddppo.distributed import resolve_device, resolve_sim_device
-from ddppo.memory import peak_memory, reset_peak_rss
+from ddppo.peak_memory import peak_memory, reset_peak_rss
 from ddppo.policy import GOAL_SENSOR, build_policy, goal_features
 from ddppo.policy.precision import encode
 from ddppo.sim.gym_env import _observation_space
@@ -267,7 +267,7 @@ def run_ddppo(cfg, val_episodes: int, device: str) -> dict:
 
 
 def run_peer(kind: str, cfg, val_episodes: int, device: str) -> dict:
-    from ddppo.envs import make_vector_env
+    from ddppo.env_factory import make_vector_env
 
     reset_peak_rss()
     t0, c0, load = time.perf_counter(), time.process_time(), LoadSampler()
@@ -302,7 +302,7 @@ def bench_peer(overrides: list[str], frames: int = 100_000, val_episodes: int = 
     are deterministic, so every round trains the same agents: only the first round's agents are evaluated."""
     from ddppo.bench import machine
     from ddppo.config import load_config
-    from ddppo.sim.data import ensure_dataset
+    from ddppo.sim.dataset_dir import ensure_dataset
 
     unknown = set(peers) - set(PEERS)
     if unknown:

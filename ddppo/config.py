@@ -188,7 +188,7 @@ class TrainConfig:
     """torch threads per worker, which the renderer uses too; 0 = torch's default (torchrun sets 1; under SLURM,
     the task's CPUs)."""
     keep_freed_memory: bool = True
-    """Have glibc's malloc keep freed blocks up to 32 MB for reuse rather than unmapping them (ddppo.memory.
+    """Have glibc's malloc keep freed blocks up to 32 MB for reuse rather than unmapping them (ddppo.malloc_settings.
     keep_freed_memory): on CPU, a PPO update otherwise page-faults its activations in afresh every minibatch."""
     checkpoint_interval: int = 50
     """Updates between checkpoints."""
@@ -294,7 +294,7 @@ def check(cfg) -> None:
     need(0 < dd.min_rollout_frac <= 1, f"ddppo.min_rollout_frac={dd.min_rollout_frac} must be in (0, 1]")
     need(dd.backend in ("auto", "gloo", "nccl"), f"ddppo.backend={dd.backend!r}: use auto, gloo or nccl")
     need(task.split in ("train", "val", "test"), f"task.split={task.split!r}: use train, val or test")
-    from ddppo.envs import TASKS
+    from ddppo.env_factory import TASKS
 
     need(task.type in TASKS, f"task.type={task.type!r}: use one of {', '.join(TASKS)}")
     tr = cfg.transfer

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ddppo.sim.data import load_split
+from ddppo.sim.dataset_dir import load_split
 from ddppo.sim.vector_env import PointNavVectorEnv
 from ddppo.transfer.tasks import ExplorationVectorEnv, FleeVectorEnv
 

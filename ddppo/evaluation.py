@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 
 from ddppo.atomic import atomic_open
 from ddppo.distributed import DistInfo
-from ddppo.envs import make_vector_env
-from ddppo.sim.data import ensure_dataset, episodes_path, load_split
+from ddppo.env_factory import make_vector_env
 from ddppo.sim.dataset import load_episodes
+from ddppo.sim.dataset_dir import ensure_dataset, episodes_path, load_split
 from ddppo.sim.geometry import MOVE_FORWARD
 from ddppo.sim.task import METRICS
 from ddppo.sim.vector_env import PointNavVectorEnv

@@ -1,9 +1,9 @@
 """CPU tensors through numpy: row writes, and the numba kernels' arguments.
 
-On a small CPU each torch call costs several microseconds of dispatch before any work (index, then ``copy_``:
-~13 us per row written on the 2-core VM; even ``Tensor.numpy()`` costs ~3.5 us), and a step of the environment and
-of the rollout's bookkeeping makes dozens of such small calls; a numpy assignment into a view made once costs
-~1 us. Other devices use torch."""
+On a small CPU each torch call costs more in dispatch than in work when it writes one row (index, then ``copy_``;
+even ``Tensor.numpy()`` is not free), and a step of the environment and of the rollout's bookkeeping makes dozens
+of such small calls; a numpy assignment into a view made once costs a fraction of that. Other devices use torch.
+(bench/LOG.md has the measurements.)"""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def put_rows(dst: torch.Tensor, ids, values) -> None:
 
 class HostViews:
     """numpy views of long-lived CPU tensors (an environment's or a simulator's state), made once: ``Tensor.numpy()``
-    itself costs ~3.5 us a call on a small CPU, and starting episodes writes a dozen rows.
+    itself costs a noticeable share of a one-row write, and starting episodes writes a dozen rows.
 
     A tensor not given at construction (another device, or an attribute since replaced by a new tensor) still works:
     it takes :func:`put_rows`'s path. Each view is keyed by its tensor's identity and holds the tensor, so a view can

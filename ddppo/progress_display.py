@@ -1,25 +1,9 @@
-"""TensorBoard scalars and a console progress display that people can trust (fps, ETA, latest success/SPL)."""
+"""A console progress display that people can trust (fps, ETA, latest success/SPL)."""
 
 from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
-
-from torch.utils.tensorboard import SummaryWriter
-
-
-class TBWriter:
-    def __init__(self, log_dir: str | Path, purge_step: int | None = None):
-        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        for k, v in values.items():
-            self.writer.add_scalar(k, float(v), step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 class ProgressDisplay:

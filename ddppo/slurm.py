@@ -118,7 +118,8 @@ class EvalJob:
     def __call__(self) -> int:
         import submitit
 
-        from ddppo.cli import main as cli_main
+        from ddppo.cli_arguments import parse
+        from ddppo.evaluation_cli import run_eval
 
         env = submitit.JobEnvironment()
 
@@ -129,7 +130,7 @@ class EvalJob:
 
         signal.signal(signal.SIGUSR1, on_usr1)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        code = cli_main(["eval", *self.argv])
+        code = run_eval(parse(["eval", *self.argv]))
         if code:
             raise RuntimeError(f"ddppo eval {' '.join(self.argv)} exited with code {code}")
         return code

@@ -33,6 +33,7 @@ import torch.distributed as dist  # noqa: E402
 
 from ddppo.atomic import atomic_write_text  # noqa: E402
 from ddppo.bench_hooks import BenchHooks  # noqa: E402
+from ddppo.cli_arguments import parse_train_args  # noqa: E402
 from ddppo.config import load_config, save_config  # noqa: E402
 from ddppo.distributed import (  # noqa: E402
     RolloutCounter,
@@ -41,18 +42,20 @@ from ddppo.distributed import (  # noqa: E402
     init_distributed,
     resolve_sim_device,
 )
-from ddppo.envs import make_vector_env  # noqa: E402
+from ddppo.env_factory import make_vector_env  # noqa: E402
 from ddppo.evaluation import evaluate_policy  # noqa: E402
-from ddppo.memory import keep_freed_memory, peak_memory  # noqa: E402
+from ddppo.malloc_settings import keep_freed_memory  # noqa: E402
+from ddppo.peak_memory import peak_memory  # noqa: E402
 from ddppo.policy import build_policy  # noqa: E402
+from ddppo.progress_display import ProgressDisplay  # noqa: E402
 from ddppo.resume import restore_resume, save_resume, set_aside_previous_run  # noqa: E402
 from ddppo.rl.episode_stats import EpisodeStats  # noqa: E402
 from ddppo.rl.flat_grads import FlatGradients  # noqa: E402
 from ddppo.rl.ppo import bootstrap_truncated, make_adam  # noqa: E402
 from ddppo.rl.storage import RolloutStorage  # noqa: E402
-from ddppo.sim.data import ensure_dataset  # noqa: E402
+from ddppo.sim.dataset_dir import ensure_dataset  # noqa: E402
 from ddppo.sim.kernels.numba_kernels import set_render_threads  # noqa: E402
-from ddppo.telemetry import ProgressDisplay, TBWriter  # noqa: E402
+from ddppo.tensorboard_writer import TBWriter  # noqa: E402
 from ddppo.train_records import (  # noqa: E402
     Counters,
     Learned,
@@ -413,9 +416,7 @@ def run_training(config_file: str | None, overrides: list[str], fresh: bool = Fa
 
 def main(argv=None) -> int:
     """``python ddppo/train.py`` and ``torchrun ddppo/train.py``: ``ddppo train``'s arguments, read by its parser
-    (ddppo.cli), but without the packaged default YAML: no --config means the dataclass defaults alone."""
-    from ddppo.cli import parse_train_args  # the one argument parser; ddppo.cli imports this module only to run it
-
+    (ddppo.cli_arguments), but without the packaged default YAML: no --config means the dataclass defaults alone."""
     args = parse_train_args(argv)
     return run_training(args.config, args.overrides, args.fresh)
 

@@ -7,7 +7,7 @@ import pytest
 from habitat_support import need_habitat
 
 from ddppo.config import DatasetConfig
-from ddppo.sim.data import generate_dataset
+from ddppo.sim.dataset_dir import generate_dataset
 from ddppo.sim.scene import WALL, Scene
 
 SMALL_DATASET = DatasetConfig(scenes={"train": 3, "val": 3}, episodes_per_scene={"train": 20, "val": 10},

@@ -24,9 +24,9 @@ import torch
 from habitat_support import need_habitat
 
 from ddppo.config import load_config
-from ddppo.envs import make_vector_env
-from ddppo.sim.data import episodes_path
+from ddppo.env_factory import make_vector_env
 from ddppo.sim.dataset import Episode, load_episodes, save_episodes
+from ddppo.sim.dataset_dir import episodes_path
 from ddppo.sim.geometry import MOVE_FORWARD, STOP, TURN_LEFT, TURN_RIGHT, heading_to_quaternion
 from ddppo.sim.worker_env import EmbeddedWorkerSim, WorkerVectorEnv
 
@@ -159,7 +159,8 @@ def test_observation_spaces_and_ranges(backend):
 
 
 def test_pointgoal_is_the_goal_in_the_agent_frame(backend):
-    """DESIGN §3: d = R^-1 (goal - pos), rho = |(-d_z, d_x)|, phi = atan2(d_x, -d_z), observed as [rho, -phi]."""
+    """docs/design.md, "Task semantics": d = R^-1 (goal - pos), rho = |(-d_z, d_x)|, phi = atan2(d_x, -d_z),
+    observed as [rho, -phi]."""
     env = backend.make(2)
     env.reset()
     rng = np.random.default_rng(1)

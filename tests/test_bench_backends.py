@@ -8,7 +8,7 @@ import json
 from habitat_support import need_habitat
 
 from ddppo.cli import main as cli_main
-from ddppo.sim.data import has_dataset
+from ddppo.sim.dataset_dir import has_dataset
 
 
 def test_bench_backends_runs_both_simulators_on_the_same_scenes(tmp_path, capsys, monkeypatch):

@@ -19,7 +19,7 @@ from tiny import TINY_AGENT
 
 from ddppo.cli import main as cli_main
 from ddppo.config import load_config
-from ddppo.envs import make_vector_env
+from ddppo.env_factory import make_vector_env
 from ddppo.policy import build_policy
 
 needs_sb3 = pytest.mark.skipif(

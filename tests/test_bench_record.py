@@ -11,7 +11,7 @@ import pytest
 from ddppo.bench import machine, record
 from ddppo.cli import main as cli_main
 from ddppo.config import load_config
-from ddppo.memory import peak_memory, peak_rss_mib, reset_peak_rss
+from ddppo.peak_memory import peak_memory, peak_rss_mib, reset_peak_rss
 from ddppo.train import train
 
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from ddppo.config import ConfigError, PPOConfig, TrainConfig, check, load_config
 from ddppo.policy import build_policy
-from ddppo.sim.data import generate_dataset
+from ddppo.sim.dataset_dir import generate_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml")) + sorted((REPO / "configs").rglob("*.yml"))

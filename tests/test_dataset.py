@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from habitat_lab_support import need_habitat_lab
 
-import ddppo.sim.data as data_mod
+import ddppo.sim.dataset_dir as data_mod
 from ddppo.config import DatasetConfig, load_config
-from ddppo.envs import make_vector_env
-from ddppo.sim.data import episodes_path, generate_dataset, load_split
+from ddppo.env_factory import make_vector_env
 from ddppo.sim.dataset import Episode, generate_episodes, load_episodes, save_episodes, scene_name
+from ddppo.sim.dataset_dir import episodes_path, generate_dataset, load_split
 from ddppo.sim.floorplan import FloorPlanConfig, generate_floor_plan, scene_seed
 from ddppo.sim.navmesh import GeodesicCache, NavGrid
 from ddppo.sim.scene import load_scene, save_scene
@@ -515,7 +515,7 @@ def test_generated_dataset_stores_geodesic_fields_that_match_fmm(small_dataset):
 
 
 def test_damaged_geodesic_store_only_costs_speed(small_dataset, tmp_path):
-    from ddppo.sim.data import geodesic_store_path
+    from ddppo.sim.dataset_dir import geodesic_store_path
 
     copy = tmp_path / "data"
     shutil.copytree(small_dataset, copy)
@@ -549,7 +549,7 @@ def test_dataset_generate_command(tmp_path, capsys):
 def test_geodesic_store_reads_members_in_place_and_falls_back_to_np_load(small_dataset, tmp_path):
     """Stored fields come from a memory map of the .npz (uncompressed members located once); whatever the map cannot
     place (here: a compressed copy of the same store) is read by np.load, with the same result."""
-    from ddppo.sim.data import geodesic_store_path
+    from ddppo.sim.dataset_dir import geodesic_store_path
     from ddppo.sim.navmesh import GeodesicStore
 
     episodes, _ = load_split(small_dataset, "val")

@@ -26,7 +26,7 @@ from ddppo.config import load_config
 from ddppo.distributed import resolve_device, resolve_sim_device
 from ddppo.policy import build_policy
 from ddppo.rl.ppo import ppo_loss
-from ddppo.sim.data import generate_dataset
+from ddppo.sim.dataset_dir import generate_dataset
 
 pytestmark = pytest.mark.distributed
 
@@ -238,7 +238,7 @@ def run_dumped_training(tmp_path: Path, overrides: list[str]) -> tuple[list[dict
 
 
 def test_torchrun_trainer_script_two_ranks(data_dir, tmp_path):
-    """`torchrun --nproc-per-node 2 ddppo/train.py ...` (the script form of DESIGN §1) trains, checkpoints, and
+    """`torchrun --nproc-per-node 2 ddppo/train.py ...` (the script form of `ddppo train`) trains, checkpoints, and
     logs steps that count the samples of both ranks. The default sync_frac 0.6 needs 1.2 finished ranks out of
     2, so nothing is ever preempted: rollout fraction exactly 1, no preempted rank."""
     updates = 3

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddppo.config import SimConfig, TaskConfig
-from ddppo.sim.data import load_split
+from ddppo.sim.dataset_dir import load_split
 from ddppo.sim.episode_order import EpisodeIterator, SceneGroupedIterator, load_iterators, make_iterators, split_scenes
 from ddppo.sim.geometry import STOP
 from ddppo.sim.vector_env import PointNavVectorEnv

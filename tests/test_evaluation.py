@@ -19,7 +19,7 @@ from habitat_support import need_habitat
 from ddppo.cli import main as cli_main
 from ddppo.config import load_config
 from ddppo.evaluation import Protocol, evaluation_protocol
-from ddppo.sim.data import generate_dataset, load_split
+from ddppo.sim.dataset_dir import generate_dataset, load_split
 from ddppo.sim.geometry import STOP
 from ddppo.train import train
 

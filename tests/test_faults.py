@@ -31,7 +31,7 @@ import ddppo.train as trainer
 from ddppo import checkpoint
 from ddppo.cli import main as cli_main
 from ddppo.config import load_config
-from ddppo.sim.data import generate_dataset
+from ddppo.sim.dataset_dir import generate_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 LONG = os.environ.get("DDPPO_LONG_TESTS") == "1"  # longer forms of the signal and soak tests

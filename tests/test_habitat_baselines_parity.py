@@ -34,13 +34,13 @@ from omegaconf import OmegaConf
 
 from ddppo import checkpoint
 from ddppo.config import load_config
-from ddppo.evaluation_cli import policy_from_checkpoint
 from ddppo.policy import GOAL_SENSOR, build_policy
 from ddppo.policy.habitat_baselines_weights import ddppo_state_dict
 from ddppo.rl.ppo import ppo_loss
 from ddppo.rl.storage import RolloutStorage
 from ddppo.sim.habitat_backend import HFOV
 from ddppo.sim.navmesh import AGENT_HEIGHT, AGENT_RADIUS, SENSOR_HEIGHT
+from ddppo.trained_policy import policy_from_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = [REPO / "configs" / "pointnav" / "habitat_baselines.yaml",
@@ -432,7 +432,7 @@ def test_checkpoint_is_read_without_its_code_and_mismatches_are_refused(hb_check
 def test_ddppo_eval_runs_the_habitat_baselines_checkpoint(hb_checkpoint, tmp_path, capsys):
     """`ddppo eval HB_CHECKPOINT --protocol habitat` on embedded scenes: its own config gives the image size."""
     from ddppo.cli import main as cli_main
-    from ddppo.sim.data import generate_dataset
+    from ddppo.sim.dataset_dir import generate_dataset
 
     _, path = hb_checkpoint
     data = tmp_path / "data"

@@ -22,9 +22,9 @@ import torch
 from habitat_support import need_habitat
 
 from ddppo.config import load_config
-from ddppo.envs import make_vector_env
-from ddppo.sim.data import episodes_path
+from ddppo.env_factory import make_vector_env
 from ddppo.sim.dataset import load_episodes
+from ddppo.sim.dataset_dir import episodes_path
 
 RESOLUTION = 64
 MAX_DEPTH = 10.0

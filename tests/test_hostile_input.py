@@ -32,9 +32,9 @@ import ddppo.train as trainer
 from ddppo import checkpoint
 from ddppo.cli import main as cli_main
 from ddppo.config import ConfigError, TrainConfig, load_config
-from ddppo.envs import make_vector_env
-from ddppo.sim.data import episodes_path, generate_dataset
+from ddppo.env_factory import make_vector_env
 from ddppo.sim.dataset import load_episodes
+from ddppo.sim.dataset_dir import episodes_path, generate_dataset
 
 TINY = tiny(2, 8, "task.max_episode_steps=50", "log_interval=1", "checkpoint_interval=1")
 

@@ -39,7 +39,7 @@ def test_keep_freed_memory_stops_refaulting(tmp_path):
     pages_per_round = 10 * 4 * 2**20 // 4096
     default = run("print(faults_per_round())", tmp_path)
     kept = run("""
-        from ddppo.memory import keep_freed_memory
+        from ddppo.malloc_settings import keep_freed_memory
         assert keep_freed_memory()
         print(faults_per_round())
     """, tmp_path)

@@ -14,8 +14,8 @@ import pytest
 import trimesh
 
 from ddppo.cli import main
-from ddppo.sim.data import episodes_path, load_split
 from ddppo.sim.dataset import load_episodes
+from ddppo.sim.dataset_dir import episodes_path, load_split
 from ddppo.sim.scene import FREE, OBJECT, WALL, load_scene
 from ddppo.sim.scene_export import (
     FLOOR_THICKNESS,

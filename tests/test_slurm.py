@@ -45,7 +45,7 @@ def tiny(tmp: Path, data: Path, total: int, **extra) -> list[str]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from ddppo.config import DatasetConfig
-    from ddppo.sim.data import generate_dataset
+    from ddppo.sim.dataset_dir import generate_dataset
 
     out = tmp_path_factory.mktemp("slurm_data") / "data"
     generate_dataset(out, DatasetConfig(scenes={"train": 2, "val": 1, "test": 1}, max_extent=8.0,

@@ -28,7 +28,7 @@ from ddppo import checkpoint
 from ddppo.cli import main as cli_main
 from ddppo.config import TrainConfig, load_config
 from ddppo.policy import build_policy
-from ddppo.sim.data import generate_dataset
+from ddppo.sim.dataset_dir import generate_dataset
 from ddppo.train import train
 
 NUM_ENVS, NUM_STEPS = 2, 8

@@ -21,15 +21,15 @@ from tiny import tiny
 
 from ddppo import checkpoint
 from ddppo.config import ConfigError, SimConfig, TaskConfig, TrainConfig, load_config
-from ddppo.envs import make_vector_env
+from ddppo.env_factory import make_vector_env
 from ddppo.evaluation import evaluate_policy, format_table
-from ddppo.evaluation_cli import policy_spaces
 from ddppo.policy import build_policy
-from ddppo.sim.data import generate_dataset
 from ddppo.sim.dataset import Episode
+from ddppo.sim.dataset_dir import generate_dataset
 from ddppo.sim.geometry import MOVE_FORWARD, STOP, TURN_RIGHT, heading_to_quaternion
 from ddppo.sim.navmesh import NavGrid
 from ddppo.train import train
+from ddppo.trained_policy import policy_spaces
 from ddppo.transfer.loading import CORE_MODULES, ENCODER_MODULES, apply_transfer
 from ddppo.transfer.tasks import COVERAGE_CELL, ExplorationVectorEnv, FleeVectorEnv
 

@@ -16,7 +16,7 @@ from tiny import tiny
 
 from ddppo.cli import main as cli_main
 from ddppo.config import load_config
-from ddppo.sim.data import generate_dataset
+from ddppo.sim.dataset_dir import generate_dataset
 from ddppo.train import train
 from ddppo.transfer.compare import compare, probe_observations
 from ddppo.transfer.similarity import InsufficientDatapointsWarning
@@ -75,7 +75,7 @@ def test_compare_reps_end_to_end(ckpts, tmp_path, capsys):
 
 
 def test_probe_set_is_fixed_by_its_seed(ckpts):
-    from ddppo.evaluation_cli import policy_from_checkpoint
+    from ddppo.trained_policy import policy_from_checkpoint
 
     _, cfg = policy_from_checkpoint(ckpts["a"])
     one, two = probe_observations(cfg, ["depth"], 40, seed=5), probe_observations(cfg, ["depth"], 40, seed=5)

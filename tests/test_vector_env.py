@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ddppo.config import SimConfig, TaskConfig
-from ddppo.rows import HostViews, put_rows
-from ddppo.sim.data import load_split
+from ddppo.numpy_views import HostViews, put_rows
 from ddppo.sim.dataset import Episode, check_episodes_in_scenes
+from ddppo.sim.dataset_dir import load_split
 from ddppo.sim.geometry import MOVE_FORWARD, STOP, TURN_LEFT, TURN_RIGHT, heading_to_quaternion
 from ddppo.sim.kernels import IMPLEMENTATIONS, select_kernels
 from ddppo.sim.navmesh import NavGrid

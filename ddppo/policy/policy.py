@@ -126,8 +126,8 @@ def action_log_probs(logits: Tensor, actions: Tensor) -> Tensor:
 
 
 def linear(layer: nn.Linear, x: Tensor) -> Tensor:
-    """``layer(x)`` without the module call. At rollout batch sizes a module call (~5 us, ~10 for a Sequential or a
-    ReLU module) costs as much as the small layer itself, so the policy applies its per-step layers through these
+    """``layer(x)`` without the module call. At rollout batch sizes a module call (more for a Sequential or a ReLU
+    module) costs as much as the small layer itself, so the policy applies its per-step layers through these
     two helpers: the same operations and results, but forward hooks registered on those submodules do not fire."""
     return F.linear(x, layer.weight, layer.bias)
 
@@ -263,10 +263,6 @@ class Policy(nn.Module):
         return self.visual_input.pool(obs) if self.visual_input is not None else obs
 
     # ------------------------------------------------------------------ recurrent state
-
-    @property
-    def is_blind(self) -> bool:
-        return self.encoder is None
 
     @property
     def num_hidden_layers(self) -> int:

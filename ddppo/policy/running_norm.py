@@ -47,7 +47,7 @@ class RunningMeanAndVar(nn.Module):
         # Additive statistics (image count, sum of per-image means, sum of per-image mean squares) so that a
         # single all-reduce combines ranks exactly. Each image is summed in its own dtype (torch sums pairwise: a
         # relative error ~1e-7 for a camera image) and the images in float64; a float64 reduction over the whole
-        # batch cost 4x as much (~1 ms of a 512-frame PPO minibatch at depth 32x32), a float64 copy of it 3-4 ms
+        # batch, or a float64 copy of it, costs several times as much
         per_image = torch.stack([xd.sum(dim=(2, 3)), (xd * xd).sum(dim=(2, 3))])  # [2, N, C]
         stats = torch.cat(
             [

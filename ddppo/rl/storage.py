@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ddppo.numpy_views import HostViews
 from ddppo.rl.ppo import gae
-from ddppo.rows import HostViews
 
 __all__ = ["RolloutStorage", "Minibatch", "ObsSpaces"]
 
@@ -203,7 +203,7 @@ class RolloutStorage:
 
     def _write_row(self, buf: Tensor, index: int, src: Tensor) -> None:
         """``buf[index] = src`` reshaped to the row (``[N, 1]`` fits ``[N]``). On the CPU through the buffers' numpy
-        views: a step writes a dozen small rows, and torch's index + copy_ (+ reshape) cost ~10-15 us each there."""
+        views: a step writes a dozen small rows, and torch's index + copy_ (+ reshape) cost more than the copy there."""
         if self._host is not None and src.is_cpu and not src.requires_grad:
             row = self._host.view(buf)[index]
             row[...] = src.numpy().reshape(row.shape)
@@ -212,7 +212,7 @@ class RolloutStorage:
             row.copy_(src.reshape(row.shape))
 
     def _make_host_views(self) -> None:
-        # numpy views of the buffers, made once per device (see ddppo.rows.HostViews)
+        # numpy views of the buffers, made once per device (see ddppo.numpy_views.HostViews)
         self._host = (HostViews(*self.obs.values(), *(getattr(self, name) for name in _STEP_TENSORS))
                       if self.device.type == "cpu" else None)
 

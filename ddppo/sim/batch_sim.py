@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ddppo.rows import HostViews
+from ddppo.numpy_views import HostViews
 from ddppo.sim.kernels import select_kernels
 from ddppo.sim.navmesh import SENSOR_HEIGHT, NavGrid
 from ddppo.sim.scene import FREE, OBJECT, WALL

@@ -73,14 +73,15 @@ def _parts_path(out: Path | str, split: str, k: int) -> Path:
 
 
 def _generate_scenes_in_workers(job: dict, n_scenes: int, workers: int) -> list[list[Episode]]:
-    """Scenes k = w, w + workers, ... of a split in worker w, each worker a fresh ``python -m ddppo.sim.data``
+    """Scenes k = w, w + workers, ... of a split in worker w, each worker a fresh ``python -m ddppo.sim.dataset_dir``
     process; each scene's episodes come back through a file. (multiprocessing would fork this process's torch and
     numba threads, or with spawn re-run the caller's ``__main__``: a script without a main guard would recurse.)"""
     spec = json.dumps({**job, "plan": dataclasses.asdict(job["plan"]), "out": str(job["out"])})
     package_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    procs = [subprocess.Popen([sys.executable, "-m", "ddppo.sim.data", spec, str(w), str(workers), str(n_scenes)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env) for w in range(workers)]
+    command = [sys.executable, "-m", "ddppo.sim.dataset_dir", spec]
+    procs = [subprocess.Popen([*command, str(w), str(workers), str(n_scenes)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, env=env) for w in range(workers)]
     try:
         failures = []
         for proc in procs:
@@ -101,7 +102,7 @@ def _generate_scenes_in_workers(job: dict, n_scenes: int, workers: int) -> list[
 
 
 def _worker_main(argv: list[str]) -> None:
-    """``python -m ddppo.sim.data JOB_JSON W WORKERS N_SCENES``: the scenes of one generation worker."""
+    """``python -m ddppo.sim.dataset_dir JOB_JSON W WORKERS N_SCENES``: the scenes of one generation worker."""
     job = json.loads(argv[0])
     job["plan"] = FloorPlanConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["plan"].items()})
     w, workers, n_scenes = (int(a) for a in argv[1:4])

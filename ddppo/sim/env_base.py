@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ddppo.rows import put_rows
+from ddppo.numpy_views import put_rows
 from ddppo.sim.dataset import Episode
 from ddppo.sim.episode_order import load_iterators
 from ddppo.sim.task import METRICS

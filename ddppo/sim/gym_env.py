@@ -11,7 +11,7 @@ import torch
 from gymnasium import spaces
 
 from ddppo.config import DatasetConfig, SimConfig, TaskConfig
-from ddppo.sim.data import ensure_dataset, load_split
+from ddppo.sim.dataset_dir import ensure_dataset, load_split
 from ddppo.sim.topdown import top_down_map
 from ddppo.sim.vector_env import PointNavVectorEnv
 

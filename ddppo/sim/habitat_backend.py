@@ -180,7 +180,7 @@ class HabitatSim:
         sim_cfg.gpu_device_id = self.gpu
         sim_cfg.random_seed = self.seed
         sim_cfg.enable_physics = False  # kinematic navmesh motion, as PointNav
-        sim_cfg.allow_sliding = True  # collisions slide along walls (DESIGN §3)
+        sim_cfg.allow_sliding = True  # collisions slide along walls (docs/design.md, "Task semantics")
         if hasattr(sim_cfg, "navmesh_settings"):  # habitat-lab's default_agent_navmesh: habitat-sim recomputes
             sim_cfg.navmesh_settings = agent_navmesh_settings(self.hs)  # a scene's navmesh made with other settings
         actions = {name: hs.ActionSpec(name, hs.ActuationSpec(amount=amount)) for name, amount in (
@@ -273,8 +273,8 @@ def make_habitat_vector_env(cfg, split: str, num_envs: int, *, seed: int = 0, en
     """Habitat's PointNav: episodes from ``{task.data_dir}/{split}/{split}.json.gz`` (PointNavDatasetV1),
     scenes under ``task.scenes_dir``; one simulator process per environment."""
     from ddppo.distributed import ranks_from_env
-    from ddppo.sim.data import episodes_path
     from ddppo.sim.dataset import load_episodes
+    from ddppo.sim.dataset_dir import episodes_path
     from ddppo.sim.worker_env import WorkerVectorEnv
 
     episodes = load_episodes(episodes_path(cfg.task.data_dir, split))

@@ -153,8 +153,8 @@ def goal_key(goal_x: float, goal_z: float) -> tuple[float, float]:
 
 class GeodesicStore:
     """Geodesic fields precomputed by ``ddppo dataset generate``: one ``.npz`` per scene, distances in millimetres
-    as uint16 (65535 = unreachable), so starting an episode reads a field (from a memory map, ~20 us) instead of
-    running FMM."""
+    as uint16 (65535 = unreachable), so starting an episode reads a field (from a memory map) instead of running
+    FMM."""
 
     UNREACHABLE = 65535
 
@@ -191,8 +191,8 @@ class GeodesicStore:
 
     def _array_spans(self) -> dict[str, tuple[int, tuple[int, ...], np.dtype]]:
         """Where each uncompressed member's array lies in the file (offset, shape, dtype), so that a field is read
-        from a memory map (~20 us) rather than through np.load's zip member and header parsing (~280 us): episode
-        starts on first visits of goals are most of a short run's resets. Members it cannot place (compressed,
+        from a memory map rather than through np.load's zip member and header parsing, an order of magnitude slower:
+        episode starts on first visits of goals are most of a short run's resets. Members it cannot place (compressed,
         another .npy version) are left to np.load."""
         with open(self.path, "rb") as f:
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

@@ -156,38 +156,3 @@ def load_scene(path: str | os.PathLike) -> Scene:
 
 def random_colors(rng: np.random.Generator, n: int, lo: int = 40, hi: int = 235) -> np.ndarray:
     return rng.integers(lo, hi, size=(n, 3), dtype=np.int64).astype(np.uint8)
-
-
-def scene_from_image(path: str | os.PathLike, cell_size: float = 0.05, name: str | None = None, seed: int = 0):
-    """Import a floor plan from an occupancy image: dark pixels (< 128) are walls, the rest is floor.
-
-    Each connected floor region becomes a room with its own seeded colours.
-    """
-    import imageio.v3 as iio
-    from scipy import ndimage
-
-    path = Path(path)
-    try:
-        img = np.asarray(iio.imread(path))
-    except Exception as e:
-        raise ValueError(f"occupancy image {path}: cannot be read ({e})") from None
-    if img.ndim == 3:
-        img = img[..., :3].mean(axis=-1)
-    occupancy = np.where(img < 128, WALL, FREE).astype(np.uint8)
-    # a closed border keeps every ray and every agent inside the plan
-    occupancy[0, :] = occupancy[-1, :] = occupancy[:, 0] = occupancy[:, -1] = WALL
-    labels, n_rooms = ndimage.label(occupancy == FREE)
-    if n_rooms == 0:
-        raise ValueError(f"occupancy image {path}: no floor pixel (all pixels are dark)")
-    rng = np.random.default_rng(seed)
-    scene = Scene(
-        name=name or path.stem,
-        cell_size=float(cell_size),
-        origin=(0.0, 0.0),
-        occupancy=occupancy,
-        material=np.maximum(labels - 1, 0).astype(np.int32),
-        room_colors=random_colors(rng, 2 * n_rooms).reshape(n_rooms, 2, 3),
-        object_colors=np.zeros((0, 3), np.uint8),
-    )
-    scene.validate(f"occupancy image {path}")
-    return scene

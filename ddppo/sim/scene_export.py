@@ -265,7 +265,7 @@ def export_dataset(data_dir: str | Path, out_dir: str | Path, splits: list[str] 
     sim.backend=habitat`` runs them. The scene files and geodesic fields are copied too (``{out}/scenes``,
     ``{out}/geodesic``), so ``OUT`` is also the same dataset for the embedded simulator. ``navmesh`` None: where
     habitat-sim imports."""
-    from ddppo.sim.data import SPLITS, episodes_path, geodesic_store_path, has_dataset, load_split
+    from ddppo.sim.dataset_dir import SPLITS, episodes_path, geodesic_store_path, has_dataset, load_split
 
     data_dir, out = Path(data_dir), Path(out_dir)
     if not data_dir.is_dir():

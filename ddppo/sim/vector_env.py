@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from ddppo.rows import HostViews
+from ddppo.numpy_views import HostViews
 from ddppo.sim.batch_sim import BatchSimulator, SceneAtlas
 from ddppo.sim.dataset import Episode, check_episodes_in_scenes, scene_name
 from ddppo.sim.env_base import BatchedPointNavEnv, StepResult

@@ -1,1 +1,1 @@
-"""Transfer experiments and representation similarity (DESIGN.md §7)."""
+"""Transfer experiments and representation similarity (docs/design.md, "Representation similarity")."""

@@ -9,8 +9,9 @@ recurrent core reads. Conv maps are average-pooled over space (one datapoint per
 networks) and only layers with the same map size are paired.
 
 For every layer pair: symmetric PWCCA (the mean of the A-weighted and B-weighted scores of one CCA,
-ddppo.transfer.similarity) and linear CKA, in float64. Similarity values mean little alone (DESIGN §7), so every
-layer is also compared with the same layer of a **randomly initialised** network of A's (and B's) architecture,
+ddppo.transfer.similarity) and linear CKA, in float64. Similarity values mean little alone (docs/design.md,
+"Representation similarity"), so every layer is also compared with the same layer of a **randomly initialised**
+network of A's (and B's) architecture,
 and, with ``--baseline CKPT_C`` (e.g. the same task trained with another seed), with that network. CCA needs
 several datapoints per neuron: a pair with fewer than ``min_ratio`` (5) is refused with a one-line error.
 
@@ -30,10 +31,10 @@ import torch
 from omegaconf import OmegaConf
 
 from ddppo.atomic import atomic_write_text
-from ddppo.envs import make_vector_env
-from ddppo.evaluation_cli import policy_from_checkpoint, policy_spaces
+from ddppo.env_factory import make_vector_env
 from ddppo.policy import build_policy
-from ddppo.sim.data import ensure_dataset
+from ddppo.sim.dataset_dir import ensure_dataset
+from ddppo.trained_policy import policy_from_checkpoint, policy_spaces
 from ddppo.transfer.similarity import check_datapoints, linear_cka, pwcca
 
 DEFAULT_PROBE = 3000

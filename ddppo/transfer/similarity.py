@@ -13,7 +13,8 @@ Conventions
   of ``p`` and ``q`` neurons are perfectly correlated in ``p + q - datapoints + 1`` directions once
   ``p + q >= datapoints``). :func:`check_datapoints` warns below ``min_ratio`` (default 5) datapoints per
   neuron, and :func:`cca` runs it by default. Always report a random-init and a same-task-other-seed
-  baseline beside any similarity value (DESIGN.md §7): a number alone is not interpretable.
+  baseline beside any similarity value (docs/design.md, "Representation similarity"): a number alone is not
+  interpretable.
 
 Algorithm (:func:`cca`)
 -----------------------
@@ -126,8 +127,8 @@ def check_datapoints(n_neurons: int, n_datapoints: int, min_ratio: float = 5.0, 
     """Check that there are at least ``min_ratio`` datapoints per neuron.
 
     Returns True when there are enough. Otherwise warns with :class:`InsufficientDatapointsWarning` and
-    returns False, or raises ValueError when ``strict``. DESIGN.md §7 asks for 5-10x more datapoints than
-    neurons.
+    returns False, or raises ValueError when ``strict``. CCA needs 5-10x more datapoints than neurons
+    (docs/design.md, "Representation similarity").
     """
     n_neurons = int(n_neurons)
     n_datapoints = int(n_datapoints)

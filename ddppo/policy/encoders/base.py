@@ -105,7 +105,8 @@ class StagedEncoder(VisualEncoder):
     """An encoder made of ``stem``, ``layers`` (a ModuleList of stages) and ``compression``, each a stage of
     ``stages()`` for representation analysis; ``forward`` flattens the compressed map. Runs in plain NCHW memory:
     with channels-last input (a one-channel depth image permuted from [B, H, W, 1] has its strides) a ResNet18 PPO
-    minibatch learns 1.3-2.1x slower in bf16 on the CPU (GroupNorm's channels-last path; float32: within noise)."""
+    minibatch learns markedly slower in bf16 on the CPU (GroupNorm's channels-last path; float32: within noise;
+    bench/precision_probe.py --layouts measures it)."""
 
     def finish(self, backbone_channels: int, out_hw: tuple[int, int], ngroups: int) -> None:
         """Add the compression head for a backbone ending in ``backbone_channels`` x ``out_hw``."""

@@ -25,8 +25,8 @@ def _simple_cnn_geometry(input_hw: tuple[int, int]) -> list[tuple[int, int]]:
 
 class SimpleCNN(VisualEncoder):
     """Small three-conv CNN (Nature-CNN widths base, 2*base, base) for fast CPU experiments. Runs in channels-last
-    memory: with no normalisation layers, a PPO minibatch learns up to 1.1x faster so on the CPU (oneDNN) than in
-    NCHW (bench/precision_probe.py --layouts); the flat features keep the NCHW order (C, H, W) whatever the layout."""
+    memory: with no normalisation layers, a PPO minibatch learns faster so on the CPU (oneDNN) than in NCHW
+    (bench/precision_probe.py --layouts); the flat features keep the NCHW order (C, H, W) whatever the layout."""
 
     def __init__(self, in_channels: int, input_hw: tuple[int, int], base_planes: int = 32):
         super().__init__()

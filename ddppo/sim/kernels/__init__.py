@@ -84,7 +84,7 @@ class Kernels:
     pointnav_step: PointNavStepKernel
 
     def argument(self, host_views) -> Any:
-        """How to pass a tensor to these kernels, given its owner's ``ddppo.rows.HostViews``."""
+        """How to pass a tensor to these kernels, given its owner's ``ddppo.numpy_views.HostViews``."""
         return host_views.kernel_arg(self.name)
 
 

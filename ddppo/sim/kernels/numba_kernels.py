@@ -1,9 +1,9 @@
 """The embedded simulator's per-step kernels compiled for the CPU (numba), one per family, each the twin of the
 function of the same name in ``ddppo.sim.kernels.torch_kernels`` (the contract: ``ddppo.sim.kernels``).
 
-The wrappers take CPU tensors or their numpy views (``ddppo.rows.HostViews``) and return tensors; the ``_``-prefixed
-functions are the compiled loops. One compiled pass over the batch replaces dozens of small tensor operations,
-each of which costs more in dispatch than in work on a few dozen environments.
+The wrappers take CPU tensors or their numpy views (``ddppo.numpy_views.HostViews``) and return tensors; the
+``_``-prefixed functions are the compiled loops. One compiled pass over the batch replaces dozens of small tensor
+operations, each of which costs more in dispatch than in work on a few dozen environments.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numba
 import numpy as np
 import torch
 
-from ddppo.rows import as_numpy
+from ddppo.numpy_views import as_numpy
 from ddppo.sim.geometry import MOVE_FORWARD, STOP, TURN_LEFT, TURN_RIGHT
 from ddppo.sim.kernels.shading import ATTENUATION, CEILING_RGB, CHECKER, SIDE_SHADE, STRIPE, UNDER_WALL_RGB
 from ddppo.sim.navmesh import NEAR_GOAL
@@ -200,7 +200,7 @@ def set_render_threads(n: int) -> None:
 
     numba's OpenMP layer and torch share one libgomp, and numba starting its pool sets OpenMP's thread count to the
     pool's size (every core): from then on each torch op ran on all cores whatever ``torch.set_num_threads`` said,
-    so two one-thread trainings side by side on two cores each ran torch on two, 3.7x slower (bench/RESULTS.md,
+    so two one-thread trainings side by side on two cores each ran torch on two, several times slower (bench/LOG.md,
     "Each rank on its own thread budget"). The pool is started here, and torch's count put back."""
     global _render_threads_set
     torch_threads = torch.get_num_threads()
