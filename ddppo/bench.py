@@ -115,13 +115,8 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
     from omegaconf import OmegaConf
 
     from ddppo.config import load_config
-    from ddppo.distributed import DistInfo, resolve_device, resolve_sim_device
-    from ddppo.env_factory import make_vector_env
-    from ddppo.policy import build_policy
-    from ddppo.rl.flat_grads import FlatGradients
-    from ddppo.rl.ppo import make_adam
-    from ddppo.rl.storage import RolloutStorage
-    from ddppo.train import ppo_update, train
+    from ddppo.distributed import resolve_device, resolve_sim_device
+    from ddppo.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(config_file, [*overrides, f"run_dir={tmp}", "eval_episodes=0", "log_interval=1",
@@ -133,46 +128,10 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
         # each term on the devices the trainer uses (see train() and init_distributed)
         device = resolve_device(cfg.device)
         sim_device = resolve_sim_device(cfg.sim.device, device)
-        clock = _device_clock(device, sim_device)
-        env = make_vector_env(cfg, cfg.task.split, n, seed=cfg.seed, device=sim_device)
-        policy = build_policy(cfg.policy, env.obs_spaces).to(device)
-        obs = policy.preprocess({k: v.to(device) for k, v in env.reset().items()})
-        storage = RolloutStorage(T, n, policy.storage_spaces(env.obs_spaces),
-                                 (policy.num_hidden_layers, cfg.policy.hidden_size), device)
-        storage.set_first_observation(obs)
-        g = torch.Generator().manual_seed(0)
-        policy.eval()
-        for _ in range(T):  # warm-up (kernels compiled, geodesic cache filled) and a realistic rollout to learn on
-            env.step(torch.randint(0, 4, (n,), generator=g).to(sim_device))
-        hidden = storage.hidden[0]
-        prev = storage.prev_actions[0]
-        masks = storage.masks[0]
-        t_sim = t_act = 0.0
-        with torch.no_grad():
-            for _ in range(T):
-                ta = clock()
-                actions, logp, values, hidden = policy.act(obs, prev, masks, hidden)
-                tb = clock()
-                r = env.step(actions.to(sim_device))
-                tc = clock()
-                obs = policy.preprocess({k: v.to(device) for k, v in r.obs.items()})  # part of acting, as in training
-                t_act += tb - ta + clock() - tc
-                t_sim += tc - tb
-                prev, masks = actions, (~r.done).to(device).float()
-                storage.insert(obs, hidden, actions, logp, values, r.reward.to(device), masks, masks)
-        storage.compute_returns(torch.zeros(n, device=device), cfg.ppo.gamma, cfg.ppo.tau)
-        policy.train()
-        optimizer = make_adam(policy.parameters(), lr=cfg.ppo.lr, eps=cfg.ppo.eps)
-        grads = FlatGradients(policy.parameters())
-        ppo_update(policy, optimizer, grads, storage, cfg.ppo, DistInfo(device=device))  # warm-up
-        tl = clock()
-        ppo_update(policy, optimizer, grads, storage, cfg.ppo, DistInfo(device=device))
-        t_learn = clock() - tl
-        per_step = (t_sim + t_act + t_learn) / (T * n)
-        limit = 1.0 / per_step
+        t_sim, t_act, t_learn = _serial_terms(cfg, device, sim_device)
+        limit = 1.0 / ((t_sim + t_act + t_learn) / (T * n))
         # end to end: the real trainer, timed over its updates after the first (start-up excluded)
-        samples = T * n
-        cfg.total_steps = samples * (updates + 1)
+        cfg.total_steps = T * n * (updates + 1)
         result = train(OmegaConf.create(OmegaConf.to_container(cfg)), fresh=True, log=lambda *_: None,
                        show_progress=False)
         if len(result["progress"]) < 2:  # nothing to time after the first update: say what the run did instead
@@ -198,6 +157,53 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
         "overrides": overrides,
         "machine": machine(),
     }
+
+
+def _serial_terms(cfg, device: torch.device, sim_device: torch.device) -> tuple[float, float, float]:
+    """Seconds of one rollout's simulator steps and actions, and of one PPO update on it, each timed alone:
+    (t_sim, t_act, t_learn)."""
+    from ddppo.distributed import DistInfo
+    from ddppo.env_factory import make_vector_env
+    from ddppo.policy import build_policy
+    from ddppo.rl.flat_grads import FlatGradients
+    from ddppo.rl.ppo import make_adam
+    from ddppo.rl.storage import RolloutStorage
+    from ddppo.update import ppo_update
+
+    n, T = cfg.ppo.num_envs, cfg.ppo.num_steps
+    clock = _device_clock(device, sim_device)
+    env = make_vector_env(cfg, cfg.task.split, n, seed=cfg.seed, device=sim_device)
+    policy = build_policy(cfg.policy, env.obs_spaces).to(device)
+    obs = policy.preprocess({k: v.to(device) for k, v in env.reset().items()})
+    storage = RolloutStorage(T, n, policy.storage_spaces(env.obs_spaces),
+                             (policy.num_hidden_layers, cfg.policy.hidden_size), device)
+    storage.set_first_observation(obs)
+    g = torch.Generator().manual_seed(0)
+    policy.eval()
+    for _ in range(T):  # warm-up (kernels compiled, geodesic cache filled) and a realistic rollout to learn on
+        env.step(torch.randint(0, 4, (n,), generator=g).to(sim_device))
+    hidden, prev, masks = storage.hidden[0], storage.prev_actions[0], storage.masks[0]
+    t_sim = t_act = 0.0
+    with torch.no_grad():
+        for _ in range(T):
+            ta = clock()
+            actions, logp, values, hidden = policy.act(obs, prev, masks, hidden)
+            tb = clock()
+            r = env.step(actions.to(sim_device))
+            tc = clock()
+            obs = policy.preprocess({k: v.to(device) for k, v in r.obs.items()})  # part of acting, as in training
+            t_act += tb - ta + clock() - tc
+            t_sim += tc - tb
+            prev, masks = actions, (~r.done).to(device).float()
+            storage.insert(obs, hidden, actions, logp, values, r.reward.to(device), masks, masks)
+    storage.compute_returns(torch.zeros(n, device=device), cfg.ppo.gamma, cfg.ppo.tau)
+    policy.train()
+    optimizer = make_adam(policy.parameters(), lr=cfg.ppo.lr, eps=cfg.ppo.eps)
+    grads = FlatGradients(policy.parameters())
+    ppo_update(policy, optimizer, grads, storage, cfg.ppo, DistInfo(device=device))  # warm-up
+    tl = clock()
+    ppo_update(policy, optimizer, grads, storage, cfg.ppo, DistInfo(device=device))
+    return t_sim, t_act, clock() - tl
 
 
 def _device_clock(*devices: torch.device):

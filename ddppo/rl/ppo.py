@@ -213,23 +213,8 @@ def ppo_loss(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if value_clip not in ("max", "where"):
         raise ValueError(f"value_clip must be 'max' or 'where', got {value_clip!r}")
-    shape = log_probs.shape
-    named = {
-        "old_log_probs": old_log_probs,
-        "advantages": advantages,
-        "values": values,
-        "old_values": old_values,
-        "returns": returns,
-        "entropy": entropy,
-    }
-    if sample_weight is not None:
-        named["sample_weight"] = sample_weight
-    for name, tensor in named.items():
-        if tensor.shape != shape:
-            raise ValueError(
-                f"{name} has shape {tuple(tensor.shape)} but log_probs has shape {tuple(shape)}; "
-                "all per-sample inputs must have the same shape"
-            )
+    _check_same_shape(log_probs, old_log_probs=old_log_probs, advantages=advantages, values=values,
+                      old_values=old_values, returns=returns, entropy=entropy, sample_weight=sample_weight)
     weight = sample_weight.to(log_probs.dtype) if sample_weight is not None else None
 
     advantages = advantages.detach()
@@ -245,19 +230,7 @@ def ppo_loss(
     surr2 = torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * advantages
     policy_terms = -torch.min(surr1, surr2)
 
-    returns = returns.detach()
-    if clipped_value_loss and value_clip == "max":
-        old_values = old_values.detach()
-        values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
-        value_terms = 0.5 * torch.max((values - returns).pow(2), (values_clipped - returns).pow(2))
-    elif clipped_value_loss:
-        old_values = old_values.detach()
-        moved = values.detach() - old_values
-        kept = torch.where(moved.abs() < clip, values, old_values + moved.clamp(-clip, clip))
-        value_terms = 0.5 * (kept - returns).pow(2)
-    else:
-        value_terms = 0.5 * (values - returns).pow(2)
-
+    value_terms = _value_terms(values, old_values, returns.detach(), clip, clipped_value_loss, value_clip)
     policy_loss = _reduce(policy_terms, weight, reduction)
     value_loss = _reduce(value_terms, weight, reduction)
     entropy_term = _reduce(entropy, weight, reduction)
@@ -277,6 +250,30 @@ def ppo_loss(
         "clip_fraction": clip_fraction,
     }
     return total, info
+
+
+def _check_same_shape(log_probs: Tensor, **named: Tensor | None) -> None:
+    for name, tensor in named.items():
+        if tensor is not None and tensor.shape != log_probs.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)} but log_probs has shape {tuple(log_probs.shape)}; "
+                "all per-sample inputs must have the same shape"
+            )
+
+
+def _value_terms(values: Tensor, old_values: Tensor, returns: Tensor, clip: float, clipped: bool,
+                 value_clip: str) -> Tensor:
+    """Per-sample value loss, in the form ``ppo_loss`` documents."""
+    if clipped and value_clip == "max":
+        old_values = old_values.detach()
+        values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+        return 0.5 * torch.max((values - returns).pow(2), (values_clipped - returns).pow(2))
+    if clipped:
+        old_values = old_values.detach()
+        moved = values.detach() - old_values
+        kept = torch.where(moved.abs() < clip, values, old_values + moved.clamp(-clip, clip))
+        return 0.5 * (kept - returns).pow(2)
+    return 0.5 * (values - returns).pow(2)
 
 
 def make_adam(params, lr: float, eps: float) -> torch.optim.Adam:

@@ -51,13 +51,39 @@ def generate_floor_plan(seed, name: str, cfg: FloorPlanConfig | None = None) -> 
     H = cells(rng.uniform(cfg.min_extent, cfg.max_extent)) + 2 * t
     occ = np.zeros((H, W), np.uint8)
     occ[:t, :] = occ[-t:, :] = occ[:, :t] = occ[:, -t:] = WALL
+    leaves, walls, doors = _partition(rng, cfg, cells, (t, t, H - t, W - t), t)
+    material = _paint_rooms(occ, leaves, walls, doors, t)
+    n_objects = _place_objects(rng, cfg, cells, occ, material, leaves)
+    object_colors = random_colors(rng, n_objects)
+    room_colors = random_colors(rng, 2 * len(leaves)).reshape(len(leaves), 2, 3)
+    scene = Scene(
+        name=name,
+        cell_size=c,
+        origin=(-W * c / 2, -H * c / 2),
+        occupancy=occ,
+        material=material,
+        room_colors=room_colors,
+        object_colors=object_colors,
+        ceiling_height=float(np.round(rng.uniform(2.4, 3.0), 2)),
+    )
+    scene.validate(f"generated scene {name}")
+    return scene
 
+
+Rect = tuple[int, int, int, int]
+"""(j0, i0, j1, i1): interior cells [j0, j1) x [i0, i1)."""
+Span = tuple[str, int, int, int]
+"""(axis "row" | "col", line start, span lo, span hi): a wall, or a door cut through one."""
+
+
+def _partition(rng, cfg: FloorPlanConfig, cells, plan: Rect, t: int) -> tuple[list[Rect], list[Span], list[Span]]:
+    """Binary space partition of ``plan`` into rooms (and corridors), with the walls between them and a door in
+    each wall: (rooms, walls, doors)."""
     min_room = cells(cfg.min_room)
-    # rect = (j0, i0, j1, i1), interior cells [j0, j1) x [i0, i1); doors = open spans on the wall lines
-    leaves: list[tuple[int, int, int, int]] = []
-    walls: list[tuple[str, int, int, int]] = []  # (axis, line start, span lo, span hi)
-    doors: list[tuple[str, int, int, int]] = []  # (axis, line start, lo, hi) spans cut through a wall
-    stack = [(t, t, H - t, W - t)]
+    leaves: list[Rect] = []
+    walls: list[Span] = []
+    doors: list[Span] = []
+    stack = [plan]
     while stack:
         j0, i0, j1, i1 = stack.pop()
         h, w = j1 - j0, i1 - i0
@@ -72,7 +98,7 @@ def generate_floor_plan(seed, name: str, cfg: FloorPlanConfig | None = None) -> 
         use_corridor = rng.random() < cfg.corridor_prob and length >= 2 * min_room + corridor + 2 * t
         gap = corridor + 2 * t if use_corridor else t
         pos = _split_position(rng, lo_edge + min_room, lo_edge + length - min_room - gap, gap, t, doors, along_z,
-                             (j0, i0, j1, i1))
+                              (j0, i0, j1, i1))
         if pos is None:
             leaves.append((j0, i0, j1, i1))
             continue
@@ -94,7 +120,11 @@ def generate_floor_plan(seed, name: str, cfg: FloorPlanConfig | None = None) -> 
         if use_corridor:
             leaves.append(middle)
         stack.extend([first, second])
+    return leaves, walls, doors
 
+
+def _paint_rooms(occ: np.ndarray, leaves: list[Rect], walls: list[Span], doors: list[Span], t: int) -> np.ndarray:
+    """Walls and doors into ``occ``; returns each cell's room index (the material)."""
     for axis, line, lo, hi in walls:
         if axis == "row":
             occ[line : line + t, lo:hi] = WALL
@@ -105,8 +135,7 @@ def generate_floor_plan(seed, name: str, cfg: FloorPlanConfig | None = None) -> 
             occ[line : line + t, lo:hi] = FREE
         else:
             occ[lo:hi, line : line + t] = FREE
-
-    material = np.zeros((H, W), np.int32)
+    material = np.zeros(occ.shape, np.int32)
     for r, (j0, i0, j1, i1) in enumerate(leaves):
         material[j0:j1, i0:i1] = r
     # door cells belong to the room on their low side; walls painted from either side keep their own room colour
@@ -115,9 +144,14 @@ def generate_floor_plan(seed, name: str, cfg: FloorPlanConfig | None = None) -> 
             material[line : line + t, lo:hi] = material[max(line - 1, 0), lo:hi]
         else:
             material[lo:hi, line : line + t] = material[lo:hi, max(line - 1, 0)][:, None]
+    return material
 
+
+def _place_objects(rng, cfg: FloorPlanConfig, cells, occ: np.ndarray, material: np.ndarray,
+                   leaves: list[Rect]) -> int:
+    """Full-height clutter in each room, away from its walls, into ``occ`` and ``material`` (the object's index);
+    returns the number of objects."""
     n_objects = 0
-    object_colors = []
     margin = cells(0.6)
     for j0, i0, j1, i1 in leaves:
         for _ in range(int(rng.integers(cfg.objects_per_room[0], cfg.objects_per_room[1] + 1))):
@@ -129,20 +163,7 @@ def generate_floor_plan(seed, name: str, cfg: FloorPlanConfig | None = None) -> 
             occ[bj : bj + bh, bi : bi + bw] = OBJECT
             material[bj : bj + bh, bi : bi + bw] = n_objects
             n_objects += 1
-    object_colors = random_colors(rng, n_objects)
-    room_colors = random_colors(rng, 2 * len(leaves)).reshape(len(leaves), 2, 3)
-    scene = Scene(
-        name=name,
-        cell_size=c,
-        origin=(-W * c / 2, -H * c / 2),
-        occupancy=occ,
-        material=material,
-        room_colors=room_colors,
-        object_colors=object_colors,
-        ceiling_height=float(np.round(rng.uniform(2.4, 3.0), 2)),
-    )
-    scene.validate(f"generated scene {name}")
-    return scene
+    return n_objects
 
 
 def _split_position(rng, lo, hi, gap, t, doors, along_z, rect):
