@@ -43,29 +43,23 @@ class UpdateStats:
                 "loss/grad_norm": self.grad_norm}
 
 
-@dataclass
 class _Sums:
-    """This worker's share of the means :class:`UpdateStats` reports, summed over minibatches."""
+    """This worker's share of the means :class:`UpdateStats` reports, summed over minibatches (by field name)."""
 
-    policy_loss: float = 0.0
-    value_loss: float = 0.0
-    entropy: float = 0.0
-    approx_kl: float = 0.0
-    clip_fraction: float = 0.0
-    grad_norm: float = 0.0
-    minibatches: int = 0
+    def __init__(self):
+        self.values = {f.name: 0.0 for f in fields(UpdateStats) if f.name != "skipped"}
+        self.minibatches = 0
 
     def add(self, terms: dict[str, torch.Tensor], grad_norm: float, global_samples: float, world_size: int) -> None:
         # loss terms are sums over this worker's samples: divided by every worker's count they add up to the mean;
         # the gradient norm, the same on every worker after the all-reduce, is shared out equally
         for name in LOSS_TERMS:
-            setattr(self, name, getattr(self, name) + terms[name].item() / global_samples)
-        self.grad_norm += grad_norm / world_size
+            self.values[name] += terms[name].item() / global_samples
+        self.values["grad_norm"] += grad_norm / world_size
         self.minibatches += 1
 
     def means(self, info: DistInfo) -> UpdateStats:
-        packed = [getattr(self, f.name) for f in fields(UpdateStats) if f.name != "skipped"]
-        return UpdateStats(*(all_reduce_sum(packed, info) / self.minibatches).tolist())
+        return UpdateStats(*(all_reduce_sum(list(self.values.values()), info) / self.minibatches).tolist())
 
 
 def ppo_update(policy, optimizer, grads: FlatGradients, storage: RolloutStorage, ppo, info: DistInfo,
