@@ -18,8 +18,9 @@ def default_config() -> str:
 
 
 def default_results() -> str:
-    """bench/RESULTS.md of the checkout this package runs from."""
-    return str(Path(__file__).resolve().parent.parent / "bench" / "RESULTS.md")
+    """bench/LOG.md of the checkout this package runs from: the history that ``--record`` appends to (bench/RESULTS.md
+    is the page of current figures, written by hand from it)."""
+    return str(Path(__file__).resolve().parent.parent / "bench" / "LOG.md")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,7 +206,7 @@ def _add_slurm_commands(sub) -> None:
 def _add_record_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--record", action="store_true",
                         help="also append the result (command, machine, date, JSON) to the results file")
-    parser.add_argument("--results", default=default_results(), help="results file (default: bench/RESULTS.md)")
+    parser.add_argument("--results", default=default_results(), help="file --record appends to (default: bench/LOG.md)")
 
 
 def _add_resource_options(parser: argparse.ArgumentParser, time_default: str) -> None:
