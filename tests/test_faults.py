@@ -25,6 +25,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tiny import tiny
+from trainer_process import ddppo_command
 
 import ddppo.atomic
 import ddppo.train as trainer
@@ -104,11 +105,6 @@ def assert_run_dir_sound(run_dir: Path, ranks: int = 1) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- processes
-def ddppo_command() -> list[str]:
-    exe = Path(sys.executable).with_name("ddppo")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "ddppo"]
-
-
 def clean_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

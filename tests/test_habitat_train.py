@@ -7,16 +7,12 @@ runs are a few tiny updates."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from tiny import tiny
+from trainer_process import ddppo_command, sigterm_after_resume_state
 
 from ddppo import checkpoint
 from ddppo.cli import main as cli_main
@@ -38,11 +34,6 @@ def overrides(data: Path, runs: Path, *extra: str) -> list[str]:
             f"num_threads={torch.get_num_threads()}", *tiny(NUM_ENVS, NUM_STEPS), "ppo.lr_decay=false", *extra]
 
 
-def ddppo_command() -> list[str]:
-    exe = Path(sys.executable).with_name("ddppo")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "ddppo"]
-
-
 def same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -50,24 +41,9 @@ def same_tensors(a: dict, b: dict) -> bool:
 def interrupted_run(data: Path, tmp_path: Path) -> tuple[str, int]:
     """`ddppo train` on habitat until the first resume state, then SIGTERM: (console output, update it stopped at)."""
     run_dir = tmp_path / "runs" / "hab"
-    log_path = tmp_path / "first.log"
     cmd = [*ddppo_command(), "train", "--config", str(CONFIG), *overrides(data, tmp_path / "runs", "name=hab"),
            "total_steps=10000000"]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        try:
-            deadline = time.monotonic() + 300
-            while not (run_dir / "resume.pt").is_file():
-                assert proc.poll() is None, f"trainer exited early:\n{log_path.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, "no resume state within 300 s"
-                time.sleep(0.2)
-            proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(timeout=180)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    out = log_path.read_text()
+    rc, out = sigterm_after_resume_state(cmd, run_dir, tmp_path / "first.log", timeout_s=300)
     assert rc == 0, out[-3000:]
     return out, checkpoint.load(run_dir / "resume.pt")["state"]["update"]
 

@@ -13,8 +13,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tiny import tiny
+from trainer_process import ddppo_command, sigterm_after_resume_state
 
 from ddppo import checkpoint
 from ddppo.cli import main as cli_main
@@ -352,11 +351,6 @@ def test_train_restores_signal_handlers(data_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- signals
-def ddppo_command() -> list[str]:
-    exe = Path(sys.executable).with_name("ddppo")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "ddppo"]
-
-
 def test_sigterm_saves_resume_state_and_exits_cleanly(data_dir, tmp_path, capsys):
     """`ddppo train`, SIGTERM after the first checkpoint: exit code 0, a loadable resume state, and the same
     command continues from it to total_steps, ending exactly where an uninterrupted run ends."""
@@ -365,24 +359,8 @@ def test_sigterm_saves_resume_state_and_exits_cleanly(data_dir, tmp_path, capsys
     threads = f"num_threads={torch.get_num_threads()}"  # same float arithmetic as the in-process reference
     base = [*TINY, f"task.data_dir={data_dir}", f"run_dir={tmp_path / 'runs'}", threads]
     run_dir = tmp_path / "runs" / "sig"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    log1 = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen([*ddppo_command(), "train", "--config", str(config), *base, "total_steps=10000000"],
-                            stdout=log1, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 180
-        while not (run_dir / "resume.pt").is_file():
-            assert proc.poll() is None, f"trainer exited early:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no resume state written within 180 s"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log1.close()
-    out1 = (tmp_path / "first.log").read_text()
+    cmd = [*ddppo_command(), "train", "--config", str(config), *base, "total_steps=10000000"]
+    rc, out1 = sigterm_after_resume_state(cmd, run_dir, tmp_path / "first.log")
     assert rc == 0, out1[-3000:]
     assert "signal" in out1.lower()
     state = checkpoint.load(run_dir / "resume.pt")
