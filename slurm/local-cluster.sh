@@ -135,7 +135,9 @@ conf_two() {  # $1: the host whose slurm.conf this is (its own munge socket)
     echo "SlurmctldHost=${HOSTS[0]}(${ADDRS[0]})"
     common_conf /var/spool/slurmctld-two "$two_run/slurmctld.pid" /var/log/slurm/two-slurmctld.log
     cat <<CONF
-AuthInfo=socket=$two_munge/munge-$h.socket
+# cred_expire: how long a requeued job waits before it starts again (SLURM's default 120 s), for the job step
+# credentials of its last run to expire on every node
+AuthInfo=socket=$two_munge/munge-$h.socket,cred_expire=20
 SlurmdSpoolDir=/var/spool/slurmd-two/%n
 SlurmdPidFile=$two_run/slurmd-%n.pid
 SlurmdLogFile=/var/log/slurm/two-slurmd-%n.log

@@ -21,7 +21,7 @@ IFACE=veth0  # the same interface name on both hosts, as on a real cluster (GLOO
 
 die() { echo "two-hosts: $*" >&2; exit 1; }
 is_host() { local h; for h in "${HOSTS[@]}"; do [ "$h" = "$1" ] && return 0; done; return 1; }
-exists() { ip netns list | grep -qw "^$1"; }
+exists() { [ -e "/run/netns/$1" ]; }  # where `ip netns add` puts it
 
 kill_host() {  # SIGKILL until nothing runs there; bounded: processes can fork while they are being killed
   local host=$1 pids
