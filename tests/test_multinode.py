@@ -535,7 +535,9 @@ def test_lost_node_requeues_the_slurm_job_which_resumes(cluster, data_dir, tmp_p
             subprocess.run([str(CLUSTER), "start", "--nodes", "2"], check=True, capture_output=True, timeout=120)
             restarted = time.time()
         if proc is not None:
-            wait_all([proc], [log])
+            # the requeued job's whole second life (SLURM's hold, start, resume, the rest of the run): on 2 cores
+            # shared with other test runs it took over 300 s once
+            wait_all([proc], [log], timeout=2 * RUN_TIMEOUT)
         wait_until(lambda: job_gone(job_id), RUN_TIMEOUT, f"end of job {job_id}", poll=1)
     finally:
         if proc is not None and proc.poll() is None:
