@@ -60,3 +60,17 @@ def habitat_exported_dataset(small_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("habitat_export") / "data"
     export_dataset(small_dataset, out, ["val"], navmesh=True, log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def two_scene_dataset(tmp_path_factory):
+    """2 train + 1 val + 1 test small scenes (5-8 m), 20 / 5 / 5 episodes each: the distributed and multi-node runs'
+    data, generated once per session."""
+    from ddppo.config import load_config
+
+    out = tmp_path_factory.mktemp("two_scene") / "data"
+    cfg = load_config(None, ["dataset.scenes={train: 2, val: 1, test: 1}",
+                             "dataset.episodes_per_scene={train: 20, val: 5, test: 5}",
+                             "dataset.min_extent=5", "dataset.max_extent=8"]).dataset
+    generate_dataset(out, cfg, log=lambda *_: None)
+    return out

@@ -26,7 +26,6 @@ from ddppo.config import load_config
 from ddppo.distributed import resolve_device, resolve_sim_device
 from ddppo.policy import build_policy
 from ddppo.rl.ppo import ppo_loss
-from ddppo.sim.dataset_dir import generate_dataset
 
 pytestmark = pytest.mark.distributed
 
@@ -39,13 +38,8 @@ TINY = tiny(NUM_ENVS, NUM_STEPS, "ddppo.backend=gloo", "log_interval=1")
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dist_data") / "data"
-    cfg = load_config(None, ["dataset.scenes={train: 2, val: 1, test: 1}",
-                             "dataset.episodes_per_scene={train: 20, val: 5, test: 5}",
-                             "dataset.min_extent=5", "dataset.max_extent=8"]).dataset
-    generate_dataset(out, cfg, log=lambda *_: None)
-    return out
+def data_dir(two_scene_dataset) -> Path:
+    return two_scene_dataset
 
 
 def torchrun(args: list[str], env_extra: dict[str, str] | None = None, nproc: int = 2,

@@ -34,8 +34,6 @@ from test_faults import assert_run_dir_sound, saved_update, tb_steps
 from tiny import tiny
 
 from ddppo import checkpoint
-from ddppo.config import load_config
-from ddppo.sim.dataset_dir import generate_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 HELPERS = Path(__file__).resolve().parent / "helpers"
@@ -106,13 +104,8 @@ def clean_hosts(hosts):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("multinode_data") / "data"
-    cfg = load_config(None, ["dataset.scenes={train: 2, val: 1, test: 1}",
-                             "dataset.episodes_per_scene={train: 20, val: 5, test: 5}",
-                             "dataset.min_extent=5", "dataset.max_extent=8"]).dataset
-    generate_dataset(out, cfg, log=lambda *_: None)
-    return out
+def data_dir(two_scene_dataset) -> Path:
+    return two_scene_dataset
 
 
 def overrides(data_dir: Path, run_root: Path, name: str, updates: int, *extra: str) -> list[str]:
