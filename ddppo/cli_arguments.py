@@ -80,7 +80,8 @@ def _add_run_commands(sub) -> None:
     pl.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
     pl.add_argument("--out", default="curves.png")
     pl.add_argument("--metrics", default="episode/success,episode/spl")
-    pl.add_argument("--smooth", type=int, default=1, help="moving average over this many points")
+    pl.add_argument("--smooth", type=int, default=1,
+                    help="moving average over this many points (training windows; eval/* points are drawn as they are)")
     pl.set_defaults(handler="plot")
 
     cr = sub.add_parser("compare-reps", help="PWCCA and linear CKA between two checkpoints' encoders, per layer")

@@ -23,8 +23,18 @@ def read_curves(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]
             for tag in acc.Tags()["scalars"]}
 
 
+def drawn_values(metric: str, values: list[float], smooth: int) -> list[float]:
+    """The points a curve draws: training windows (episode/*, loss/*, ...) as a trailing moving average over
+    ``smooth`` points; evaluations (eval/*) as they are, each one a pass over the val split rather than a noisy
+    window, and far apart in frames."""
+    if smooth <= 1 or metric.startswith("eval/"):
+        return list(values)
+    return [sum(values[max(0, i - smooth + 1): i + 1]) / len(values[max(0, i - smooth + 1): i + 1])
+            for i in range(len(values))]
+
+
 def plot_runs(runs: list[str | Path], out: str | Path, metrics=DEFAULT_METRICS, smooth: int = 1) -> Path:
-    """One panel per metric, one line per run (moving average over ``smooth`` points)."""
+    """One panel per metric, one line per run (see :func:`drawn_values` for ``smooth``)."""
     curves = {str(r): read_curves(r) for r in runs}
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -32,10 +42,9 @@ def plot_runs(runs: list[str | Path], out: str | Path, metrics=DEFAULT_METRICS, 
             if metric not in c:
                 raise ValueError(f"run {name}: no scalar {metric!r} (has {', '.join(sorted(c)[:8])}, ...)")
             steps, values = c[metric]
-            if smooth > 1:
-                values = [sum(values[max(0, i - smooth + 1): i + 1]) / len(values[max(0, i - smooth + 1): i + 1])
-                          for i in range(len(values))]
-            ax.plot(steps, values, label=Path(name).name)
+            evaluation = metric.startswith("eval/")
+            ax.plot(steps, drawn_values(metric, values, smooth), marker="o" if evaluation else None,
+                    label=Path(name).name)
         ax.set_xlabel("frames (environment steps)")
         ax.set_title(metric)
         ax.grid(alpha=0.3)

@@ -19,6 +19,7 @@ from habitat_support import need_habitat
 from ddppo.cli import main as cli_main
 from ddppo.config import load_config
 from ddppo.evaluation import Protocol, evaluation_protocol
+from ddppo.plot import drawn_values
 from ddppo.sim.dataset_dir import generate_dataset, load_split
 from ddppo.sim.geometry import STOP
 from ddppo.train import train
@@ -218,6 +219,13 @@ def test_plot_writes_a_png(trained, tmp_path):
     img = iio.imread(out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and img.shape[0] > 100
     assert cli_main(["plot", str(run), "--out", str(out), "--metrics", "episode/nothing"]) == 2
+
+
+def test_plot_smooths_training_windows_but_not_evaluations():
+    values = [0.0, 0.3, 0.6, 0.3]
+    assert drawn_values("episode/spl", values, 2) == pytest.approx([0.0, 0.15, 0.45, 0.45])
+    assert drawn_values("episode/spl", values, 1) == values
+    assert drawn_values("eval/spl", values, 2) == values
 
 
 def test_checkpoint_of_another_architecture_or_damaged_is_a_one_line_error(trained, tmp_path, capsys):
