@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tiny import tiny
+from tiny import quiet, tiny
 from trainer_process import ddppo_command
 
 import ddppo.atomic
@@ -39,10 +39,6 @@ LONG = os.environ.get("DDPPO_LONG_TESTS") == "1"  # longer forms of the signal a
 NUM_ENVS, NUM_STEPS = 2, 8
 PER_UPDATE = NUM_ENVS * NUM_STEPS
 TINY = tiny(NUM_ENVS, NUM_STEPS, "task.max_episode_steps=50")
-
-
-def quiet(*_args, **_kwargs) -> None:
-    pass
 
 
 @pytest.fixture(scope="module")

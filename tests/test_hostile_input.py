@@ -26,7 +26,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
-from tiny import tiny
+from tiny import quiet, tiny
 
 import ddppo.train as trainer
 from ddppo import checkpoint
@@ -37,10 +37,6 @@ from ddppo.sim.dataset import load_episodes
 from ddppo.sim.dataset_dir import episodes_path, generate_dataset
 
 TINY = tiny(2, 8, "task.max_episode_steps=50", "log_interval=1", "checkpoint_interval=1")
-
-
-def quiet(*_args, **_kwargs) -> None:
-    pass
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from tiny import quiet
 
 from ddppo.cli import main as cli_main
 from ddppo.config import DatasetConfig, load_config
@@ -27,10 +28,6 @@ from ddppo.train import train
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "pointnav" / "laptop_depth.yaml"
 LONG = os.environ.get("DDPPO_LONG_TESTS") == "1"
-
-
-def quiet(*_args, **_kwargs) -> None:
-    pass
 
 
 def evaluate(run_dir: Path, out: Path, episodes: int) -> dict:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tiny import tiny
+from tiny import quiet, tiny
 from trainer_process import ddppo_command, sigterm_after_resume_state
 
 from ddppo import checkpoint
@@ -39,10 +39,6 @@ TRAIN_TAGS = {
     "loss/policy", "loss/value", "loss/entropy", "loss/approx_kl", "loss/clip_fraction", "loss/grad_norm",
     "lr", "ddppo/rollout_fraction", "ddppo/preempted_ranks", "ddppo/episodes",
 }
-
-
-def quiet(*_args, **_kwargs) -> None:
-    pass
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from tiny import tiny
+from tiny import quiet, tiny
 
 from ddppo import checkpoint
 from ddppo.config import ConfigError, SimConfig, TaskConfig, TrainConfig, load_config
@@ -39,10 +39,6 @@ TINY = tiny(2, 8, "task.max_episode_steps=40", "total_steps=32", "checkpoint_int
 AROUND_THE_WALL = [TURN_RIGHT] * 9 + [MOVE_FORWARD] * 8 + [TURN_RIGHT] * 9 + [MOVE_FORWARD] * 5 + \
     [TURN_RIGHT] * 9 + [MOVE_FORWARD] * 8
 START, END = (1.0, 1.5), (1.0, 2.75)
-
-
-def quiet(*_a, **_k) -> None:
-    pass
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import tiny
+from tiny import quiet, tiny
 
 from ddppo.cli import main as cli_main
 from ddppo.config import load_config
@@ -23,10 +23,6 @@ from ddppo.transfer.similarity import InsufficientDatapointsWarning
 
 TINY = tiny(2, 8, "task.max_episode_steps=40", "total_steps=32", "checkpoint_interval=2")
 LAYERS = ["layers.0", "layers.1", "layers.2", "visual_fc"]  # SimpleCNN's three convs, then the FC
-
-
-def quiet(*_a, **_k) -> None:
-    pass
 
 
 @pytest.fixture(scope="module")

@@ -14,3 +14,7 @@ def tiny(num_envs: int, num_steps: int, *extra: str) -> list[str]:
     last (so it can override any of these)."""
     return [*TINY_AGENT, f"ppo.num_envs={num_envs}", f"ppo.num_steps={num_steps}", "ppo.num_mini_batch=1",
             "eval_episodes=0", *extra]
+
+
+def quiet(*_args, **_kwargs) -> None:
+    """A ``log`` for train() and generate_dataset() that keeps test output to pytest's own."""
