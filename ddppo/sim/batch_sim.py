@@ -31,6 +31,7 @@ class SceneAtlas:
         occ = np.full((S, hm, wm), WALL, np.uint8)
         cidx = np.full((S, hm, wm), -1, np.int32)
         nav = np.zeros((S, hm, wm), bool)
+        clear = np.zeros((S, hm, wm), np.float32)
         skip = np.zeros((S, hm, wm), np.int32)
         palette = []
         base = 0
@@ -39,6 +40,7 @@ class SceneAtlas:
             h, w = sc.shape
             occ[s, :h, :w] = sc.occupancy
             nav[s, :h, :w] = ng.navigable
+            clear[s, :h, :w] = ng.clearance
             # palette: [floor, wall] per room, then object colours
             rooms = len(sc.room_colors)
             free = sc.occupancy == FREE
@@ -52,22 +54,25 @@ class SceneAtlas:
         self.device = torch.device(device)
         t = lambda a: torch.as_tensor(a, device=self.device)  # noqa: E731
         self.occ, self.cidx, self.navigable, self.skip = t(occ), t(cidx), t(nav), t(skip)
+        self.clearance = t(clear)
+        """metres from each cell centre to geometry; the agent stands where its bilinear interpolation >= radius"""
+        self.radius = t(np.array([n.agent_radius for n in navs], np.float32))
         self.palette = t(np.concatenate(palette).astype(np.uint8))
         self.origin = t(np.array([n.scene.origin for n in navs], np.float32))
         self.cell = t(np.array([n.scene.cell_size for n in navs], np.float32))
         self.geo_cell = t(np.array([n.geodesic_cell for n in navs], np.float32))
         self.ceiling = t(np.array([n.scene.ceiling_height for n in navs], np.float32))
         self.host = HostViews(self.occ, self.cidx, self.navigable, self.skip, self.palette, self.origin, self.cell,
-                              self.geo_cell, self.ceiling)
+                              self.geo_cell, self.ceiling, self.clearance, self.radius)
         """numpy views of the tables, for the numba kernels (empty off the CPU)"""
 
 
 class BatchSimulator:
     """Agents as tensors; ``step`` applies habitat's discrete actions with sliding collisions (ddppo.sim.kernels).
 
-    The agent is a disc of ``NavGrid.agent_radius`` (habitat's 0.1 m): only cells whose centre is that far from
-    geometry are navigable. ``kernels`` picks the implementation of every kernel: numba (CPU), torch (any device) or
-    auto (``ddppo.sim.kernels.select_kernels``).
+    The agent is a disc of ``NavGrid.agent_radius`` (habitat's 0.1 m): it stands where the clearance interpolated
+    between cell centres is at least that (``NavGrid``). ``kernels`` picks the implementation of every kernel:
+    numba (CPU), torch (any device) or auto (``ddppo.sim.kernels.select_kernels``).
     """
 
     def __init__(self, atlas: SceneAtlas, num_envs: int, resolution: int = 64, sensors=("depth",),

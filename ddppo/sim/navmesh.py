@@ -1,9 +1,15 @@
 """Where the agent can stand, and how far it has to walk: our counterpart of habitat-sim's navmesh.
 
 Navigable cells are free cells whose centre is at least the agent radius from every occupied cell, so the agent's
-disc never overlaps geometry. Geodesic distances come from the fast marching method (scikit-fmm, second order) on
-a grid ``factor`` times coarser than the scene (0.1 m by default; a coarse cell is navigable when any of its fine
-cells is, which cannot bridge two islands because walls plus the radius margin are wider than a coarse cell). FMM
+disc never overlaps geometry. Where the agent may stand is the same rule between cell centres: the clearance
+sampled at the centres, interpolated bilinearly, at least the radius (docs/design.md, "Kinematics"). That boundary
+is smooth where the cells' is a staircase, so an agent slides round a box's corner as on habitat's navmesh instead
+of sticking in a one-cell notch; it holds every navigable centre and the segment between two 4-adjacent ones, so
+the cells' islands stay connected for the agent.
+
+Geodesic distances come from the fast marching method (scikit-fmm, second order) on a grid ``factor`` times
+coarser than the scene (0.1 m by default; a coarse cell is navigable when any of its fine cells is, which cannot
+bridge two islands because walls plus the radius margin are wider than a coarse cell). FMM
 solves the eikonal equation with the Euclidean metric, so straight and diagonal runs carry no 4/8-connectivity
 bias; its error against the true shortest path is within 3% on our test mazes (tests/test_navmesh.py), mostly
 from the discretised corners.
@@ -44,6 +50,8 @@ class NavGrid:
     navigable: np.ndarray = field(init=False)  # bool [H, W]
     island: np.ndarray = field(init=False)  # int32 [H, W]; -1 off the navigable set
     island_sizes: np.ndarray = field(init=False)  # cells per island
+    clearance: np.ndarray = field(init=False)
+    """float32 [H, W]: metres from each cell centre to the nearest occupied cell's square (0 on occupied cells)."""
 
     def __post_init__(self):
         free = self.scene.occupancy == FREE
@@ -53,7 +61,8 @@ class NavGrid:
         jj, ii = np.indices(free.shape)
         dj = np.maximum(np.abs(nj - jj) - 0.5, 0.0)
         di = np.maximum(np.abs(ni - ii) - 0.5, 0.0)
-        clearance = np.hypot(dj, di) * self.scene.cell_size
+        clearance = np.where(free, np.hypot(dj, di) * self.scene.cell_size, 0.0)
+        self.clearance = clearance.astype(np.float32)
         self.navigable = free & (clearance >= self.agent_radius - 1e-6)
         labels, n = ndimage.label(self.navigable)
         self.island = labels.astype(np.int32) - 1

@@ -16,21 +16,72 @@ import torch
 
 from ddppo.numpy_views import as_numpy
 from ddppo.sim.geometry import MOVE_FORWARD, STOP, TURN_LEFT, TURN_RIGHT
+from ddppo.sim.kernels.motion import (
+    COLLISION_EPS,
+    MAX_SLIDE_PUSH,
+    MIN_GRADIENT2,
+    SLIDE_ITERATIONS,
+    STAND_TOLERANCE,
+)
 from ddppo.sim.kernels.shading import ATTENUATION, CEILING_RGB, CHECKER, SIDE_SHADE, STRIPE, UNDER_WALL_RGB
 from ddppo.sim.navmesh import NEAR_GOAL
 
 
 @numba.njit(cache=True, inline="always")
-def _nav(nav, s, origin, cell, x, z):
-    i = int(math.floor((x - origin[s, 0]) / cell[s]))
-    j = int(math.floor((z - origin[s, 1]) / cell[s]))
-    if j < 0 or j >= nav.shape[1] or i < 0 or i >= nav.shape[2]:
-        return False
-    return nav[s, j, i]
+def _clearance(clear, s, origin, cell, x, z):
+    """The clearance at (x, z) interpolated between cell centres and its gradient (the twin's ``clearance``)."""
+    c = cell[s]
+    gx = (x - origin[s, 0]) / c - 0.5
+    gz = (z - origin[s, 1]) / c - 0.5
+    i0 = int(math.floor(gx))
+    j0 = int(math.floor(gz))
+    fx, fz = gx - i0, gz - j0
+    c00 = _cell_clearance(clear, s, j0, i0)
+    c01 = _cell_clearance(clear, s, j0, i0 + 1)
+    c10 = _cell_clearance(clear, s, j0 + 1, i0)
+    c11 = _cell_clearance(clear, s, j0 + 1, i0 + 1)
+    near = c00 + fx * (c01 - c00)
+    far = c10 + fx * (c11 - c10)
+    return near + fz * (far - near), ((1 - fz) * (c01 - c00) + fz * (c11 - c10)) / c, (far - near) / c
+
+
+@numba.njit(cache=True, inline="always")
+def _cell_clearance(clear, s, j, i):
+    if j < 0 or j >= clear.shape[1] or i < 0 or i >= clear.shape[2]:
+        return 0.0
+    return clear[s, j, i]
 
 
 @numba.njit(cache=True)
-def _step_numba(nav, origin, cell, scene_of, actions, x, z, theta, turn, sub, substeps, collided, moved):
+def _forward_numba(clear, origin, cell, radius, s, px, pz, dx, dz, sub, substeps):
+    """One forward move of ``substeps`` sub-steps (dx, dz) from (px, pz); a blocked target is projected onto the
+    boundary (the twin's ``step`` says how). Returns the end point."""
+    r = radius[s] - STAND_TOLERANCE
+    for _ in range(substeps):
+        tx, tz = px + dx, pz + dz
+        c, gx, gz = _clearance(clear, s, origin, cell, tx, tz)
+        if c >= r:
+            px, pz = tx, tz
+            continue
+        sx, sz = tx, tz
+        for _ in range(SLIDE_ITERATIONS):
+            g2 = gx * gx + gz * gz
+            if g2 < MIN_GRADIENT2:
+                break
+            k = (r + STAND_TOLERANCE - c) / g2
+            sx, sz = sx + k * gx, sz + k * gz
+            c, gx, gz = _clearance(clear, s, origin, cell, sx, sz)
+            if c >= r:
+                break
+        if c >= r and (sx - tx) ** 2 + (sz - tz) ** 2 <= (MAX_SLIDE_PUSH * sub) ** 2:
+            px, pz = sx, sz
+    return px, pz
+
+
+@numba.njit(cache=True)
+def _step_numba(clear, origin, cell, radius, scene_of, actions, x, z, theta, turn, forward_step, substeps, collided,
+                moved):
+    sub = forward_step / substeps
     for n in range(x.shape[0]):
         a = actions[n]
         if a == TURN_LEFT or a == TURN_RIGHT:
@@ -38,24 +89,13 @@ def _step_numba(nav, origin, cell, scene_of, actions, x, z, theta, turn, sub, su
             theta[n] = (th + math.pi) % (2 * math.pi) - math.pi
         if a != MOVE_FORWARD:
             continue
-        s = scene_of[n]
-        dx, dz = -math.sin(theta[n]) * sub, -math.cos(theta[n]) * sub
-        x0, z0 = x[n], z[n]
-        px, pz = x0, z0
-        for _ in range(substeps):
-            if _nav(nav, s, origin, cell, px + dx, pz + dz):
-                px += dx
-                pz += dz
-                continue
-            collided[n] = True
-            ok_x = _nav(nav, s, origin, cell, px + dx, pz)
-            ok_z = _nav(nav, s, origin, cell, px, pz + dz)
-            if ok_x and (abs(dx) >= abs(dz) or not ok_z):
-                px += dx
-            elif ok_z:
-                pz += dz
-        x[n], z[n] = px, pz
-        moved[n] = math.hypot(x[n] - x0, z[n] - z0)
+        th = np.float64(theta[n])  # math.sin of a float32 would run in float32; the twin computes in float64
+        dx, dz = -math.sin(th) * sub, -math.cos(th) * sub
+        x0, z0 = np.float64(x[n]), np.float64(z[n])
+        x[n], z[n] = _forward_numba(clear, origin, cell, radius, scene_of[n], x0, z0, dx, dz, sub, substeps)
+        moved2 = (np.float64(x[n]) - x0) ** 2 + (np.float64(z[n]) - z0) ** 2
+        collided[n] = moved2 + COLLISION_EPS < forward_step * forward_step
+        moved[n] = math.sqrt(moved2)
 
 
 def step(atlas, scene_of, x, z, theta, actions, turn, forward_step, substeps):
@@ -63,8 +103,9 @@ def step(atlas, scene_of, x, z, theta, actions, turn, forward_step, substeps):
     collided = np.zeros(x.shape[0], np.bool_)
     moved = np.zeros(x.shape[0], np.float32)
     v = atlas.host.view
-    _step_numba(v(atlas.navigable), v(atlas.origin), v(atlas.cell), as_numpy(scene_of), as_numpy(actions),
-                as_numpy(x), as_numpy(z), as_numpy(theta), turn, forward_step / substeps, substeps, collided, moved)
+    _step_numba(v(atlas.clearance), v(atlas.origin), v(atlas.cell), v(atlas.radius), as_numpy(scene_of),
+                as_numpy(actions), as_numpy(x), as_numpy(z), as_numpy(theta), turn, forward_step, substeps, collided,
+                moved)
     return torch.from_numpy(collided), torch.from_numpy(moved)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from ddppo.sim.geometry import (
     MOVE_FORWARD,
@@ -19,49 +20,84 @@ from ddppo.sim.geometry import (
     pointgoal_polar,
     wrap_angle,
 )
+from ddppo.sim.kernels.motion import (
+    COLLISION_EPS,
+    MAX_SLIDE_PUSH,
+    MIN_GRADIENT2,
+    SLIDE_ITERATIONS,
+    STAND_TOLERANCE,
+)
 from ddppo.sim.kernels.shading import ATTENUATION, CEILING_RGB, CHECKER, SIDE_SHADE, STRIPE, UNDER_WALL_RGB
 from ddppo.sim.navmesh import NEAR_GOAL
 from ddppo.sim.task import episode_ends, pointnav_step
 
-__all__ = ["cast_rays", "geodesic", "navigable", "pointnav_step", "pose_sensors", "render", "step", "tally"]
+__all__ = ["cast_rays", "clearance", "geodesic", "navigable", "pointnav_step", "pose_sensors", "render", "step",
+           "tally"]
 
 
-def navigable(atlas, scene_of, x, z):
-    hm, wm = atlas.navigable.shape[1:]
+def clearance(atlas, scene_of, x, z) -> tuple[Tensor, Tensor, Tensor]:
+    """The clearance at (x, z), interpolated bilinearly between cell centres (0 outside the scene), and its gradient
+    (d/dx, d/dz): where the agent may stand and which way is away from the nearest geometry."""
+    hm, wm = atlas.clearance.shape[1:]
     c = atlas.cell[scene_of]
-    i = torch.floor((x - atlas.origin[scene_of, 0]) / c).long()
-    j = torch.floor((z - atlas.origin[scene_of, 1]) / c).long()
+    gx = (x - atlas.origin[scene_of, 0]) / c - 0.5
+    gz = (z - atlas.origin[scene_of, 1]) / c - 0.5
+    i0, j0 = torch.floor(gx), torch.floor(gz)
+    fx, fz = gx - i0, gz - j0
+    i0, j0 = i0.long(), j0.long()
+    i = torch.stack([i0, i0 + 1, i0, i0 + 1])  # the four centres round (x, z): c00, c01, c10, c11
+    j = torch.stack([j0, j0, j0 + 1, j0 + 1])
     inside = (i >= 0) & (i < wm) & (j >= 0) & (j < hm)
-    flat = scene_of * (hm * wm) + j.clamp(0, hm - 1) * wm + i.clamp(0, wm - 1)
-    return inside & atlas.navigable.reshape(-1)[flat]
+    flat = scene_of[None] * (hm * wm) + j.clamp(0, hm - 1) * wm + i.clamp(0, wm - 1)
+    c00, c01, c10, c11 = torch.where(inside, atlas.clearance.reshape(-1)[flat], 0.0).to(x.dtype)
+    near = c00 + fx * (c01 - c00)
+    far = c10 + fx * (c11 - c10)
+    value = near + fz * (far - near)
+    d_dx = ((1 - fz) * (c01 - c00) + fz * (c11 - c10)) / c
+    d_dz = (far - near) / c
+    return value, d_dx, d_dz
+
+
+def navigable(atlas, scene_of, x, z) -> Tensor:
+    """Whether an agent may stand at (x, z): clearance at least its radius (``STAND_TOLERANCE`` spares rounding)."""
+    return clearance(atlas, scene_of, x, z)[0] >= atlas.radius[scene_of] - STAND_TOLERANCE
 
 
 def step(atlas, scene_of, x, z, theta, actions, turn, forward_step, substeps):
     """Habitat's discrete actions, in place on x, z, theta; returns (collided, distance moved)."""
-    turning = (actions == TURN_LEFT).float() - (actions == TURN_RIGHT).float()
-    theta.copy_(torch.where(turning != 0, wrap_angle(theta + turning * turn), theta))
+    turning = (actions == TURN_LEFT).double() - (actions == TURN_RIGHT).double()
+    theta.copy_(torch.where(turning != 0, wrap_angle(theta.double() + turning * turn), theta))
     moving = actions == MOVE_FORWARD
-    fx, fz = forward_xz(theta)
+    # float64 from here to the stored pose, as the numba twin computes: the projection's Newton steps would
+    # otherwise round apart by a few millimetres over a long walk
+    fx, fz = forward_xz(theta.double())
     sub = forward_step / substeps
     dx = torch.where(moving, fx * sub, 0.0)
     dz = torch.where(moving, fz * sub, 0.0)
-    n = x.shape[0]
-    collided = torch.zeros(n, dtype=torch.bool, device=x.device)
-    s3 = scene_of.repeat(3)
-    px, pz = x.clone(), z.clone()
+    radius = atlas.radius[scene_of].double() - STAND_TOLERANCE
+    x0, z0 = x.double(), z.double()
+    px, pz = x0, z0
     for _ in range(substeps):
-        # the full move and both axis slides in one gather
-        ok, ok_x, ok_z = navigable(atlas, s3, torch.cat([px + dx, px + dx, px]),
-                                         torch.cat([pz + dz, pz, pz + dz])).view(3, n)
-        slide_x = ~ok & ok_x & ((dx.abs() >= dz.abs()) | ~ok_z)
-        slide_z = ~ok & ok_z & ~slide_x
-        px = torch.where(ok | slide_x, px + dx, px)
-        pz = torch.where(ok | slide_z, pz + dz, pz)
-        collided |= moving & ~ok
-    moved = torch.sqrt((px - x) ** 2 + (pz - z) ** 2)
+        tx, tz = px + dx, pz + dz
+        c, gx, gz = clearance(atlas, scene_of, tx, tz)
+        free = c >= radius
+        # blocked: the target projected onto the boundary (Newton steps along the clearance gradient), as habitat's
+        # try_step keeps the closest point of the navmesh; a projection that does not land is no move
+        sx, sz, stands = tx, tz, free
+        for _ in range(SLIDE_ITERATIONS):
+            g2 = gx * gx + gz * gz
+            k = torch.where(stands | (g2 < MIN_GRADIENT2), 0.0, (radius + STAND_TOLERANCE - c) / g2.clamp_min(1e-12))
+            sx, sz = sx + k * gx, sz + k * gz
+            c, gx, gz = clearance(atlas, scene_of, sx, sz)
+            stands = c >= radius
+        slides = ~free & stands & ((sx - tx) ** 2 + (sz - tz) ** 2 <= (MAX_SLIDE_PUSH * sub) ** 2)
+        px = torch.where(free, tx, torch.where(slides, sx, px))
+        pz = torch.where(free, tz, torch.where(slides, sz, pz))
     x.copy_(px)
     z.copy_(pz)
-    return collided, moved
+    moved2 = (x.double() - x0) ** 2 + (z.double() - z0) ** 2  # of the stored (float32) pose, as the twin
+    collided = moving & (moved2 + COLLISION_EPS < forward_step * forward_step)
+    return collided, torch.sqrt(moved2).float()
 
 
 def geodesic(fields, rows, atlas, scene_of, x, z, goal_x, goal_z):
