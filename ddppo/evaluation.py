@@ -29,6 +29,11 @@ of the split (the protocol of training's evaluations too); habitat: actions samp
 split, as habitat-baselines' evaluator (``test_episode_count: -1``, ``deterministic=False``). The numbers of the
 two are not comparable: sampling costs success and SPL, and the first 100 episodes are not the split."""
 DDPPO_PROTOCOL_EPISODES = 100
+STILL_MOVE = 0.01
+"""Metres: a forward step that moved less than this moved nothing (its observation barely changed)."""
+STUCK_RUN = 20
+"""An episode ends stuck when its last this-many actions were forward steps that moved nothing: an agent pressing
+into geometry until the step limit (docs/scene_export.md, "Collisions on both backends")."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,7 @@ def run_episodes(envs: PointNavVectorEnv, agent, on_step=None) -> list[dict]:
     masks = torch.zeros(n)
     paths = [[(float(envs.sim.x[e]), float(envs.sim.z[e]))] for e in range(n)]
     actions_taken: list[list[int]] = [[] for _ in range(n)]
+    still_run = [0] * n  # forward steps in a row that moved nothing, up to now
     records = []
     while envs.active.any():
         actions = agent.act(obs, prev, masks)
@@ -130,22 +136,37 @@ def run_episodes(envs: PointNavVectorEnv, agent, on_step=None) -> list[dict]:
             on_step(envs, r)
         for e in range(n):
             if r.info["active"][e] or r.done[e]:
-                paths[e].append((float(r.info["agent_x"][e]), float(r.info["agent_z"][e])))
+                position = (float(r.info["agent_x"][e]), float(r.info["agent_z"][e]))
+                still = int(actions[e]) == MOVE_FORWARD and math.dist(position, paths[e][-1]) < STILL_MOVE
+                still_run[e] = still_run[e] + 1 if still else 0
+                paths[e].append(position)
                 actions_taken[e].append(int(actions[e]))
         for e in r.done.nonzero().flatten().tolist():
             ep = envs.episodes[int(r.info["episode_index"][e])]
             row = {"episode_id": ep.episode_id, "scene_id": ep.scene_id}
             row.update({k: float(r.info[k][e]) for k in envs.record_metrics})
+            row.update(motion_record(row, still_run[e]))
             row["goal"] = [float(r.info["goal_x"][e]), float(r.info["goal_z"][e])]
             row["path"] = paths[e]
             row["actions"] = actions_taken[e]
             records.append(row)
             paths[e] = [(float(envs.sim.x[e]), float(envs.sim.z[e]))]
             actions_taken[e] = []
+            still_run[e] = 0
         obs = r.obs
         prev = actions.long()
         masks = (~r.done).float()
     return records
+
+
+def motion_record(metrics: dict, still_run: int) -> dict:
+    """How an episode moved, beside its task metrics: ``any_collision`` (1.0 or 0.0, so its mean is the share of
+    episodes with a collision), ``ended_stuck`` (1.0 when its last STUCK_RUN actions were forward steps that moved
+    nothing) and ``still_run_at_end`` (how many there were)."""
+    out = {"still_run_at_end": still_run, "ended_stuck": float(still_run >= STUCK_RUN)}
+    if "collisions" in metrics:
+        out["any_collision"] = float(metrics["collisions"] > 0)
+    return out
 
 
 def mean_ci95(values: list[float]) -> tuple[float, float]:
@@ -164,6 +185,8 @@ def summarize(records: list[dict]) -> dict:
     metrics = [k for k, v in records[0].items() if isinstance(v, float)] if records else METRICS
     for k in metrics:
         out[k], out[f"{k}_ci95"] = mean_ci95([r[k] for r in records])
+    if records and "collisions" in records[0]:  # a few pinned episodes can carry the mean: the median says so
+        out["collisions_median"] = float(torch.tensor([r["collisions"] for r in records]).median())
     return out
 
 
@@ -235,13 +258,16 @@ def write_jsonl(records: list[dict], path: str | Path) -> None:
 
 def format_table(summaries: dict[str, dict], heading: str = "") -> str:
     """Plain-text table: one row per agent, mean ± 95% CI per metric; ``heading`` (e.g. the protocol) above it."""
-    cols = ("success", "spl", "softspl", "distance_to_goal", "collisions", "steps")
+    cols = ("success", "spl", "softspl", "distance_to_goal", "collisions", "any_collision", "ended_stuck", "steps")
     first = next(iter(summaries.values()), {})
     if not all(c in first for c in cols):  # another task (Flee, Exploration): its own metrics
-        cols = tuple(k for k in first if k != "episodes" and not k.endswith("_ci95"))
-    head = f"{'agent':<12}{'episodes':>9}" + "".join(f"{c:>20}" for c in cols)
+        cols = tuple(k for k in first if k not in ("episodes", "collisions_median") and not k.endswith("_ci95"))
+    medians = all("collisions_median" in s for s in summaries.values())
+    head = (f"{'agent':<12}{'episodes':>9}" + "".join(f"{c:>20}" for c in cols)
+            + (f"{'collisions_median':>19}" if medians else ""))
     lines = ([heading] if heading else []) + [head, "-" * len(head)]
     for name, s in summaries.items():
         cells = "".join(f"{s[c]:>11.3f} ± {s[c + '_ci95']:<6.3f}" for c in cols)
-        lines.append(f"{name:<12}{s['episodes']:>9}{cells}")
+        median = f"{s['collisions_median']:>19.1f}" if medians else ""
+        lines.append(f"{name:<12}{s['episodes']:>9}{cells}{median}")
     return "\n".join(lines)

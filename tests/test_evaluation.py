@@ -21,7 +21,7 @@ from ddppo.config import load_config
 from ddppo.evaluation import Protocol, evaluation_protocol
 from ddppo.plot import drawn_values
 from ddppo.sim.dataset_dir import generate_dataset, load_split
-from ddppo.sim.geometry import STOP
+from ddppo.sim.geometry import MOVE_FORWARD, STOP
 from ddppo.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,10 +127,12 @@ def test_distributed_eval_equals_single_process(trained, tmp_path):
 
 
 def test_summary_equals_recomputation_from_logged_paths(trained, tmp_path):
-    """Success, SPL and path length recomputed from the records' paths with the navmesh alone."""
-    assert eval_cli(trained, tmp_path / "ev", "--agents", "oracle,random") == 0
+    """Success, SPL and path length recomputed from the records' paths with the navmesh alone; how episodes moved
+    (any collision, the still forward steps they ended in, stuck) from the paths and actions."""
+    assert eval_cli(trained, tmp_path / "ev", "--agents", "oracle,random,forward") == 0
     _, navs = load_split(trained["data"], "val")
-    for agent in ("checkpoint", "oracle", "random"):
+    stuck = {}
+    for agent in ("checkpoint", "oracle", "random", "forward"):
         records = read_jsonl(tmp_path / "ev" / f"{agent}.jsonl")
         summary = json.loads((tmp_path / "ev" / "summary.json").read_text())[agent]
         spls, successes = [], []
@@ -146,10 +148,21 @@ def test_summary_equals_recomputation_from_logged_paths(trained, tmp_path):
             assert len(r["actions"]) == r["steps"] == len(path) - 1
             successes.append(success)
             spls.append(success * start_geo / max(walked, start_geo))
+            run = 0
+            for action, step in zip(r["actions"], np.linalg.norm(np.diff(path, axis=0), axis=1)):
+                run = run + 1 if action == MOVE_FORWARD and step < 0.01 else 0
+            assert r["still_run_at_end"] == run
+            assert r["ended_stuck"] == float(run >= 20) and r["any_collision"] == float(r["collisions"] > 0)
+        stuck[agent] = summary["ended_stuck"]
+        assert summary["ended_stuck"] == pytest.approx(np.mean([r["ended_stuck"] for r in records]))
+        assert summary["any_collision"] == pytest.approx(np.mean([r["collisions"] > 0 for r in records]))
+        assert summary["collisions_median"] == pytest.approx(np.median([r["collisions"] for r in records]))
         assert np.mean(successes) == pytest.approx(summary["success"], abs=1e-6)
         assert np.mean(spls) == pytest.approx(summary["spl"], abs=1e-3)
         half = 1.96 * np.std(spls, ddof=1) / math.sqrt(len(spls))
         assert summary["spl_ci95"] == pytest.approx(half, abs=1e-3)
+    # pressing forward, an agent ends in a corner of the room (not the oracle, which never presses into geometry)
+    assert stuck["forward"] > 0 and stuck["oracle"] == 0, stuck
 
 
 def test_video_decodes_to_one_frame_per_step_and_tensorboard_has_it(trained, tmp_path):
