@@ -5,11 +5,14 @@ the ``habitat_exported_dataset`` fixture), run on the embedded simulator and on 
   pathfinder on the navmesh it computed for our agent;
 - depth from each episode's start pose (z-depth in metres, 64 x 64);
 - the shortest-path oracle of each backend reaches its goals;
-- the embedded oracle's actions replayed on habitat-sim earn the same success, SPL, SoftSPL and reward.
+- the embedded oracle's actions replayed on habitat-sim earn the same success, SPL, SoftSPL and reward;
+- collision flags agree step by step while the two agents stand at the same place, for the oracle's walk and for
+  scripted walks that press into walls and corners.
 
 The tolerances are the measured differences with some room; docs/scene_export.md records the measurements and
 where the differences come from. One habitat-sim environment runs everything (a simulator costs ~8 s to start on
-a CPU): the episodes twice, first with habitat's oracle, then replaying the embedded oracle's actions.
+a CPU): the episodes three times, with habitat's oracle, replaying the embedded oracle's actions, and the scripted
+walks.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from ddppo.config import load_config
 from ddppo.env_factory import make_vector_env
 from ddppo.sim.dataset import load_episodes
 from ddppo.sim.dataset_dir import episodes_path
+from ddppo.sim.geometry import MOVE_FORWARD, STOP, TURN_LEFT, TURN_RIGHT
 
 RESOLUTION = 64
 MAX_DEPTH = 10.0
+SCRIPTED_STEPS = 120
 
 
 @dataclass
@@ -39,6 +44,8 @@ class EpisodeRun:
     step_rewards: list[float] = field(default_factory=list)
     positions: list[tuple[float, float]] = field(default_factory=list)
     """(x, z) after each step."""
+    collided: list[bool] = field(default_factory=list)
+    """Each step's collision flag (a forward step the geometry shortened)."""
     measures: dict[str, float] = field(default_factory=dict)
     """success, spl, softspl, distance_to_goal, geodesic_distance (the start's, as the backend measured it),
     path_length, collisions, steps: as the episode ended."""
@@ -57,6 +64,7 @@ def run_episodes(env, choose_action) -> list[EpisodeRun]:
         run.reward += float(r.reward[0])
         run.step_rewards.append(float(r.reward[0]))
         run.positions.append((float(r.info["agent_x"][0]), float(r.info["agent_z"][0])))
+        run.collided.append(bool(r.info["collided"][0]))
         if not r.done[0]:
             continue
         run.measures = {k: float(r.info[k][0]) for k in ("success", "spl", "softspl", "distance_to_goal",
@@ -75,6 +83,10 @@ class Crosscheck:
     """habitat-sim's oracle."""
     replayed: list[EpisodeRun]
     """The embedded oracle's actions on habitat-sim."""
+    scripted_embedded: list[EpisodeRun]
+    """The scripted walks (``SCRIPTED``) on the embedded simulator."""
+    scripted_habitat: list[EpisodeRun]
+    """The same walks on habitat-sim."""
 
 
 @pytest.fixture(scope="module")
@@ -84,21 +96,34 @@ def crosscheck(habitat_exported_dataset) -> Crosscheck:
     n = len(load_episodes(episodes_path(data, "val")))
     common = [f"task.data_dir={data}", "task.split=val", "task.generate_if_missing=false",
               f"sim.resolution={RESOLUTION}", "sim.sensors=[depth]", f"sim.max_depth={MAX_DEPTH}"]
-    embedded_env = make_vector_env(load_config(None, common), "val", 1, order="partition")
+    # the episodes twice on the embedded simulator: its oracle, then the scripted walk
+    embedded_env = make_vector_env(load_config(None, common), "val", 1, order="partition",
+                                   episode_ids=[*range(n), *range(n)])
     try:
-        embedded = run_episodes(embedded_env, lambda k, t: int(embedded_env.oracle_actions()[0]))
+        embedded = run_episodes(embedded_env, lambda k, t: int(embedded_env.oracle_actions()[0]) if k < n
+                                else SCRIPTED[k - n][t])
     finally:
         embedded_env.close()
     habitat_cfg = load_config(None, [*common, "sim.backend=habitat", f"task.scenes_dir={data}"])
-    # the episodes twice: habitat's oracle on the first pass, the embedded oracle's actions on the second
-    habitat_env = make_vector_env(habitat_cfg, "val", 1, order="partition", episode_ids=[*range(n), *range(n)])
+    # three times on habitat-sim: its oracle, the embedded oracle's actions, the scripted walk
+    habitat_env = make_vector_env(habitat_cfg, "val", 1, order="partition", episode_ids=[*range(n)] * 3)
     try:
         runs = run_episodes(habitat_env, lambda k, t: int(habitat_env.oracle_actions()[0]) if k < n
-                            else embedded[k - n].actions[t])
+                            else embedded[k - n].actions[t] if k < 2 * n else SCRIPTED[k - 2 * n][t])
     finally:
         habitat_env.close()
     geodesic = np.array([e.geodesic_distance for e in load_episodes(episodes_path(data, "val"))])
-    return Crosscheck(geodesic, embedded, runs[:n], runs[n:])
+    return Crosscheck(geodesic, embedded[:n], runs[:n], runs[n:2 * n], embedded[n:], runs[2 * n:])
+
+
+def scripted_walks(episodes: int, steps: int = SCRIPTED_STEPS) -> list[list[int]]:
+    """Per episode, a fixed walk that presses into walls and corners: forward 3 times in 4, else a turn; STOP last."""
+    rng = np.random.default_rng(11)
+    walks = rng.choice([MOVE_FORWARD, TURN_LEFT, TURN_RIGHT], size=(episodes, steps - 1), p=[0.75, 0.125, 0.125])
+    return [[*map(int, walk), STOP] for walk in walks]
+
+
+SCRIPTED = scripted_walks(64)
 
 
 def measure(runs: list[EpisodeRun], key: str) -> np.ndarray:
@@ -165,3 +190,28 @@ def test_the_same_actions_earn_the_same_measures(crosscheck):
     returns = np.abs(np.array([r.reward for r in replayed]) - np.array([r.reward for r in ours]))
     relative = (returns / crosscheck.dataset_geodesic)[success]
     assert np.median(relative) <= 0.03 and relative.max() <= 0.08, relative
+
+
+def flag_agreement(ours: list[EpisodeRun], theirs: list[EpisodeRun]) -> dict[str, int]:
+    """Collision flags of the steps the agents took together: flagged by both, by ours only, by habitat only."""
+    count = {"steps": 0, "both": 0, "ours_only": 0, "theirs_only": 0}
+    for o, r in zip(ours, theirs):
+        k = lockstep_steps(o, r)
+        a, b = np.array(o.collided[:k], bool), np.array(r.collided[:k], bool)
+        count["steps"] += k
+        count["both"] += int((a & b).sum())
+        count["ours_only"] += int((a & ~b).sum())
+        count["theirs_only"] += int((~a & b).sum())
+    return count
+
+
+def test_collision_flags_agree_while_the_agents_are_together(crosscheck):
+    """Both backends flag a collision by habitat-sim's rule (the step fell short); while the agents stand at the
+    same place, the flags must agree. Measured: the oracle's walk 850 steps together, 8 flagged by both, none by one
+    alone; the scripted walks (which press into walls and corners) 842 steps together, 502 by both, none by one
+    alone. Tolerance: 1% of the steps together flagged by one backend only."""
+    oracle = flag_agreement(crosscheck.embedded, crosscheck.replayed)
+    scripted = flag_agreement(crosscheck.scripted_embedded, crosscheck.scripted_habitat)
+    assert scripted["both"] >= 100, scripted  # the walks did press into geometry together
+    for count in (oracle, scripted):
+        assert count["ours_only"] + count["theirs_only"] <= 0.01 * count["steps"], (oracle, scripted)

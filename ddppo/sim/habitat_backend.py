@@ -50,6 +50,8 @@ slab is sized to it (ddppo.sim.scene_export)."""
 """habitat-lab's agent defaults (``AgentConfig.max_climb`` in metres, ``max_slope`` in degrees), which its
 ``default_agent_navmesh`` puts in the navmesh settings."""
 ACTION_NAMES = {MOVE_FORWARD: "move_forward", TURN_LEFT: "turn_left", TURN_RIGHT: "turn_right"}
+QUIET_LOGS = {"HABITAT_SIM_LOG": "quiet", "MAGNUM_LOG": "quiet"}
+"""habitat-sim's and Magnum's own logging settings: errors only."""
 
 
 class HabitatUnavailable(ImportError):
@@ -57,7 +59,13 @@ class HabitatUnavailable(ImportError):
 
 
 def require_habitat_sim():
-    """The ``habitat_sim`` module, or HabitatUnavailable naming the import error and the install command."""
+    """The ``habitat_sim`` module, or HabitatUnavailable naming the import error and the install command.
+
+    habitat-sim speaks only when something is wrong: its own log and Magnum's (the GL banner every process prints)
+    are set to quiet unless the user set them (``HABITAT_SIM_LOG=verbose MAGNUM_LOG=verbose`` shows everything;
+    both are read when habitat-sim loads, so they are set before the import, and worker processes inherit them)."""
+    for variable, value in QUIET_LOGS.items():
+        os.environ.setdefault(variable, value)
     try:
         import habitat_sim
     except Exception as e:  # not installed, or a build whose compiled parts (magnum bindings) are missing

@@ -25,6 +25,7 @@ beside the mesh (``<scene>.navmesh``), so loading the scene needs no recomputati
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from ddppo.atomic import atomic_open
+from ddppo.atomic import atomic_open, atomic_write_text
 from ddppo.sim.habitat_backend import NAVMESH_CELL_HEIGHT, agent_navmesh_settings
 from ddppo.sim.kernels.shading import CEILING_RGB
 from ddppo.sim.navmesh import AGENT_HEIGHT, AGENT_RADIUS
@@ -186,12 +187,26 @@ def _add(out, name: str, mesh, rgb) -> None:
 
 
 def write_glb(scene: Scene, path: str | Path) -> Path:
-    """Write the scene's mesh as ``path`` (binary glTF), atomically."""
+    """Write the scene's mesh as ``path`` (binary glTF) and its stage config beside it (``stage_config``), each
+    atomically."""
     path = Path(path)
     data = scene_mesh(scene).export(file_type="glb")
     with atomic_open(path) as f:
         f.write(data)
+    atomic_write_text(path.with_name(f"{path.stem}{STAGE_CONFIG_SUFFIX}"), json.dumps(stage_config(path), indent=1))
     return path
+
+
+STAGE_CONFIG_SUFFIX = ".stage_config.json"
+
+
+def stage_config(glb: Path) -> dict:
+    """habitat-sim's stage attributes for an exported mesh, which it reads from ``{stem}.stage_config.json`` beside a
+    ``.glb`` it loads: the frame ``HABITAT_TO_FILE`` describes (z up, +y in front, as it assumes for a bare ``.glb``)
+    and no semantic scene. Without the file habitat-sim looks for a semantic descriptor ``{stem}.scn`` and logs an
+    error for every scene it loads ("SSD Load Failure"), though an exported scene has no semantics to load."""
+    return {"render_asset": glb.name, "up": [0.0, 0.0, 1.0], "front": [0.0, 1.0, 0.0],
+            "semantic_descriptor_filename": ""}
 
 
 def write_navmesh(glb: str | Path, path: str | Path) -> Path:
