@@ -1,7 +1,12 @@
-"""Shortest-path follower: greedy descent of the goal's geodesic field, usable as an agent.
+"""Shortest-path follower: greedy descent of the goal's geodesic field through the simulator's own step, usable as
+an agent.
 
-It is the independent check that geometry, geodesics and metrics agree: if it fails to reach goals or walks
-long paths, one of them is wrong.
+It is the independent check that geometry, geodesics and metrics agree: if it fails to reach goals or walks long
+paths, one of them is wrong. Like habitat-sim's GreedyGeodesicFollower it plans through the step filter and avoids
+collisions: every heading the agent can reach by turning is tried with a forward step as the simulator would take it
+(sliding included), and a step that collides counts a full step longer. Unlike habitat's follower, which searches
+sequences of actions along the navmesh's shortest path, it looks one step ahead in the geodesic field
+(docs/scene_export.md, "Collisions on both backends", compares the two).
 """
 
 from __future__ import annotations
@@ -10,37 +15,34 @@ import math
 
 import torch
 
-from ddppo.sim.geometry import MOVE_FORWARD, STOP, TURN_LEFT, TURN_RIGHT, wrap_angle
-from ddppo.sim.kernels.torch_kernels import navigable
+from ddppo.sim.geometry import MOVE_FORWARD, STOP, TURN_LEFT, TURN_RIGHT
 
 
 class ShortestPathFollower:
-    """Stops inside ``stop_distance``; otherwise turns toward the heading (of 36) whose next-step position is
-    geodesically closest to the goal, and moves forward once facing it."""
+    """Stops inside ``stop_distance``; otherwise turns toward the reachable heading (the current one plus a whole
+    number of turns) whose forward step ends geodesically closest to the goal, and moves forward once facing it."""
 
-    def __init__(self, env, stop_distance: float | None = None, lookahead: float = 0.25, headings: int = 36):
+    def __init__(self, env, stop_distance: float | None = None):
         self.env = env
         self.stop_distance = stop_distance if stop_distance is not None else 0.75 * env.task.success_distance
-        self.lookahead = lookahead
-        self.headings = headings
 
     def act(self) -> torch.Tensor:
         sim = self.env.sim
-        n = sim.num_envs
-        dev = sim.device
-        dist = sim.geodesic()
-        angles = torch.arange(self.headings, device=dev) * (2 * math.pi / self.headings)
-        cand_x = (sim.x[:, None] - torch.sin(angles)[None] * self.lookahead).reshape(-1)
-        cand_z = (sim.z[:, None] - torch.cos(angles)[None] * self.lookahead).reshape(-1)
-        rows = torch.arange(n, device=dev).repeat_interleave(self.headings)
+        n, dev = sim.num_envs, sim.device
+        turns = round(2 * math.pi / sim.turn)
+        k = torch.arange(-(turns // 2), turns - turns // 2, device=dev)  # turns to each heading; + is left
+        rows = torch.arange(n, device=dev).repeat_interleave(len(k))
+        x, z = sim.x[rows].clone(), sim.z[rows].clone()
+        theta = sim.theta[rows] + (k * sim.turn).repeat(n)
         scene_of = sim.scene_of[rows]
-        geo = sim.kernels.geodesic(sim.fields, rows, sim.atlas, scene_of, cand_x, cand_z, sim.goal_x[rows],
-                                  sim.goal_z[rows]).to(dev)
-        nav = navigable(sim.atlas, scene_of, cand_x, cand_z)
-        geo = torch.where(nav, geo, math.inf).view(n, self.headings)
-        best = angles[geo.argmin(dim=1)]
-        err = wrap_angle(best - sim.theta)
-        half_turn = 0.5 * sim.turn + 1e-4
-        action = torch.where(err > half_turn, TURN_LEFT, torch.where(err < -half_turn, TURN_RIGHT, MOVE_FORWARD))
-        return torch.where(dist < self.stop_distance, STOP, action)
-
+        forward = torch.full_like(rows, MOVE_FORWARD)
+        collided, _ = sim.kernels.step(sim.atlas, scene_of, x, z, theta, forward, 0.0, sim.forward_step,
+                                       sim.substeps)
+        geo = sim.kernels.geodesic(sim.fields, rows, sim.atlas, scene_of, x, z, sim.goal_x[rows],
+                                   sim.goal_z[rows]).to(dev)
+        cost = (geo + collided.to(dev).float() * sim.forward_step).view(n, len(k))
+        # the fewest turns among equal costs: candidates ordered by |turns|, and argmin keeps the first
+        order = torch.argsort(k.abs(), stable=True)
+        best_turns = k[order][cost[:, order].argmin(dim=1)]
+        action = torch.where(best_turns > 0, TURN_LEFT, torch.where(best_turns < 0, TURN_RIGHT, MOVE_FORWARD))
+        return torch.where(sim.geodesic() < self.stop_distance, STOP, action)
