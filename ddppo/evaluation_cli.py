@@ -27,6 +27,14 @@ from ddppo.evaluation import (
 from ddppo.policy import build_policy
 from ddppo.trained_policy import policy_from_checkpoint, policy_spaces
 
+ORACLES = {
+    "embedded": "oracle: ddppo's ShortestPathFollower (one step ahead in the geodesic field, through the simulator's "
+                "own step; not habitat's GreedyGeodesicFollower: docs/scene_export.md)",
+    "habitat": "oracle: habitat-sim's GreedyGeodesicFollower (the navmesh's shortest path)",
+}
+"""Which program the oracle row is, per backend: the two differ (docs/scene_export.md, "Collisions on both
+backends")."""
+
 
 def run_eval(args) -> int:
     protocol = evaluation_protocol(getattr(args, "protocol", None), args.sample, args.episodes)
@@ -65,6 +73,8 @@ def run_eval(args) -> int:
                      "episodes": "all" if protocol.episodes == 0 else protocol.episodes, "split": args.split}
         atomic_write_text(out / "summary.json", json.dumps({"protocol": described, **summaries}, indent=1))
         print(format_table(summaries, protocol.describe(args.split)))
+        if "oracle" in summaries:
+            print(ORACLES[cfg.sim.backend])
         print(f"per-episode records and summary in {out}")
         if args.video:
             _videos(cfg, policy, args, out, info.device)

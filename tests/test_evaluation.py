@@ -58,6 +58,7 @@ def eval_cli(trained, out: Path, *extra: str) -> int:
 def test_single_process_eval_writes_records_and_table(trained, tmp_path, capsys):
     assert eval_cli(trained, tmp_path / "ev") == 0
     table = capsys.readouterr().out
+    assert "oracle: ddppo's ShortestPathFollower" in table  # which program the oracle row is
     for agent in ("checkpoint", "oracle", "random", "forward", "untrained"):
         assert agent in table
         records = read_jsonl(tmp_path / "ev" / f"{agent}.jsonl")

@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers.scene_geometry import distance_to_geometry
 
 from ddppo.sim.batch_sim import BatchSimulator, SceneAtlas
 from ddppo.sim.floorplan import generate_floor_plan, scene_seed
@@ -177,6 +176,18 @@ def test_agent_cannot_pass_a_thin_wall(make_scene, kernels):
         assert (sim.z >= 3.05 + RADIUS - SUBSTEP - 1e-5).all()
 
 
+@pytest.mark.parametrize("x, z, distance, at_corner", [
+    (3.05, 3.05, math.hypot(0.05, 0.05), True),  # diagonally off the box's corner
+    (2.5, 3.1, 0.1, False),  # straight across from its face
+    (3.0, 3.2, 0.2, False),  # across from the face's very end
+    (1.9, 1.8, math.hypot(0.1, 0.2), True),
+])
+def test_nearest_geometry_by_hand(make_scene, x, z, distance, at_corner):
+    occ = np.zeros((120, 120), np.uint8)
+    occ[40:60, 40:60] = 1  # x and z in [2, 3)
+    assert make_scene(occ).nearest_geometry(x, z) == (pytest.approx(distance), at_corner)
+
+
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_walking_into_a_box_corner_slides_round_it(make_scene, kernels):
     """A 1 m box with its corner at (3, 3); agents walk at it from 9 headings (5°-85°) along 61 parallel lines 1 cm
@@ -229,7 +240,7 @@ def test_movers_agree_on_random_walks(generated_navs):
     # every agent still keeps its radius from geometry: within 3 mm (bilinear clearance rounds a box's corner
     # slightly outside the true circle)
     for k in range(n):
-        gap = distance_to_geometry(generated_navs[int(scenes[k])].scene, a.x[k].item(), a.z[k].item())
+        gap = generated_navs[int(scenes[k])].scene.nearest_geometry(a.x[k].item(), a.z[k].item())[0]
         assert gap >= RADIUS - 0.003, (k, gap)
 
 

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import torch
 from habitat_support import need_habitat
-from helpers.scene_geometry import distance_to_geometry
 
 from ddppo.sim.batch_sim import BatchSimulator, SceneAtlas
 from ddppo.sim.floorplan import FloorPlanConfig, generate_floor_plan, scene_seed
@@ -106,9 +105,9 @@ def walk(scenes, kernels: str, scripted: bool, seed: int) -> PinCount:
 
 def room_to_stand(nav: NavGrid, x: float, z: float) -> bool:
     """Whether the agent's disc fits where habitat's step ended, within ON_BOTH (exact distance to the scene's
-    occupied cells): farther into the margin, habitat's boundary lies elsewhere, which is the two navmeshes'
-    difference and not a pinned agent."""
-    return distance_to_geometry(nav.scene, x, z) >= nav.agent_radius - ON_BOTH
+    occupied cells, ``Scene.nearest_geometry``): farther into the margin, habitat's boundary lies elsewhere, which
+    is the two navmeshes' difference and not a pinned agent."""
+    return nav.scene.nearest_geometry(x, z)[0] >= nav.agent_radius - ON_BOTH
 
 
 def scripted_actions(rng, n: int, t: int) -> np.ndarray:

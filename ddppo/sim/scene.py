@@ -53,6 +53,27 @@ class Scene:
         j = np.floor((np.asarray(z) - self.origin[1]) / self.cell_size).astype(np.int64)
         return j, i
 
+    def nearest_geometry(self, x: float, z: float, window: int = 8) -> tuple[float, bool]:
+        """Metres from (x, z) to the nearest occupied cell's square within ``window`` cells (inf if none), by brute
+        force over the squares, and whether that nearest point is a corner of the geometry (a convex one: on a
+        face, the nearest square is straight across)."""
+        c = self.cell_size
+        j, i = self.world_to_cell(x, z)
+        js, is_ = np.mgrid[max(j - window, 0): j + window + 1, max(i - window, 0): i + window + 1]
+        inside = (js < self.shape[0]) & (is_ < self.shape[1])
+        js, is_ = js[inside], is_[inside]
+        occupied = self.occupancy[js, is_] != FREE
+        if not occupied.any():
+            return float("inf"), False
+        x0 = self.origin[0] + is_[occupied] * c
+        z0 = self.origin[1] + js[occupied] * c
+        dx = np.maximum(np.maximum(x0 - x, x - (x0 + c)), 0.0)
+        dz = np.maximum(np.maximum(z0 - z, z - (z0 + c)), 0.0)
+        d = np.hypot(dx, dz)
+        k = int(d.argmin())
+        faces = (d <= d[k] + 1e-9) & ((dx == 0) | (dz == 0))
+        return float(d[k]), bool(not faces.any())
+
     def cell_center(self, j, i):
         return (
             self.origin[0] + (np.asarray(i) + 0.5) * self.cell_size,

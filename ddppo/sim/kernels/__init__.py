@@ -6,9 +6,10 @@ same results (tests/test_render.py, test_kinematics.py and test_vector_env.py ch
 The families:
 
 - ``step``: habitat's discrete actions. A forward move is split into sub-steps no longer than a scene cell; a
-  blocked sub-step keeps whichever axis component stays navigable (the larger one when both do). Against
-  axis-aligned walls that is the projection of the motion onto the wall, which is what habitat's navmesh
-  ``try_step`` does.
+  blocked sub-step's target is projected onto the boundary of the standing room (clearance interpolated between
+  cell centres at least the agent radius), the closest point there, which is what habitat's navmesh ``try_step``
+  keeps: the move slides along walls and round corners. Collisions by habitat-sim's rule: the step fell short
+  (docs/design.md, "Kinematics").
 - ``geodesic``: distance to the goal, bilinear over the finite neighbours in the goal's fast-marching field, and the
   straight-line distance within NEAR_GOAL of the goal, where interpolation would blunt the distance cone.
 - ``render``: depth and RGB from a pinhole camera in the 2.5-D grid world. Each image column is one ray cast along
