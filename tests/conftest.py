@@ -53,7 +53,7 @@ def habitat_exported_dataset(small_dataset, tmp_path_factory):
     """``small_dataset``'s val split exported for habitat-sim (``ddppo scene export``), once per session:
     ``{scene}.glb`` with the ``.navmesh`` habitat-sim computed for our agent, and the val episodes with scene_id
     ``{scene}.glb``. ``task.data_dir`` and ``task.scenes_dir`` are both this directory (the embedded backend reads
-    the same episodes from it too). Skips, or fails under DDPPO_REQUIRE_HABITAT, where habitat-sim does not import."""
+    the same episodes from it too). Skips, or fails under DDPPO_REQUIRE_SYSTEM, where habitat-sim does not import."""
     need_habitat()
     from ddppo.sim.scene_export import export_dataset
 

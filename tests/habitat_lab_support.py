@@ -1,6 +1,6 @@
 """Where the tests that take habitat-lab as the oracle run: wherever habitat-sim and habitat-lab import. They skip
-with the reason elsewhere, and fail instead where DDPPO_REQUIRE_HABITAT is set (CI installs both), as
-tests/habitat_support.py does for habitat-sim."""
+with the reason elsewhere, and fail instead where DDPPO_REQUIRE_SYSTEM is set (CI installs both; see
+tests/system_support.py), as tests/habitat_support.py does for habitat-sim."""
 
 from __future__ import annotations
 
@@ -8,21 +8,19 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-from habitat_support import habitat_required, need_habitat
+from habitat_support import need_habitat
+from system_support import lacking
 
 
 def need_habitat_lab():
-    """The ``habitat`` (habitat-lab) module; else skip (or fail where DDPPO_REQUIRE_HABITAT is set)."""
+    """The ``habitat`` (habitat-lab) module; else skip (or fail where DDPPO_REQUIRE_SYSTEM is set)."""
     need_habitat()
     try:
         import habitat
     except Exception as e:  # not installed, or a version that does not import beside this habitat-sim
         lines = str(e).strip().splitlines()
         reason = f"habitat-lab does not import here ({type(e).__name__}: {lines[0] if lines else ''})"
-        if habitat_required():
-            pytest.fail(f"DDPPO_REQUIRE_HABITAT is set but {reason}", pytrace=False)
-        pytest.skip(reason)
+        lacking(reason)
     return habitat
 
 
@@ -33,13 +31,11 @@ TEST_SCENES = Path(os.environ.get("DDPPO_HABITAT_TEST_SCENES",
 
 def habitat_test_scene(name: str, into: Path) -> Path:
     """A copy of habitat-sim's test scene ``name`` in ``into`` (tests add a navmesh beside it); skip (or fail where
-    DDPPO_REQUIRE_HABITAT is set) where the test scenes are not on this machine."""
+    DDPPO_REQUIRE_SYSTEM is set) where the test scenes are not on this machine."""
     source = TEST_SCENES / name
     if not source.is_file():
         reason = f"habitat-sim's test scene {source} is not here (set DDPPO_HABITAT_TEST_SCENES to its directory)"
-        if habitat_required():
-            pytest.fail(f"DDPPO_REQUIRE_HABITAT is set but {reason}", pytrace=False)
-        pytest.skip(reason)
+        lacking(reason)
     into.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, into / name)
     return into / name

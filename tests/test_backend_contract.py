@@ -8,7 +8,7 @@
   ``DDPPO_HABITAT_TEST_SCENE`` overrides the scenes: a scene with its navmesh beside it (habitat's test scene
   ``skokloster-castle.glb``, say), with episodes drawn on that navmesh or read from the json.gz named by
   ``DDPPO_HABITAT_TEST_EPISODES`` (scene ids relative to the scene's directory). Skipped, with the reason, where
-  habitat-sim does not import (failed instead under DDPPO_REQUIRE_HABITAT, as in CI).
+  habitat-sim does not import (failed instead under DDPPO_REQUIRE_SYSTEM, as in CI).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from system_support import lacking
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tiny import quiet, tiny
 from trainer_process import ddppo_command
@@ -426,13 +427,13 @@ def test_full_disk_while_saving_keeps_the_old_files_and_resumes(data_dir, tmp_pa
 def small_disk(tmp_path):
     """A 4 MiB tmpfs: a disk that really fills up (mounting needs root)."""
     if os.geteuid() != 0:
-        pytest.skip("a really full disk needs root, to mount a small tmpfs")
+        lacking("a really full disk needs root, to mount a small tmpfs")
     disk = tmp_path / "disk"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
                              text=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+        lacking(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
         yield disk
     finally:

@@ -13,7 +13,7 @@ habitat-baselines 0.3.320260507, imported through tests/helpers/habitat_baseline
   the same action log-probabilities and values, one step and over sequences with episode starts; `ddppo eval`
   evaluates the file, and ``transfer.checkpoint`` takes its encoder.
 
-Skips with the reason where habitat_baselines does not import; fails instead where DDPPO_REQUIRE_HABITAT is set.
+Skips with the reason where habitat_baselines does not import; fails instead where DDPPO_REQUIRE_SYSTEM is set.
 """
 
 from __future__ import annotations

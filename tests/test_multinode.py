@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from system_support import lacking, need
 from test_distributed import reference_update
 from test_faults import assert_run_dir_sound, saved_update, tb_steps
 from tiny import tiny
@@ -62,7 +63,13 @@ def _why_no_namespaces() -> str | None:
     return None
 
 
-pytestmark.append(pytest.mark.skipif(_why_no_namespaces() is not None, reason=str(_why_no_namespaces())))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def namespaces():
+    """Every test here runs two hosts in network namespaces: skip (fail under DDPPO_REQUIRE_SYSTEM) without them."""
+    need(_why_no_namespaces())
+
 
 HOSTS, ADDRS = zip(*(line.split() for line in subprocess.run(
     [str(TWO_HOSTS), "list"], capture_output=True, text=True, check=True).stdout.splitlines()))
@@ -384,7 +391,7 @@ def cluster(clean_hosts):
     killed them)."""
     out = subprocess.run([str(CLUSTER), "start", "--nodes", "2"], capture_output=True, text=True, timeout=300)
     if out.returncode != 0 and shutil.which("slurmctld") is None:
-        pytest.skip(f"no SLURM here and none could be installed: {out.stderr.strip()[-300:]}")
+        lacking(f"no SLURM here and none could be installed: {out.stderr.strip()[-300:]}")
     assert out.returncode == 0, out.stdout + out.stderr
     yield clean_hosts
     # No job of this test outlives it: cancelled, gone from the queue, and the controller stopped with SIGTERM so

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from system_support import need
 
 from ddppo import checkpoint
 from ddppo.config import ConfigError
@@ -26,7 +27,13 @@ def _slurm_up() -> bool:
     return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mix", "alloc"))
 
 
-needs_slurm = pytest.mark.skipif(not _slurm_up(), reason="no SLURM cluster: run `slurm/local-cluster.sh start`")
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A running SLURM cluster: skip (fail under DDPPO_REQUIRE_SYSTEM) without one."""
+    need(None if _slurm_up() else "no SLURM cluster: run `slurm/local-cluster.sh start`")
+
+
+needs_slurm = pytest.mark.usefixtures("slurm_cluster")
 
 
 def tiny(tmp: Path, data: Path, total: int, **extra) -> list[str]:

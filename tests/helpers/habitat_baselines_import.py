@@ -11,7 +11,7 @@ kernel), never compute something wrong.
 
 ``import_habitat_baselines()`` is the one way the tests import it; where it does not import it raises
 ``HabitatBaselinesUnavailable`` with the reason (tests/habitat_support.py turns that into a skip, or a failure where
-DDPPO_REQUIRE_HABITAT is set).
+DDPPO_REQUIRE_SYSTEM is set).
 """
 
 from __future__ import annotations
