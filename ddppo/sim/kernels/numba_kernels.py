@@ -52,7 +52,7 @@ def _cell_clearance(clear, s, j, i):
     return clear[s, j, i]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _forward_numba(clear, origin, cell, radius, s, px, pz, dx, dz, sub, substeps):
     """One forward move of ``substeps`` sub-steps (dx, dz) from (px, pz); a blocked target is projected onto the
     boundary (the twin's ``step`` says how). Returns the end point."""
