@@ -1,9 +1,10 @@
 """Parity with habitat-baselines' DD-PPO, checked against habitat-baselines' own code (the installed
 habitat-baselines 0.3.320260507, imported through tests/helpers/habitat_baselines_import.py):
 
-- configs/pointnav/habitat_baselines{,_gibson}.yaml against ddppo_pointnav.yaml composed by habitat-baselines'
-  config system, key by key through an explicit mapping; every key of its ``rl.ppo`` and ``rl.ddppo`` sections is
-  mapped, pinned to the one behaviour ddppo has, or excused with the reason;
+- configs/pointnav/habitat_baselines{,_gibson}.yaml against ddppo_pointnav.yaml (upstream's file, kept verbatim in
+  tests/upstream with its commit and sha256) composed by habitat-baselines' config system, key by key through an
+  explicit mapping; every key of its ``rl.ppo`` and ``rl.ddppo`` sections is mapped, pinned to the one behaviour
+  ddppo has, or excused with the reason;
 - on identical tensors: returns (GAE, and discounted returns without it) of its RolloutStorage.compute_returns and
   of ddppo's storage; the PPO loss terms (policy, value clipped in its ``where`` form and unclipped, entropy), the
   clip fraction and the gradients of its PPO._update_from_batch and of ddppo.rl.ppo.ppo_loss (the ``max`` form,
@@ -19,6 +20,7 @@ Skips with the reason where habitat_baselines does not import; fails instead whe
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import math
 import types
@@ -45,30 +47,10 @@ from ddppo.trained_policy import policy_from_checkpoint
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = [REPO / "configs" / "pointnav" / "habitat_baselines.yaml",
            REPO / "configs" / "pointnav" / "habitat_baselines_gibson.yaml"]
-DDPPO_POINTNAV = {
-    "habitat_baselines": {
-        "verbose": False, "trainer_name": "ddppo", "torch_gpu_id": 0, "tensorboard_dir": "tb", "video_dir": "video_dir",
-        "test_episode_count": -1, "eval_ckpt_path_dir": "data/new_checkpoints", "num_environments": 4,
-        "checkpoint_folder": "data/new_checkpoints", "num_updates": -1, "total_num_steps": 2.5e9, "log_interval": 10,
-        "num_checkpoints": 100, "force_torch_single_threaded": True,
-        "rl": {
-            "policy": {"main_agent": {"name": "PointNavResNetPolicy"}},
-            "ppo": {"clip_param": 0.2, "ppo_epoch": 2, "num_mini_batch": 2, "value_loss_coef": 0.5,
-                    "entropy_coef": 0.01, "lr": 2.5e-4, "eps": 1e-5, "max_grad_norm": 0.2, "num_steps": 128,
-                    "use_gae": True, "gamma": 0.99, "tau": 0.95, "use_linear_clip_decay": False,
-                    "use_linear_lr_decay": False, "reward_window_size": 50, "use_normalized_advantage": False,
-                    "hidden_size": 512, "use_double_buffered_sampler": False},
-            "ddppo": {"sync_frac": 0.6, "distrib_backend": "NCCL",
-                      "pretrained_weights": "data/ddppo-models/gibson-2plus-resnet50.pth", "pretrained": False,
-                      "pretrained_encoder": False, "train_encoder": True, "reset_critic": True,
-                      "backbone": "resnet50", "rnn_type": "LSTM", "num_recurrent_layers": 2},
-        },
-    },
-}
-"""What habitat-baselines' ``ddppo_pointnav.yaml`` (habitat-lab 0.3.x) sets over its base configs, written out here
-because the PyPI wheel ships no YAML; habitat-baselines' own config system composes it with the defaults below."""
-DDPPO_POINTNAV_DEFAULTS = [{"/benchmark/nav/pointnav": "pointnav_gibson"},
-                           {"/habitat_baselines": "habitat_baselines_rl_config_base"}, "_self_"]
+DDPPO_POINTNAV = REPO / "tests" / "upstream" / "habitat_baselines" / "ddppo_pointnav.yaml"
+"""habitat-baselines' ``ddppo_pointnav.yaml`` verbatim (the PyPI wheel ships no YAML); tests/upstream/README.md
+names the upstream commit, whose file has DDPPO_POINTNAV_SHA256."""
+DDPPO_POINTNAV_SHA256 = "b8b443ace3e48556e500260606b96390963a84ecdb1e23253918348bf9b3077a"
 SENSORS = "habitat.simulator.agents.main_agent.sim_sensors"
 
 
@@ -79,20 +61,16 @@ def hb():
 
 def ddppo_pointnav(hb, *overrides: str, as_dict: bool = True):
     """ddppo_pointnav.yaml composed by habitat-baselines' config system (as plain dicts, or its own DictConfig): the
-    installed file where the install has one, else DDPPO_POINTNAV over the same defaults."""
-    import tempfile
-
+    installed file where the install has one, else the upstream file kept in tests/upstream."""
     from habitat_baselines.config.default import get_config
 
     installed = Path(hb.__file__).parent / "config" / "pointnav" / "ddppo_pointnav.yaml"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = installed
-        if not installed.is_file():
-            path = Path(tmp) / "ddppo_pointnav.yaml"
-            body = OmegaConf.to_yaml(OmegaConf.create({"defaults": DDPPO_POINTNAV_DEFAULTS, **DDPPO_POINTNAV}))
-            path.write_text("# @package _global_\n" + body)
-        cfg = get_config(str(path), list(overrides))
+    cfg = get_config(str(installed if installed.is_file() else DDPPO_POINTNAV), list(overrides))
     return OmegaConf.to_container(cfg, resolve=True) if as_dict else cfg
+
+
+def test_the_kept_ddppo_pointnav_yaml_is_upstreams():
+    assert hashlib.sha256(DDPPO_POINTNAV.read_bytes()).hexdigest() == DDPPO_POINTNAV_SHA256
 
 
 def get(tree: dict, dotted: str) -> Any:
