@@ -56,11 +56,11 @@ def _cell_clearance(clear, s, j, i):
 def _forward_numba(clear, origin, cell, radius, s, px, pz, dx, dz, sub, substeps):
     """One forward move of ``substeps`` sub-steps (dx, dz) from (px, pz); a blocked target is projected onto the
     boundary (the twin's ``step`` says how). Returns the end point."""
-    r = radius[s] - STAND_TOLERANCE
+    room = radius[s] - STAND_TOLERANCE  # the clearance an agent may stand at
     for _ in range(substeps):
         tx, tz = px + dx, pz + dz
         c, gx, gz = _clearance(clear, s, origin, cell, tx, tz)
-        if c >= r:
+        if c >= room:
             px, pz = tx, tz
             continue
         sx, sz = tx, tz
@@ -68,12 +68,12 @@ def _forward_numba(clear, origin, cell, radius, s, px, pz, dx, dz, sub, substeps
             g2 = gx * gx + gz * gz
             if g2 < MIN_GRADIENT2:
                 break
-            k = (r + STAND_TOLERANCE - c) / g2
+            k = (radius[s] - c) / g2
             sx, sz = sx + k * gx, sz + k * gz
             c, gx, gz = _clearance(clear, s, origin, cell, sx, sz)
-            if c >= r:
+            if c >= room:
                 break
-        if c >= r and (sx - tx) ** 2 + (sz - tz) ** 2 <= (MAX_SLIDE_PUSH * sub) ** 2:
+        if c >= room and (sx - tx) ** 2 + (sz - tz) ** 2 <= (MAX_SLIDE_PUSH * sub) ** 2:
             px, pz = sx, sz
     return px, pz
 

@@ -74,22 +74,23 @@ def step(atlas, scene_of, x, z, theta, actions, turn, forward_step, substeps):
     sub = forward_step / substeps
     dx = torch.where(moving, fx * sub, 0.0)
     dz = torch.where(moving, fz * sub, 0.0)
-    radius = atlas.radius[scene_of].double() - STAND_TOLERANCE
+    radius = atlas.radius[scene_of].double()
+    room = radius - STAND_TOLERANCE  # the clearance an agent may stand at
     x0, z0 = x.double(), z.double()
     px, pz = x0, z0
     for _ in range(substeps):
         tx, tz = px + dx, pz + dz
         c, gx, gz = clearance(atlas, scene_of, tx, tz)
-        free = c >= radius
+        free = c >= room
         # blocked: the target projected onto the boundary (Newton steps along the clearance gradient), as habitat's
         # try_step keeps the closest point of the navmesh; a projection that does not land is no move
         sx, sz, stands = tx, tz, free
         for _ in range(SLIDE_ITERATIONS):
             g2 = gx * gx + gz * gz
-            k = torch.where(stands | (g2 < MIN_GRADIENT2), 0.0, (radius + STAND_TOLERANCE - c) / g2.clamp_min(1e-12))
+            k = torch.where(stands | (g2 < MIN_GRADIENT2), 0.0, (radius - c) / g2.clamp_min(1e-12))
             sx, sz = sx + k * gx, sz + k * gz
             c, gx, gz = clearance(atlas, scene_of, sx, sz)
-            stands = c >= radius
+            stands = c >= room
         slides = ~free & stands & ((sx - tx) ** 2 + (sz - tz) ** 2 <= (MAX_SLIDE_PUSH * sub) ** 2)
         px = torch.where(free, tx, torch.where(slides, sx, px))
         pz = torch.where(free, tz, torch.where(slides, sz, pz))
