@@ -325,7 +325,6 @@ def test_lost_host_is_replaced_and_the_run_resumes(clean_hosts, data_dir, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not LONG, reason="runs with DDPPO_LONG_TESTS=1")
 def test_lost_rendezvous_host_stops_the_job_and_running_it_again_resumes(clean_hosts, data_dir, tmp_path):
     """The first host holds the c10d rendezvous (the --rdzv-endpoint's address): when it is lost, the second host's
     torchrun stops too, whatever --max-restarts says. The same command on both hosts then resumes the run."""
@@ -353,7 +352,6 @@ def test_lost_rendezvous_host_stops_the_job_and_running_it_again_resumes(clean_h
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not LONG, reason="runs with DDPPO_LONG_TESTS=1 (the failing half waits for Gloo's timeout)")
 def test_gloo_needs_an_interface_when_host_names_resolve_to_loopback(clean_hosts, tmp_path):
     """With each host's own name resolving to 127.0.1.1 (the Debian/Ubuntu /etc/hosts default), Gloo binds to
     loopback and tells the other host that address: the two cannot connect. GLOO_SOCKET_IFNAME=veth0 makes the same
@@ -497,16 +495,14 @@ def test_multi_node_sbatch_template_runs_one_task_per_node(cluster, data_dir, tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["ddppo slurm train", pytest.param("multi_node.sbatch", marks=pytest.mark.skipif(
-    not LONG, reason="the template's lost node runs with DDPPO_LONG_TESTS=1"))])
+@pytest.mark.parametrize("launcher", ["ddppo slurm train", "multi_node.sbatch"])
 def test_lost_node_requeues_the_slurm_job_which_resumes(cluster, data_dir, tmp_path, launcher):
     """Every process of the second node is SIGKILLed mid-run (munged, slurmd, the task). SLURM declares the node
     down (SlurmdTimeout, 10 s on this cluster) and requeues the job (it asked with --requeue; this cluster does not
     requeue jobs that do not ask). Under `ddppo slurm train` the task that survived says in one line what happened and
     leaves no result, so the user's `--wait` goes on waiting. Once the node is back and SLURM's hold on requeued jobs
     is over, the job starts again, resumes from the last resume state and runs to the end: step counters continue,
-    TensorBoard has one point per update, everything on disk loads. DDPPO_LONG_TESTS=1 loses the node twice, and also
-    under slurm/multi_node.sbatch."""
+    TensorBoard has one point per update, everything on disk loads. DDPPO_LONG_TESTS=1 loses the node twice."""
     losses = 2 if LONG else 1
     updates = 60 * (losses + 1)
     run_root, log, proc = tmp_path / "runs", tmp_path / "submit.log", None
