@@ -150,90 +150,110 @@ _render_threads_set = False
 @numba.njit(parallel=True, fastmath=False, cache=True)
 def _render_numba(occ, cidx, palette, origin, cell, ceil, scene_of, px, pz, theta, res, max_depth, sensor_h,
                   depth_out, rgb_out, want_depth, want_rgb):
-    n_env = px.shape[0]
-    hm, wm = occ.shape[1], occ.shape[2]
     f = res / 2.0  # focal length in pixels for a 90 degree field of view
-    for k in numba.prange(n_env * res):
+    for k in numba.prange(px.shape[0] * res):
         n = k // res
         col = k % res
-        s = scene_of[n]
-        c = cell[s]
         sn, cs = math.sin(theta[n]), math.cos(theta[n])
         xc = (col + 0.5 - res / 2.0) / f
         dx = -sn + xc * cs  # forward (-sin, -cos) plus xc * right (cos, -sin)
         dz = -cs - xc * sn
-        gx = (px[n] - origin[s, 0]) / c
-        gz = (pz[n] - origin[s, 1]) / c
-        i = int(math.floor(gx))
-        j = int(math.floor(gz))
-        step_i = 1 if dx > 0 else -1
-        step_j = 1 if dz > 0 else -1
-        inf = 1e30
-        t_delta_i = c / abs(dx) if dx != 0 else inf
-        t_delta_j = c / abs(dz) if dz != 0 else inf
-        t_max_i = ((i + (1 if dx > 0 else 0)) - gx) * c / dx if dx != 0 else inf
-        t_max_j = ((j + (1 if dz > 0 else 0)) - gz) * c / dz if dz != 0 else inf
-        t = 0.0
-        side = 0
+        t, side, hit_color = _cast_ray(occ, cidx, origin, cell, scene_of[n], px[n], pz[n], dx, dz)
+        _shade_column(occ, cidx, palette, origin, cell, ceil, scene_of[n], px[n], pz[n], dx, dz, t, side, hit_color,
+                      n, col, res, max_depth, sensor_h, depth_out, rgb_out, want_depth, want_rgb)
+
+
+@numba.njit(cache=True, inline="always")
+def _cast_ray(occ, cidx, origin, cell, s, x, z, dx, dz):
+    """Amanatides & Woo along the floor plan from (x, z) in direction (dx, dz), whose forward component is 1: the
+    z-depth of the first occupied cell, the side it was entered by (0: across x, 1: across z) and its palette
+    index (an object's colour, or the wall colour of the room it is seen from; -1 for none)."""
+    hm, wm = occ.shape[1], occ.shape[2]
+    c = cell[s]
+    gx = (x - origin[s, 0]) / c
+    gz = (z - origin[s, 1]) / c
+    i = int(math.floor(gx))
+    j = int(math.floor(gz))
+    step_i = 1 if dx > 0 else -1
+    step_j = 1 if dz > 0 else -1
+    inf = 1e30
+    t_delta_i = c / abs(dx) if dx != 0 else inf
+    t_delta_j = c / abs(dz) if dz != 0 else inf
+    t_max_i = ((i + (1 if dx > 0 else 0)) - gx) * c / dx if dx != 0 else inf
+    t_max_j = ((j + (1 if dz > 0 else 0)) - gz) * c / dz if dz != 0 else inf
+    t = 0.0
+    side = 0
+    pj, pi = j, i
+    for _ in range(hm + wm + 4):
+        if j < 0 or j >= hm or i < 0 or i >= wm or occ[s, j, i] != 0:
+            break
         pj, pi = j, i
-        hit_color = -1
-        for _ in range(hm + wm + 4):
-            if j < 0 or j >= hm or i < 0 or i >= wm or occ[s, j, i] != 0:
-                break
-            pj, pi = j, i
-            if t_max_i < t_max_j:
-                t = t_max_i
-                t_max_i += t_delta_i
-                i += step_i
-                side = 0
-            else:
-                t = t_max_j
-                t_max_j += t_delta_j
-                j += step_j
-                side = 1
-        inside = 0 <= j < hm and 0 <= i < wm
-        if inside and occ[s, j, i] == 2:
-            hit_color = cidx[s, j, i]
-        elif cidx[s, pj, pi] >= 0:
-            hit_color = cidx[s, pj, pi] + 1  # the wall colour of the room it is seen from
-        if want_rgb:
-            u = pz[n] + t * dz if side == 0 else px[n] + t * dx
-            stripe = 0.88 + 0.12 * (int(math.floor(u * STRIPE)) & 1)
-            wall_gain = stripe * (SIDE_SHADE[0] if side == 0 else SIDE_SHADE[1]) / (1.0 + ATTENUATION * t)
-        for row in range(res):
-            yc = (res / 2.0 - (row + 0.5)) / f
-            if yc < 0:
-                plane = sensor_h / -yc
-            elif yc > 0:
-                plane = (ceil[s] - sensor_h) / yc
-            else:
-                plane = inf
-            is_wall = t <= plane
-            d = t if is_wall else plane
-            if want_depth:
-                depth_out[n, row, col] = min(d, max_depth) / max_depth
-            if want_rgb:
-                if is_wall:
-                    for ch in range(3):
-                        base = palette[hit_color, ch] if hit_color >= 0 else UNDER_WALL_RGB
-                        rgb_out[n, row, col, ch] = min(255.0, base * wall_gain)
-                elif yc > 0:
-                    g = 1.0 / (1.0 + ATTENUATION * d)
-                    for ch in range(3):
-                        rgb_out[n, row, col, ch] = CEILING_RGB[ch] * g
-                else:
-                    wx = px[n] + d * dx
-                    wz = pz[n] + d * dz
-                    fi = int(math.floor((wx - origin[s, 0]) / c))
-                    fj = int(math.floor((wz - origin[s, 1]) / c))
-                    ci = -1
-                    if 0 <= fj < hm and 0 <= fi < wm and occ[s, fj, fi] == 0:
-                        ci = cidx[s, fj, fi]
-                    checker = 0.85 + 0.15 * ((int(math.floor(wx * CHECKER)) + int(math.floor(wz * CHECKER))) & 1)
-                    g = checker / (1.0 + ATTENUATION * d)
-                    for ch in range(3):
-                        base = palette[ci, ch] if ci >= 0 else UNDER_WALL_RGB
-                        rgb_out[n, row, col, ch] = min(255.0, base * g)
+        if t_max_i < t_max_j:
+            t = t_max_i
+            t_max_i += t_delta_i
+            i += step_i
+            side = 0
+        else:
+            t = t_max_j
+            t_max_j += t_delta_j
+            j += step_j
+            side = 1
+    hit_color = -1
+    if 0 <= j < hm and 0 <= i < wm and occ[s, j, i] == 2:
+        hit_color = cidx[s, j, i]
+    elif cidx[s, pj, pi] >= 0:
+        hit_color = cidx[s, pj, pi] + 1  # the wall colour of the room it is seen from
+    return t, side, hit_color
+
+
+@numba.njit(cache=True, inline="always")
+def _shade_column(occ, cidx, palette, origin, cell, ceil, s, x, z, dx, dz, t, side, hit_color, n, col, res, max_depth,
+                  sensor_h, depth_out, rgb_out, want_depth, want_rgb):
+    """Image column ``col`` of env ``n``: the wall where it is nearer than the floor (or ceiling) plane for a row,
+    the plane elsewhere; depth normalised by ``max_depth``, colours shaded by distance, wall stripes, floor checks."""
+    hm, wm = occ.shape[1], occ.shape[2]
+    c = cell[s]
+    f = res / 2.0
+    wall_gain = 0.0
+    if want_rgb:
+        u = z + t * dz if side == 0 else x + t * dx
+        stripe = 0.88 + 0.12 * (int(math.floor(u * STRIPE)) & 1)
+        wall_gain = stripe * (SIDE_SHADE[0] if side == 0 else SIDE_SHADE[1]) / (1.0 + ATTENUATION * t)
+    for row in range(res):
+        yc = (res / 2.0 - (row + 0.5)) / f
+        if yc < 0:
+            plane = sensor_h / -yc
+        elif yc > 0:
+            plane = (ceil[s] - sensor_h) / yc
+        else:
+            plane = 1e30
+        is_wall = t <= plane
+        d = t if is_wall else plane
+        if want_depth:
+            depth_out[n, row, col] = min(d, max_depth) / max_depth
+        if not want_rgb:
+            continue
+        if is_wall:
+            for ch in range(3):
+                base = palette[hit_color, ch] if hit_color >= 0 else UNDER_WALL_RGB
+                rgb_out[n, row, col, ch] = min(255.0, base * wall_gain)
+        elif yc > 0:
+            g = 1.0 / (1.0 + ATTENUATION * d)
+            for ch in range(3):
+                rgb_out[n, row, col, ch] = CEILING_RGB[ch] * g
+        else:
+            wx = x + d * dx
+            wz = z + d * dz
+            fi = int(math.floor((wx - origin[s, 0]) / c))
+            fj = int(math.floor((wz - origin[s, 1]) / c))
+            ci = -1
+            if 0 <= fj < hm and 0 <= fi < wm and occ[s, fj, fi] == 0:
+                ci = cidx[s, fj, fi]
+            checker = 0.85 + 0.15 * ((int(math.floor(wx * CHECKER)) + int(math.floor(wz * CHECKER))) & 1)
+            g = checker / (1.0 + ATTENUATION * d)
+            for ch in range(3):
+                base = palette[ci, ch] if ci >= 0 else UNDER_WALL_RGB
+                rgb_out[n, row, col, ch] = min(255.0, base * g)
 
 
 def set_render_threads(n: int) -> None:
