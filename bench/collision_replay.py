@@ -68,19 +68,29 @@ def replay(records: list[dict], exported: Path, split: str, forward_step: float,
     return count
 
 
+def habitat_step(finder, x: float, z: float, heading: float, forward_step: float) -> tuple[float, float] | None:
+    """Where habitat-sim's navmesh (a PathFinder) moves an agent at (x, z) with ``heading`` forward (try_step to the
+    full step's end), as (x, z); None where the navmesh does not hold the pose (snapping moves it ON_BOTH or more:
+    from such a start try_step first snaps, and its answer says nothing of ours)."""
+    position = np.array([x, 0.0, z], np.float32)
+    snapped = np.asarray(finder.snap_point(position))
+    if math.hypot(snapped[0] - x, snapped[2] - z) >= ON_BOTH:
+        return None
+    target = position + forward_step * np.array([-math.sin(heading), 0.0, -math.cos(heading)], np.float32)
+    end = np.asarray(finder.try_step(position, target))
+    return float(end[0]), float(end[2])
+
+
 def _compare(finder, scene, start, end, heading: float, forward_step: float) -> str | None:
     """Which counter one forward step adds to (None: flagged by neither, or pinned on neither)."""
-    position = np.array([start[0], 0.0, start[1]], np.float32)
-    snapped = np.asarray(finder.snap_point(position))
-    if math.hypot(snapped[0] - start[0], snapped[2] - start[1]) >= ON_BOTH:
+    theirs_end = habitat_step(finder, start[0], start[1], heading, forward_step)
+    if theirs_end is None:
         return "off_habitat"
-    target = position + forward_step * np.array([-math.sin(heading), 0.0, -math.cos(heading)], np.float32)
-    theirs_end = np.asarray(finder.try_step(position, target))
-    theirs_dx, theirs_dz = theirs_end[0] - start[0], theirs_end[2] - start[1]
+    theirs_dx, theirs_dz = theirs_end[0] - start[0], theirs_end[1] - start[1]
     ours = collided(end[0] - start[0], end[1] - start[1], forward_step)
     theirs = collided(theirs_dx, theirs_dz, forward_step)
     if math.dist(start, end) < STILL and math.hypot(theirs_dx, theirs_dz) >= HABITAT_MOVES \
-            and scene.nearest_geometry(theirs_end[0], theirs_end[2])[0] >= AGENT_RADIUS - ON_BOTH:
+            and scene.nearest_geometry(*theirs_end)[0] >= AGENT_RADIUS - ON_BOTH:
         return "pinned"
     if ours and theirs:
         return "both"

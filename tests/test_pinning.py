@@ -15,8 +15,10 @@ deterministic policy does once its observation stops changing, then turns by a r
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +30,17 @@ from ddppo.sim.floorplan import FloorPlanConfig, generate_floor_plan, scene_seed
 from ddppo.sim.geometry import MOVE_FORWARD, TURN_LEFT, TURN_RIGHT
 from ddppo.sim.navmesh import NavGrid
 
+
+def _load_collision_replay():
+    """bench/collision_replay.py, whose ``habitat_step`` (habitat's forward move from a pose) both use."""
+    spec = importlib.util.spec_from_file_location("collision_replay", ROOT / "bench" / "collision_replay.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ROOT = Path(__file__).resolve().parent.parent
+COLLISION_REPLAY = _load_collision_replay()
 SCENES = 6
 AGENTS_PER_SCENE = 48
 STEPS = 300
@@ -35,7 +48,7 @@ PUSH_STEPS = 25
 STILL = 0.01
 """Metres: a forward step that moved less than this moved nothing."""
 HABITAT_MOVES = 0.05
-ON_BOTH = 0.01
+ON_BOTH = COLLISION_REPLAY.ON_BOTH
 """Metres: a pose counts only where habitat's navmesh holds it too (snapping it moves it less than this). Recast
 erodes its navmesh on 5 cm voxels and simplifies the outline, so its boundary lies up to a few centimetres inside or
 outside ours; from a start off its navmesh, try_step first snaps the start and its answer says nothing of ours."""
@@ -93,7 +106,7 @@ def walk(scenes, kernels: str, scripted: bool, seed: int) -> PinCount:
         count.still_steps += int(still.sum())
         for k in np.nonzero(still)[0]:
             nav, finder = scenes[scene_of[k]]
-            end = habitat_step(finder, x0[k], z0[k], theta[k], sim.forward_step)
+            end = COLLISION_REPLAY.habitat_step(finder, x0[k], z0[k], theta[k], sim.forward_step)
             if end is None:
                 count.off_habitat += 1
                 continue
@@ -115,18 +128,6 @@ def scripted_actions(rng, n: int, t: int) -> np.ndarray:
     if t % (PUSH_STEPS + 1) < PUSH_STEPS:
         return np.full(n, MOVE_FORWARD)
     return rng.choice([TURN_LEFT, TURN_RIGHT], size=n)
-
-
-def habitat_step(finder, x: float, z: float, theta: float, forward_step: float) -> tuple[float, float] | None:
-    """Where habitat-sim's navmesh moves an agent at (x, z) with heading theta (try_step from the pose to the full
-    step's end), as (x, z); None where the navmesh does not hold the pose (ON_BOTH)."""
-    start = np.array([x, 0.0, z], np.float32)
-    snapped = np.asarray(finder.snap_point(start))
-    if np.hypot(snapped[0] - x, snapped[2] - z) >= ON_BOTH:
-        return None
-    end = np.asarray(finder.try_step(start, start + forward_step * np.array(
-        [-math.sin(theta), 0.0, -math.cos(theta)], np.float32)))
-    return float(end[0]), float(end[2])
 
 
 @pytest.mark.parametrize("kernels", ["numba", "torch"])

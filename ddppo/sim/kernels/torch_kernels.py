@@ -31,8 +31,7 @@ from ddppo.sim.kernels.shading import ATTENUATION, CEILING_RGB, CHECKER, SIDE_SH
 from ddppo.sim.navmesh import NEAR_GOAL
 from ddppo.sim.task import episode_ends, pointnav_step
 
-__all__ = ["cast_rays", "clearance", "geodesic", "navigable", "pointnav_step", "pose_sensors", "render", "step",
-           "tally"]
+__all__ = ["cast_rays", "clearance", "geodesic", "pointnav_step", "pose_sensors", "render", "step", "tally"]
 
 
 def clearance(atlas, scene_of, x, z) -> tuple[Tensor, Tensor, Tensor]:
@@ -56,11 +55,6 @@ def clearance(atlas, scene_of, x, z) -> tuple[Tensor, Tensor, Tensor]:
     d_dx = ((1 - fz) * (c01 - c00) + fz * (c11 - c10)) / c
     d_dz = (far - near) / c
     return value, d_dx, d_dz
-
-
-def navigable(atlas, scene_of, x, z) -> Tensor:
-    """Whether an agent may stand at (x, z): clearance at least its radius (``STAND_TOLERANCE`` spares rounding)."""
-    return clearance(atlas, scene_of, x, z)[0] >= atlas.radius[scene_of] - STAND_TOLERANCE
 
 
 def step(atlas, scene_of, x, z, theta, actions, turn, forward_step, substeps):
