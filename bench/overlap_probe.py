@@ -30,11 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ddppo.bench import machine  # noqa: E402
+from ddppo.bench.throughput import machine  # noqa: E402
 from ddppo.config import load_config  # noqa: E402
-from ddppo.env_factory import make_vector_env  # noqa: E402
 from ddppo.policy import build_policy  # noqa: E402
 from ddppo.sim.dataset_dir import ensure_dataset  # noqa: E402
+from ddppo.sim.environments import make_vector_env  # noqa: E402
 from ddppo.sim.kernels.numba_kernels import set_render_threads  # noqa: E402
 
 

@@ -32,13 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ddppo.policy.encoders.base  # noqa: E402
 import ddppo.policy.encoders.small_cnn  # noqa: E402
-from ddppo.bench import machine  # noqa: E402
+from ddppo.bench.throughput import machine  # noqa: E402
 from ddppo.config import load_config  # noqa: E402
 from ddppo.distributed import resolve_device  # noqa: E402
-from ddppo.malloc_settings import keep_freed_memory  # noqa: E402
+from ddppo.evaluation.trained_policy import policy_spaces  # noqa: E402
 from ddppo.policy import build_policy  # noqa: E402
 from ddppo.policy.precision import has_native_bfloat16  # noqa: E402
-from ddppo.trained_policy import policy_spaces  # noqa: E402
+from ddppo.trainer.malloc_settings import keep_freed_memory  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16")
 

@@ -31,12 +31,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ddppo.atomic import atomic_write_text  # noqa: E402
-from ddppo.checkpoint import list_checkpoints  # noqa: E402
+from ddppo.analysis.compare import compare, plot  # noqa: E402
+from ddppo.analysis.plot import plot_runs, read_curves  # noqa: E402
 from ddppo.config import load_config  # noqa: E402
-from ddppo.plot import plot_runs, read_curves  # noqa: E402
-from ddppo.train import train  # noqa: E402
-from ddppo.transfer.compare import compare, plot  # noqa: E402
+from ddppo.io.atomic import atomic_write_text  # noqa: E402
+from ddppo.io.checkpoint import list_checkpoints  # noqa: E402
+from ddppo.trainer.loop import train  # noqa: E402
 
 TASKS = {"flee": "distance_from_start", "exploration": "area_covered"}
 MODES = ("scratch", "frozen", "finetune")

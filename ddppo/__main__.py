@@ -1,3 +1,3 @@
-from ddppo.cli import main
+from ddppo.launch.cli import main
 
 raise SystemExit(main())

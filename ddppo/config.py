@@ -45,7 +45,7 @@ class TaskConfig:
     """The navigation task and its dataset (habitat semantics)."""
 
     type: str = "pointnav"
-    """pointnav | flee | exploration (ddppo/transfer/tasks.py). Flee and Exploration run on PointNav episodes: their
+    """pointnav | flee | exploration (ddppo/sim/tasks.py). Flee and Exploration run on PointNav episodes: their
     starts, with the goal sensor reading zeros."""
     data_dir: str = "data/pointnav"
     """Dataset root: {split}/{split}.json.gz episodes and scenes/{scene}.npz."""
@@ -160,7 +160,7 @@ class DDPPOConfig:
 
 @dataclass
 class TransferConfig:
-    """Start from another run's weights (ddppo/transfer/loading.py); the run records them in transfer.json."""
+    """Start from another run's weights (ddppo/trainer/transfer.py); the run records them in transfer.json."""
 
     checkpoint: str = ""
     """A training checkpoint (runs/<name>/checkpoints/ckpt_*.pt) to take weights from; empty = none."""
@@ -188,8 +188,9 @@ class TrainConfig:
     """torch threads per worker, which the renderer uses too; 0 = torch's default (torchrun sets 1; under SLURM,
     the task's CPUs)."""
     keep_freed_memory: bool = True
-    """Have glibc's malloc keep freed blocks up to 32 MB for reuse rather than unmapping them (ddppo.malloc_settings.
-    keep_freed_memory): on CPU, a PPO update otherwise page-faults its activations in afresh every minibatch."""
+    """Have glibc's malloc keep freed blocks up to 32 MB for reuse rather than unmapping them
+    (ddppo.trainer.malloc_settings.keep_freed_memory): on CPU, a PPO update otherwise page-faults its
+    activations in afresh every minibatch."""
     checkpoint_interval: int = 50
     """Updates between checkpoints."""
     keep_checkpoints: int = 3
@@ -294,7 +295,7 @@ def check(cfg) -> None:
     need(0 < dd.min_rollout_frac <= 1, f"ddppo.min_rollout_frac={dd.min_rollout_frac} must be in (0, 1]")
     need(dd.backend in ("auto", "gloo", "nccl"), f"ddppo.backend={dd.backend!r}: use auto, gloo or nccl")
     need(task.split in ("train", "val", "test"), f"task.split={task.split!r}: use train, val or test")
-    from ddppo.env_factory import TASKS
+    from ddppo.sim.environments import TASKS
 
     need(task.type in TASKS, f"task.type={task.type!r}: use one of {', '.join(TASKS)}")
     tr = cfg.transfer
@@ -401,7 +402,7 @@ def check_dataset(ds, prefix: str = "") -> None:
 
 
 def save_config(cfg, path: str | Path) -> None:
-    from ddppo.atomic import atomic_write_text
+    from ddppo.io.atomic import atomic_write_text
 
     atomic_write_text(path, OmegaConf.to_yaml(cfg))
 

@@ -7,7 +7,7 @@ import json
 
 from habitat_support import need_habitat
 
-from ddppo.cli import main as cli_main
+from ddppo.launch.cli import main as cli_main
 from ddppo.sim.dataset_dir import has_dataset
 
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 from tiny import TINY_AGENT
 
-from ddppo.cli import main as cli_main
 from ddppo.config import load_config
-from ddppo.env_factory import make_vector_env
+from ddppo.launch.cli import main as cli_main
 from ddppo.policy import build_policy
+from ddppo.sim.environments import make_vector_env
 
 needs_sb3 = pytest.mark.skipif(
     find_spec("stable_baselines3") is None or find_spec("sb3_contrib") is None,
@@ -46,7 +46,7 @@ def test_vec_env_adapter_keeps_sb3_contract_and_our_observations(small_dataset):
     from stable_baselines3.common.utils import check_for_correct_spaces
     from stable_baselines3.common.vec_env import VecCheckNan, VecMonitor
 
-    from ddppo.bench_peer import SB3VecEnv
+    from ddppo.bench.peer import SB3VecEnv
 
     cfg = config(small_dataset, "task.max_episode_steps=4")
     n = 3
@@ -89,7 +89,7 @@ def test_vec_env_adapter_keeps_sb3_contract_and_our_observations(small_dataset):
 def test_features_extractor_is_ddppo_encoder(small_dataset):
     from gymnasium import spaces
 
-    from ddppo.bench_peer import DDPPOFeatures, SB3VecEnv
+    from ddppo.bench.peer import DDPPOFeatures, SB3VecEnv
     from ddppo.policy import goal_features
 
     cfg = config(small_dataset, "sim.sensors=[rgb,depth]")
@@ -155,8 +155,9 @@ def test_bench_peer_without_sb3_fails_in_one_line(tmp_path):
                     raise ModuleNotFoundError(f"No module named {name!r}")
 
         sys.meta_path.insert(0, Block())
-        import ddppo, ddppo.bench, ddppo.cli, ddppo.evaluation, ddppo.train  # none needs the extra
-        sys.exit(ddppo.cli.main(["bench", "peer", "--frames", "64"]))
+        import ddppo, ddppo.bench.throughput, ddppo.launch.cli  # none needs the extra
+        import ddppo.evaluation.evaluate, ddppo.trainer.loop
+        sys.exit(ddppo.launch.cli.main(["bench", "peer", "--frames", "64"]))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 2, r.stderr

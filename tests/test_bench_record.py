@@ -8,11 +8,11 @@ import re
 
 import pytest
 
-from ddppo.bench import machine, record
-from ddppo.cli import main as cli_main
+from ddppo.bench.throughput import machine, record
 from ddppo.config import load_config
-from ddppo.peak_memory import peak_memory, peak_rss_mib, reset_peak_rss
-from ddppo.train import train
+from ddppo.launch.cli import main as cli_main
+from ddppo.trainer.loop import train
+from ddppo.trainer.peak_memory import peak_memory, peak_rss_mib, reset_peak_rss
 
 
 def entries(text: str) -> list[tuple[str, dict]]:

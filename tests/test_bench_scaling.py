@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from tiny import TINY_AGENT
 
-from ddppo.bench import bench_scaling
-from ddppo.cli import main as cli_main
+from ddppo.bench.throughput import bench_scaling
+from ddppo.launch.cli import main as cli_main
 
 TOY = [*TINY_AGENT, "ppo.num_envs=2", "ppo.num_steps=8", "ppo.num_mini_batch=1"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from habitat_support import need_habitat
 
 from ddppo.config import load_config
-from ddppo.evaluation import ForwardAgent, evaluate, write_jsonl
+from ddppo.evaluation.evaluate import ForwardAgent, evaluate, write_jsonl
 from ddppo.sim.geometry import MOVE_FORWARD
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "collision_replay.py"

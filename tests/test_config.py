@@ -242,7 +242,7 @@ def test_malformed_yaml_names_file(tmp_path):
 
 
 def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
-    from ddppo.cli import main
+    from ddppo.launch.cli import main
 
     missing = tmp_path / "nope.yaml"
     assert main(["train", "--config", str(missing)]) == 2
@@ -255,7 +255,7 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- saved config
 def test_resolved_config_saved_in_run_dir_reloads_identically(tmp_path):
-    from ddppo.train import train
+    from ddppo.trainer.loop import train
 
     data = tmp_path / "data"
     gen = load_config(None, ["dataset.scenes={train: 1, val: 1, test: 1}",

@@ -14,9 +14,9 @@ from habitat_lab_support import need_habitat_lab
 
 import ddppo.sim.dataset_dir as data_mod
 from ddppo.config import DatasetConfig, load_config
-from ddppo.env_factory import make_vector_env
 from ddppo.sim.dataset import Episode, generate_episodes, load_episodes, save_episodes, scene_name
 from ddppo.sim.dataset_dir import episodes_path, generate_dataset, load_split
+from ddppo.sim.environments import make_vector_env
 from ddppo.sim.floorplan import FloorPlanConfig, generate_floor_plan, scene_seed
 from ddppo.sim.navmesh import GeodesicCache, NavGrid
 from ddppo.sim.scene import load_scene, save_scene
@@ -532,7 +532,7 @@ def test_damaged_geodesic_store_only_costs_speed(small_dataset, tmp_path):
 
 
 def test_dataset_generate_command(tmp_path, capsys):
-    from ddppo.cli import main as cli_main
+    from ddppo.launch.cli import main as cli_main
 
     out = tmp_path / "gen"
     args = ["dataset", "generate", "--out", str(out), "scenes={train: 1, val: 1}", "max_extent=6",

@@ -2,7 +2,7 @@
 
 - one update built from the trainer's pieces with different sample counts per rank equals single-process
   training on the concatenated batch, and leaves identical parameters on both ranks;
-  (``tests/helpers/dist_grad_check.py``; it also runs the trainer's own ``ddppo.train.ppo_update``);
+  (``tests/helpers/dist_grad_check.py``; it also runs the trainer's own ``ddppo.trainer.loop.ppo_update``);
 - the real trainer as ``torchrun --nproc-per-node 2 ddppo/train.py``: checkpoints, per-rank resume states, and
   TensorBoard steps that count the samples of both ranks; without a slowdown nothing is preempted;
 - straggler preemption: with rank 1 slowed down, only its rollouts are cut (per-rank rollout lengths recorded by
@@ -178,7 +178,7 @@ def test_sample_weighted_gradient_equals_single_process_on_concatenated_batch(gr
         torch.testing.assert_close(d0["final_state"][k], v, rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
         # the trainer's ppo_update reaches the same state (minibatch env order may differ: allclose)
         torch.testing.assert_close(d0["trainer_state"][k], v, rtol=1e-4, atol=1e-6,
-                                   msg=lambda m, k=k: f"ddppo.train.ppo_update, {k}: {m}")
+                                   msg=lambda m, k=k: f"ddppo.trainer.loop.ppo_update, {k}: {m}")
 
     # The reference DD-PPO average (each rank's mean gradient, averaged with equal weight) is measurably
     # different here, so this test would catch a rank-count (instead of sample-count) weighting.

@@ -16,13 +16,13 @@ import pytest
 import torch
 from habitat_support import need_habitat
 
-from ddppo.cli import main as cli_main
+from ddppo.analysis.plot import drawn_values
 from ddppo.config import load_config
-from ddppo.evaluation import Protocol, evaluation_protocol
-from ddppo.plot import drawn_values
+from ddppo.evaluation.evaluate import Protocol, evaluation_protocol
+from ddppo.launch.cli import main as cli_main
 from ddppo.sim.dataset_dir import generate_dataset, load_split
 from ddppo.sim.geometry import MOVE_FORWARD, STOP
-from ddppo.train import train
+from ddppo.trainer.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["sim.resolution=16", "policy.encoder=simple_cnn", "policy.hidden_size=16", "policy.base_planes=4",
@@ -113,7 +113,7 @@ def test_protocol_names_without_the_flag():
 def test_distributed_eval_equals_single_process(trained, tmp_path):
     assert eval_cli(trained, tmp_path / "single", "--agents", "oracle") == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29655", "-m",
-           "ddppo.cli", "eval", str(trained["ckpt"]), "--episodes", "0", "--num-envs", "3", "--agents", "oracle",
+           "ddppo.launch.cli", "eval", str(trained["ckpt"]), "--episodes", "0", "--num-envs", "3", "--agents", "oracle",
            "--out", str(tmp_path / "dist"), "task.max_episode_steps=150"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
@@ -181,9 +181,9 @@ def test_video_decodes_to_one_frame_per_step_and_tensorboard_has_it(trained, tmp
 def test_video_of_a_flee_or_exploration_run_shows_that_task(trained, tmp_path):
     """Videos run the checkpoint's own task: a PointNav episode shows its goal, the same episode as Flee or
     Exploration does not (their agents ignore the goal), and `ddppo eval --video` records the task's episodes."""
+    from ddppo.evaluation.video import record_episodes
+    from ddppo.sim.tasks import ExplorationVectorEnv, FleeVectorEnv
     from ddppo.sim.topdown import GOAL
-    from ddppo.transfer.tasks import ExplorationVectorEnv, FleeVectorEnv
-    from ddppo.video import record_episodes
 
     cfg = load_config(None, [*trained["overrides"], "task.max_episode_steps=6"])
     episodes, navs = load_split(trained["data"], "val")
@@ -270,8 +270,8 @@ def test_habitat_baselines_shaped_checkpoints_never_run_code(tmp_path, capsys):
     the allow-list (here pathlib's), named."""
     from omegaconf import OmegaConf
 
-    from ddppo import checkpoint
-    from ddppo.transfer.loading import apply_transfer
+    from ddppo.io import checkpoint
+    from ddppo.trainer.transfer import apply_transfer
 
     marker = tmp_path / "PWNED"
     config = OmegaConf.create({"habitat_baselines": {"rl": {"ddppo": {"backbone": "resnet50"}}}, "steps": [1, 2.5]})

@@ -28,11 +28,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tiny import quiet, tiny
 from trainer_process import ddppo_command
 
-import ddppo.atomic
-import ddppo.train as trainer
-from ddppo import checkpoint
-from ddppo.cli import main as cli_main
+import ddppo.io.atomic
+import ddppo.train as train_script
+import ddppo.trainer.loop as trainer
 from ddppo.config import load_config
+from ddppo.io import checkpoint
+from ddppo.launch.cli import main as cli_main
 from ddppo.sim.dataset_dir import generate_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,7 +168,7 @@ def test_kill_9_of_one_rank_restarts_the_group_which_resumes(data_dir, tmp_path)
     ov = [*TINY, f"task.data_dir={data_dir}", f"run_dir={tmp_path / 'runs'}", "name=kill", "ddppo.backend=gloo",
           f"total_steps={updates * per_update}", "log_interval=1", "checkpoint_interval=2"]
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node=2",
-           "--max-restarts=1", "ddppo/train.py", *ov]
+           "--max-restarts=1", "ddppo/trainer/loop.py", *ov]
     log = tmp_path / "torchrun.log"
     with log.open("w") as out:
         # torchrun's default: one store shared across restarts. ddppo.distributed gives each attempt its own key
@@ -337,7 +338,7 @@ def test_no_loadable_resume_state_is_one_clear_error(data_dir, tmp_path, capfd):
     damage(run_dir / "resume.pt", "truncate")
     damage(run_dir / "resume_rank0.u0000001.pt", "garbage")
     capfd.readouterr()
-    assert trainer.main(overrides(data_dir, tmp_path, "both", 4)) == 2  # `ddppo train` minus its default YAML
+    assert train_script.main(overrides(data_dir, tmp_path, "both", 4)) == 2  # `ddppo train` minus its default YAML
     err = capfd.readouterr().err
     error = [line for line in err.splitlines() if line.startswith("ddppo train: error:")]
     assert len(error) == 1 and "resume.pt" in error[0] and "resume.prev.pt" in error[0] and "--fresh" in error[0]
@@ -384,7 +385,7 @@ def fill_disk_when_writing(monkeypatch, prefix: str, at_update_file: str | None 
             return FullDisk(f, room=1000)
         return f
 
-    monkeypatch.setattr(ddppo.atomic.os, "fdopen", fdopen)
+    monkeypatch.setattr(ddppo.io.atomic.os, "fdopen", fdopen)
     return hits
 
 
@@ -404,7 +405,7 @@ def test_full_disk_while_saving_keeps_the_old_files_and_resumes(data_dir, tmp_pa
     with monkeypatch.context() as m:
         hits = fill_disk_when_writing(m, prefix)
         capsys.readouterr()
-        assert trainer.main(more) == 2
+        assert train_script.main(more) == 2
     assert hits["n"] == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "No space left on device" in err and prefix in err, err
@@ -479,7 +480,7 @@ def test_really_full_disk_while_saving_keeps_the_old_files_and_resumes(data_dir,
     filler = fill_disk(small_disk, room)
     more = overrides(data_dir, small_disk, "full", 4, "keep_checkpoints=5")
     capsys.readouterr()
-    assert trainer.main(more) == 2
+    assert train_script.main(more) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "No space left on device" in err and failing in err, err
     assert os.statvfs(small_disk).f_bavail <= room  # the disk was full: not a simulated failure
@@ -528,7 +529,7 @@ def test_eval_of_a_run_directory_skips_a_damaged_newest_checkpoint(data_dir, tmp
 
 # ---------------------------------------------------------------------------------------------- 5. NaN / Inf
 class UpdateRecorder:
-    """Wraps ddppo.train.ppo_update to observe it: the policy and optimiser state before and after each call and
+    """Wraps ddppo.trainer.loop.ppo_update to observe it: the policy and optimiser state before and after each call and
     what it returned. ``fault(update)`` may return a fault to apply during that (1-based) update."""
 
     def __init__(self, monkeypatch, fault=lambda update: None):
@@ -626,7 +627,7 @@ def test_k_bad_updates_in_a_row_stop_the_run_with_the_state_from_before(data_dir
     with monkeypatch.context() as m:
         rec = UpdateRecorder(m, lambda u, policy: nan_values(policy) if u >= 3 else None)
         capsys.readouterr()
-        assert trainer.main(ov) == 2
+        assert train_script.main(ov) == 2
     assert rec.update == 4
     captured = capsys.readouterr()
     err = captured.err.strip()
@@ -663,7 +664,7 @@ def test_nan_observation_in_a_rollout_stops_with_one_line(data_dir, tmp_path, mo
 
     monkeypatch.setattr(PointNavVectorEnv, "step", step)
     capsys.readouterr()
-    assert trainer.main(overrides(data_dir, tmp_path, "nan_obs", 3)) == 2
+    assert train_script.main(overrides(data_dir, tmp_path, "nan_obs", 3)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "NaN/Inf" in err and "observations" in err, err
     assert len(calls) == 5  # it stopped at the first action on the bad observation

@@ -19,9 +19,9 @@ from habitat_support import need_habitat
 from omegaconf import OmegaConf
 
 from ddppo.config import TrainConfig
-from ddppo.env_factory import make_vector_env
 from ddppo.sim.dataset import Episode, save_episodes
 from ddppo.sim.dataset_dir import episodes_path, load_split
+from ddppo.sim.environments import make_vector_env
 from ddppo.sim.geometry import heading_to_quaternion
 from ddppo.sim.habitat_backend import (
     depth_observation,
@@ -143,8 +143,8 @@ def test_without_habitat_sim_a_habitat_run_fails_first_with_the_install_command(
     module that is not installed), a habitat config stops at start, in one line, with the install command; so does
     building a habitat env whose scene files exist."""
     config = REPO / "configs" / "pointnav" / "habitat_gibson_depth.yaml"
-    done = run_without_habitat(f"from ddppo.cli import main; sys.exit(main(['train', '--config', {str(config)!r}]))",
-                               tmp_path)
+    done = run_without_habitat(
+        f"from ddppo.launch.cli import main; sys.exit(main(['train', '--config', {str(config)!r}]))", tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
     err = done.stderr.strip()
     assert len(err.splitlines()) == 1, err
@@ -155,7 +155,7 @@ def test_without_habitat_sim_a_habitat_run_fails_first_with_the_install_command(
     overrides = ["sim.backend=habitat", f"task.data_dir={data}", f"task.scenes_dir={tmp_path / 'scenes'}"]
     done = run_without_habitat(
         "from omegaconf import OmegaConf\n"
-        "from ddppo.config import TrainConfig\nfrom ddppo.env_factory import make_vector_env\n"
+        "from ddppo.config import TrainConfig\nfrom ddppo.sim.environments import make_vector_env\n"
         "from ddppo.sim.habitat_backend import HabitatUnavailable\n"
         f"cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.from_dotlist({overrides!r}))\n"
         "try:\n    make_vector_env(cfg, 'val', 1)\nexcept HabitatUnavailable as e:\n    print(e)\n    sys.exit(7)\n",

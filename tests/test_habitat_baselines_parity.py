@@ -34,15 +34,15 @@ import torch
 from habitat_support import need_habitat_baselines
 from omegaconf import OmegaConf
 
-from ddppo import checkpoint
 from ddppo.config import load_config
+from ddppo.evaluation.trained_policy import policy_from_checkpoint
+from ddppo.io import checkpoint
 from ddppo.policy import GOAL_SENSOR, build_policy
 from ddppo.policy.habitat_baselines_weights import ddppo_state_dict
 from ddppo.rl.ppo import ppo_loss
 from ddppo.rl.storage import RolloutStorage
 from ddppo.sim.habitat_backend import HFOV
 from ddppo.sim.navmesh import AGENT_HEIGHT, AGENT_RADIUS, SENSOR_HEIGHT
-from ddppo.trained_policy import policy_from_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = [REPO / "configs" / "pointnav" / "habitat_baselines.yaml",
@@ -409,7 +409,7 @@ def test_checkpoint_is_read_without_its_code_and_mismatches_are_refused(hb_check
 
 def test_ddppo_eval_runs_the_habitat_baselines_checkpoint(hb_checkpoint, tmp_path, capsys):
     """`ddppo eval HB_CHECKPOINT --protocol habitat` on embedded scenes: its own config gives the image size."""
-    from ddppo.cli import main as cli_main
+    from ddppo.launch.cli import main as cli_main
     from ddppo.sim.dataset_dir import generate_dataset
 
     _, path = hb_checkpoint
@@ -428,7 +428,7 @@ def test_ddppo_eval_runs_the_habitat_baselines_checkpoint(hb_checkpoint, tmp_pat
 def test_transfer_takes_the_habitat_baselines_encoder(hb_checkpoint, tmp_path):
     """transfer.checkpoint=HB_CHECKPOINT: the visual pathway computes habitat-baselines' visual features, in a run
     whose goal features are ddppo's own form; a compression layer of other groups is refused naming the key."""
-    from ddppo.transfer.loading import apply_transfer
+    from ddppo.trainer.transfer import apply_transfer
 
     hb_policy, path = hb_checkpoint
     cfg = load_config(PRESETS[0], [f"sim.resolution={RES}", f"transfer.checkpoint={path}", "transfer.core=load",

@@ -25,9 +25,9 @@ import torch
 from habitat_lab_support import habitat_test_scene, navmesh_for, need_habitat_lab
 
 from ddppo.config import load_config
-from ddppo.env_factory import make_vector_env
 from ddppo.sim.dataset import Episode, load_episodes, save_episodes
 from ddppo.sim.dataset_dir import episodes_path
+from ddppo.sim.environments import make_vector_env
 from ddppo.sim.episode_order import SceneGroupedIterator
 from ddppo.sim.geometry import MOVE_FORWARD, STOP, TURN_LEFT, TURN_RIGHT, heading_to_quaternion
 

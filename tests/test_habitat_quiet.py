@@ -16,7 +16,7 @@ from ddppo.sim.habitat_backend import QUIET_LOGS
 STEP_HABITAT_ENVS = """
 import sys, torch
 from ddppo.config import load_config
-from ddppo.env_factory import make_vector_env
+from ddppo.sim.environments import make_vector_env
 out = sys.argv[1]
 cfg = load_config(None, [f"task.data_dir={out}", f"task.scenes_dir={out}", "task.split=val", "sim.backend=habitat",
                          "task.generate_if_missing=false", "sim.resolution=16"])

@@ -15,10 +15,10 @@ from omegaconf import OmegaConf
 from tiny import tiny
 from trainer_process import ddppo_command, sigterm_after_resume_state
 
-from ddppo import checkpoint
-from ddppo.cli import main as cli_main
 from ddppo.config import load_config
-from ddppo.train import train
+from ddppo.io import checkpoint
+from ddppo.launch.cli import main as cli_main
+from ddppo.trainer.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "pointnav" / "habitat_quickstart.yaml"

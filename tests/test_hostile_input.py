@@ -2,7 +2,7 @@
 damage. Every one is refused with a one-line error naming the file, key or field, and nothing in a file runs.
 
 - malicious pickles (their ``__reduce__`` would call ``os.system`` / ``exec``) through every path that loads a
-  checkpoint-like file: ``ddppo.checkpoint.load``, the resume state, ``ddppo eval``, ``ddppo compare-reps`` and
+  checkpoint-like file: ``ddppo.io.checkpoint.load``, the resume state, ``ddppo eval``, ``ddppo compare-reps`` and
   ``transfer.checkpoint``; a control test shows that the payloads do run when unpickled the unsafe way;
 - property-based (hypothesis) tests of the config loader (random ``key=value`` lists and YAML files) and of the
   dataset loader (random mutations of a valid episode file);
@@ -28,13 +28,14 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 from tiny import quiet, tiny
 
-import ddppo.train as trainer
-from ddppo import checkpoint
-from ddppo.cli import main as cli_main
+import ddppo.train as train_script  # noqa: E402
+import ddppo.trainer.loop as trainer
 from ddppo.config import ConfigError, TrainConfig, load_config
-from ddppo.env_factory import make_vector_env
+from ddppo.io import checkpoint
+from ddppo.launch.cli import main as cli_main
 from ddppo.sim.dataset import load_episodes
 from ddppo.sim.dataset_dir import episodes_path, generate_dataset
+from ddppo.sim.environments import make_vector_env
 
 TINY = tiny(2, 8, "task.max_episode_steps=50", "log_interval=1", "checkpoint_interval=1")
 
@@ -196,7 +197,7 @@ def test_resume_state_with_a_payload_falls_back_and_never_runs_it(payloads, good
 
     for name in ("resume.pt", "resume.prev.pt"):
         shutil.copyfile(files["legacy"], run_dir / name)
-    assert trainer.main(overrides(data_dir, tmp_path, "good", 4)) == 2
+    assert train_script.main(overrides(data_dir, tmp_path, "good", 4)) == 2
     err = capfd.readouterr().err
     one_line_error(err, "resume.pt", "resume.prev.pt", "--fresh")
     assert not marker.exists()

@@ -21,9 +21,9 @@ import pytest
 from omegaconf import OmegaConf
 from tiny import quiet
 
-from ddppo.cli import main as cli_main
 from ddppo.config import DatasetConfig, load_config
-from ddppo.train import train
+from ddppo.launch.cli import main as cli_main
+from ddppo.trainer.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "pointnav" / "laptop_depth.yaml"

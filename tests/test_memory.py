@@ -39,7 +39,7 @@ def test_keep_freed_memory_stops_refaulting(tmp_path):
     pages_per_round = 10 * 4 * 2**20 // 4096
     default = run("print(faults_per_round())", tmp_path)
     kept = run("""
-        from ddppo.malloc_settings import keep_freed_memory
+        from ddppo.trainer.malloc_settings import keep_freed_memory
         assert keep_freed_memory()
         print(faults_per_round())
     """, tmp_path)
@@ -54,7 +54,7 @@ def test_train_applies_the_setting_from_the_config(small_dataset, tmp_path, keep
                  f"keep_freed_memory={keep}"]
     faults = run(f"""
         from ddppo.config import load_config
-        from ddppo.train import train
+        from ddppo.trainer.loop import train
         train(load_config(None, {overrides!r}), fresh=True, log=lambda *a: None, show_progress=False)
         print(faults_per_round())
     """, tmp_path)

@@ -34,7 +34,7 @@ from test_distributed import reference_update
 from test_faults import assert_run_dir_sound, saved_update, tb_steps
 from tiny import tiny
 
-from ddppo import checkpoint
+from ddppo.io import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 HELPERS = Path(__file__).resolve().parent / "helpers"

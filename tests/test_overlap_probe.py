@@ -15,7 +15,7 @@ import torch
 from tiny import TINY_AGENT
 
 from ddppo.config import load_config
-from ddppo.env_factory import make_vector_env
+from ddppo.sim.environments import make_vector_env
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "overlap_probe.py"
 TINY = [*TINY_AGENT, "ppo.num_envs=4"]

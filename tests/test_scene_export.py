@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from ddppo.cli import main
+from ddppo.launch.cli import main
 from ddppo.sim.dataset import load_episodes
 from ddppo.sim.dataset_dir import episodes_path, load_split
 from ddppo.sim.scene import FREE, OBJECT, WALL, load_scene

@@ -1,4 +1,4 @@
-"""Tests for ddppo.transfer.similarity (CCA, PWCCA, linear CKA)."""
+"""Tests for ddppo.analysis.similarity (CCA, PWCCA, linear CKA)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import scipy.linalg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ddppo.transfer.similarity import (
+from ddppo.analysis.similarity import (
     CCAResult,
     InsufficientDatapointsWarning,
     cca,

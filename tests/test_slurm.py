@@ -11,9 +11,9 @@ import pytest
 import torch
 from system_support import need
 
-from ddppo import checkpoint
 from ddppo.config import ConfigError
-from ddppo.slurm import check_request, parse_sweep, submit_train
+from ddppo.io import checkpoint
+from ddppo.launch.slurm import check_request, parse_sweep, submit_train
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -168,7 +168,7 @@ def test_sigterm_leaves_valid_resume_state_and_exit_code_zero(tmp_path, data):
 @needs_slurm
 @pytest.mark.parametrize("template", ["single_node.sbatch", "array.sbatch"])
 def test_sbatch_templates_train_on_cpu_workers(tmp_path, data, template):
-    """The plain sbatch templates (srun + ddppo/train.py), with CPU workers instead of GPUs."""
+    """The plain sbatch templates (srun + ddppo/trainer/loop.py), with CPU workers instead of GPUs."""
     (tmp_path / "runs" / "slurm_logs").mkdir(parents=True)
     overrides = tiny(tmp_path, data, 64, name="tpl")
     cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=1G", "--time=10",
@@ -197,8 +197,8 @@ def test_sbatch_templates_train_on_cpu_workers(tmp_path, data, template):
 @needs_slurm
 def test_slurm_eval_job_writes_the_summary(tmp_path, data):
     from ddppo.config import load_config
-    from ddppo.slurm import submit_eval
-    from ddppo.train import train
+    from ddppo.launch.slurm import submit_eval
+    from ddppo.trainer.loop import train
 
     train(load_config(None, tiny(tmp_path, data, 32, name="to_eval")), log=lambda *_: None, show_progress=False)
     ckpt = sorted((tmp_path / "runs" / "to_eval" / "checkpoints").glob("ckpt_*.pt"))[-1]

@@ -1,7 +1,7 @@
 """The DD-PPO trainer end to end on CPU (one process): TensorBoard scalars, checkpoints, exact resume, --fresh,
 SIGTERM, and that a tiny agent actually learns.
 
-Runs are in-process (``ddppo.train.train``) except the signal test, which runs the ``ddppo train`` command.
+Runs are in-process (``ddppo.trainer.loop.train``) except the signal test, which runs the ``ddppo train`` command.
 Everything is tiny: 16x16 depth, a small CNN, 2 envs x 8 steps per update.
 """
 
@@ -23,12 +23,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tiny import quiet, tiny
 from trainer_process import ddppo_command, sigterm_after_resume_state
 
-from ddppo import checkpoint
-from ddppo.cli import main as cli_main
 from ddppo.config import TrainConfig, load_config
+from ddppo.io import checkpoint
+from ddppo.launch.cli import main as cli_main
 from ddppo.policy import build_policy
 from ddppo.sim.dataset_dir import generate_dataset
-from ddppo.train import train
+from ddppo.trainer.loop import train
 
 NUM_ENVS, NUM_STEPS = 2, 8
 PER_UPDATE = NUM_ENVS * NUM_STEPS
@@ -80,7 +80,7 @@ def policy_of(path: Path) -> dict[str, torch.Tensor]:
 
 def rank_state(run_dir: Path, rank: int = 0) -> Path:
     """The per-rank resume file of the newest set: resume_rank{r}.u{update}.pt, the update resume.pt names (the
-    previous set's files stay beside it as the fallback, see ddppo/resume.py)."""
+    previous set's files stay beside it as the fallback, see ddppo/trainer/resume.py)."""
     update = checkpoint.load(run_dir / "resume.pt")["state"]["update"]
     path = run_dir / f"resume_rank{rank}.u{update:07d}.pt"
     assert path.is_file(), f"no resume state of rank {rank} for update {update} in {run_dir}"
@@ -384,7 +384,7 @@ def test_signal_mid_run_then_resume_is_exact_with_lr_decay(data_dir, tmp_path, m
     """A signal during update 2 (sent to this process from inside the trainer's update, so it lands at a known
     point) stops the run after that update; the same call continues to total_steps and ends exactly where an
     uninterrupted run ends, learning-rate schedule included (linear decay over total_steps)."""
-    import ddppo.train as trainer
+    import ddppo.trainer.loop as trainer
 
     total_updates, stop_at = 5, 2
     ov = overrides(data_dir, tmp_path, "usr1", total_updates, "ppo.lr_decay=true", "log_interval=1",
@@ -427,7 +427,7 @@ def test_lr_decays_by_steps_done_and_a_skipped_update_does_not_step_it(data_dir,
     optimiser it was given; hand-computed: lr0 * (1 - steps done before it / total_steps)."""
     from helpers.nan_on_one_rank import nan_values
 
-    import ddppo.train as trainer
+    import ddppo.trainer.loop as trainer
 
     lrs, real_update = [], trainer.ppo_update
 
@@ -448,7 +448,7 @@ def test_time_limit_terminal_stores_the_environments_reward(data_dir, tmp_path, 
     """ppo.time_limit: the same first rollout (same seed) with 3-step episodes, bootstrapped and terminal. They
     differ only at steps that ended an episode (not_done 0), where bootstrap adds gamma * V(final observation) and
     terminal keeps the environment's reward; some of those steps are cuts, so they do differ."""
-    import ddppo.train as trainer
+    import ddppo.trainer.loop as trainer
 
     real_update, rollouts = trainer.ppo_update, {}
 

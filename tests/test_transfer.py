@@ -19,19 +19,19 @@ import torch
 from omegaconf import OmegaConf
 from tiny import quiet, tiny
 
-from ddppo import checkpoint
 from ddppo.config import ConfigError, SimConfig, TaskConfig, TrainConfig, load_config
-from ddppo.env_factory import make_vector_env
-from ddppo.evaluation import evaluate_policy, format_table
+from ddppo.evaluation.evaluate import evaluate_policy, format_table
+from ddppo.evaluation.trained_policy import policy_spaces
+from ddppo.io import checkpoint
 from ddppo.policy import build_policy
 from ddppo.sim.dataset import Episode
 from ddppo.sim.dataset_dir import generate_dataset
+from ddppo.sim.environments import make_vector_env
 from ddppo.sim.geometry import MOVE_FORWARD, STOP, TURN_RIGHT, heading_to_quaternion
 from ddppo.sim.navmesh import NavGrid
-from ddppo.train import train
-from ddppo.trained_policy import policy_spaces
-from ddppo.transfer.loading import CORE_MODULES, ENCODER_MODULES, apply_transfer
-from ddppo.transfer.tasks import COVERAGE_CELL, ExplorationVectorEnv, FleeVectorEnv
+from ddppo.sim.tasks import COVERAGE_CELL, ExplorationVectorEnv, FleeVectorEnv
+from ddppo.trainer.loop import train
+from ddppo.trainer.transfer import CORE_MODULES, ENCODER_MODULES, apply_transfer
 
 TINY = tiny(2, 8, "task.max_episode_steps=40", "total_steps=32", "checkpoint_interval=1", "log_interval=1")
 
@@ -355,7 +355,7 @@ def test_eval_of_a_flee_checkpoint_has_no_oracle_reference(data_dir, tmp_path, c
     """The oracle walks to the PointNav goal: no ceiling for Flee, so `ddppo eval` leaves it out and says so."""
     import json
 
-    from ddppo.cli import main as cli_main
+    from ddppo.launch.cli import main as cli_main
 
     train(tiny(data_dir, tmp_path, "flee", "task.type=flee"), log=quiet)
     ckpt = sorted((tmp_path / "flee" / "checkpoints").glob("ckpt_*.pt"))[-1]

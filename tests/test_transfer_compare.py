@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 from tiny import quiet, tiny
 
-from ddppo.cli import main as cli_main
+from ddppo.analysis.compare import compare, probe_observations
+from ddppo.analysis.similarity import InsufficientDatapointsWarning
 from ddppo.config import load_config
+from ddppo.launch.cli import main as cli_main
 from ddppo.sim.dataset_dir import generate_dataset
-from ddppo.train import train
-from ddppo.transfer.compare import compare, probe_observations
-from ddppo.transfer.similarity import InsufficientDatapointsWarning
+from ddppo.trainer.loop import train
 
 TINY = tiny(2, 8, "task.max_episode_steps=40", "total_steps=32", "checkpoint_interval=2")
 LAYERS = ["layers.0", "layers.1", "layers.2", "visual_fc"]  # SimpleCNN's three convs, then the FC
@@ -71,7 +71,7 @@ def test_compare_reps_end_to_end(ckpts, tmp_path, capsys):
 
 
 def test_probe_set_is_fixed_by_its_seed(ckpts):
-    from ddppo.trained_policy import policy_from_checkpoint
+    from ddppo.evaluation.trained_policy import policy_from_checkpoint
 
     _, cfg = policy_from_checkpoint(ckpts["a"])
     one, two = probe_observations(cfg, ["depth"], 40, seed=5), probe_observations(cfg, ["depth"], 40, seed=5)

@@ -2,7 +2,7 @@
 their state dict under ddppo's module names.
 
 A habitat-baselines checkpoint (``PPOTrainer.save_checkpoint``) is ``{"state_dict": the policy's weights, "config":
-its config, "extra_state": {"step", "wall_time"}}``; ``ddppo.checkpoint.load`` reads the config as plain dicts.
+its config, "extra_state": {"step", "wall_time"}}``; ``ddppo.io.checkpoint.load`` reads the config as plain dicts.
 Older releases (e.g. the released DD-PPO PointNav weights) prefix every key with ``actor_critic.``. The architecture
 is read from the weights themselves (encoder family and width, normaliser, recurrent core), the image size from the
 config's sensors. What maps where:
@@ -146,7 +146,7 @@ def ddppo_state_dict(ckpt: dict, policy: Policy, source: str, complete: bool = T
     """The checkpoint's weights under ddppo's names: the visual channels in ddppo's order (RGB first), the goal
     embedding in ``policy.goal_angle``'s form. A key without a counterpart is a one-line ValueError naming it. With
     ``complete`` (a whole policy to load) every key must also be one of ``policy``'s, with its shape, and every key
-    of ``policy`` must be there; without (ddppo.transfer.loading takes some modules and checks them itself) not."""
+    of ``policy`` must be there; without (ddppo.trainer.transfer takes some modules and checks them itself) not."""
     state = _weights(ckpt, source)
     try:
         order = _channel_order(_sensors(state))

@@ -200,7 +200,7 @@ class Policy(nn.Module):
         self.encoder_precision = encoder_precision
         self.frozen_modules: tuple[str, ...] = ()
         """Submodules that stay in eval mode whatever ``train()`` asks (a frozen transferred encoder: its running
-        input statistics must not drift either). Set by ddppo.transfer.loading."""
+        input statistics must not drift either). Set by ddppo.trainer.transfer."""
 
         self.visual_input: VisualInput | None = None
         self.encoder: VisualEncoder | None = None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddppo.atomic import atomic_open
+from ddppo.io.atomic import atomic_open
 from ddppo.sim.geometry import heading_to_quaternion, quaternion_to_heading
 from ddppo.sim.navmesh import GeodesicCache, NavGrid
 

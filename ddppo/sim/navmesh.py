@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from ddppo.atomic import atomic_open
+from ddppo.io.atomic import atomic_open
 from ddppo.sim.scene import FREE, Scene
 
 AGENT_RADIUS = 0.1

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddppo.atomic import atomic_open
+from ddppo.io.atomic import atomic_open
 
 FORMAT = "ddppo-scene"
 VERSION = 1

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from ddppo.atomic import atomic_open, atomic_write_text
+from ddppo.io.atomic import atomic_open, atomic_write_text
 from ddppo.sim.habitat_backend import NAVMESH_CELL_HEIGHT, agent_navmesh_settings
 from ddppo.sim.kernels.shading import CEILING_RGB
 from ddppo.sim.navmesh import AGENT_HEIGHT, AGENT_RADIUS

@@ -99,7 +99,7 @@ class PointNavVectorEnv(BatchedPointNavEnv):
     def _reward_and_metrics(self, stop: torch.Tensor, was_active: torch.Tensor
                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The task's reward for the step just taken and its own entries of ``StepResult.info``, computed before
-        the automatic reset replaces ended episodes. Other tasks (ddppo.transfer.tasks) override this."""
+        the automatic reset replaces ended episodes. Other tasks (ddppo.sim.tasks) override this."""
         distance = self.sim.geodesic()
         a = self.kernel_arg
         reward, metrics = self.sim.kernels.pointnav_step(self.task, stop, was_active, a(self.prev_distance),

@@ -3,7 +3,7 @@ samples per rank (rank 1's rollout is "preempted" after 3 of 8 steps).
 
     torchrun --nproc-per-node 2 tests/helpers/dist_grad_check.py OUT_DIR
 
-Mirrors the update of ``ddppo/train.py``: ``broadcast_module`` for identical initial weights, a
+Mirrors the update of ``ddppo/trainer/loop.py``: ``broadcast_module`` for identical initial weights, a
 ``RolloutStorage`` filled by ``policy.act``, ``policy.evaluate_actions`` in training mode (the visual running
 normaliser all-reduces its statistics), ``ppo_loss(reduction="sum")`` divided by the all-reduced sample count
 (``all_reduce_sum``), the gradients all-reduced and clipped as one flat buffer (``FlatGradients``) and one
@@ -11,7 +11,7 @@ Adam step. Each rank writes
 ``OUT_DIR/rank{r}.pt`` with its minibatch, the initial state, its local and all-reduced gradients and the state
 after the step; the test recomputes the same update in one process on the concatenated batch.
 
-The same update is also run through the trainer's own ``ddppo.train.ppo_update`` on a copy of the policy taken
+The same update is also run through the trainer's own ``ddppo.trainer.loop.ppo_update`` on a copy of the policy taken
 just before it (``trainer_state`` in the dump), so the trainer's code is checked, not only its pieces; once more
 with ``ddppo.grad_weighting=ranks`` (``trainer_grads_ranks``: each rank's mean gradient, averaged); and once more
 with ``ppo.normalize_advantages=true`` (``trainer_state_normalized``), whose advantages must be normalised over
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-import ddppo.train as trainer
+import ddppo.trainer.loop as trainer
 from ddppo.config import load_config
 from ddppo.distributed import all_reduce_sum, broadcast_module, init_distributed
 from ddppo.policy import build_policy
@@ -96,7 +96,7 @@ def main() -> int:
                                   storage.masks[s], storage.hidden[s])
     storage.compute_returns(next_value, cfg.ppo.gamma, cfg.ppo.tau)
 
-    policy_copy = copy.deepcopy(policy)  # same weights and normaliser statistics, for ddppo.train.ppo_update
+    policy_copy = copy.deepcopy(policy)  # same weights and normaliser statistics, for ddppo.trainer.loop.ppo_update
     policy_normalized = copy.deepcopy(policy)  # and for it with ppo.normalize_advantages
     policy_ranks = copy.deepcopy(policy)  # and with ddppo.grad_weighting=ranks
 

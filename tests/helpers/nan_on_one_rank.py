@@ -1,4 +1,4 @@
-"""Run the real trainer (``ddppo.train.main``) with a NaN loss on ONE rank only, at the updates listed in
+"""Run the real trainer (``ddppo.trainer.loop.main``) with a NaN loss on ONE rank only, at the updates listed in
 ``DDPPO_TEST_NAN_UPDATES`` (1-based, comma-separated), for tests/test_faults.py::
 
     DDPPO_TEST_DUMP=DIR DDPPO_TEST_NAN_RANK=1 DDPPO_TEST_NAN_UPDATES=2 \\
@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-import ddppo.train as trainer  # noqa: E402
+import ddppo.train as train_script  # noqa: E402
+import ddppo.trainer.loop as trainer  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -68,7 +69,7 @@ def main() -> int:
 
     trainer.build_policy = build_policy
     trainer.ppo_update = ppo_update
-    rc = trainer.main(sys.argv[1:])
+    rc = train_script.main(sys.argv[1:])
     state = {k: v.detach().cpu().clone() for k, v in policies[0].state_dict().items()}
     torch.save(state, out / f"rank{rank}_policy.pt")
     (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "rc": rc, "skipped": skipped}))

@@ -1,4 +1,4 @@
-"""Run the real trainer (``ddppo.train.main``) in this process and dump what it did on this rank.
+"""Run the real trainer (``ddppo.trainer.loop.main``) in this process and dump what it did on this rank.
 
 Launched by tests through torchrun (one process per rank)::
 
@@ -8,7 +8,7 @@ Nothing of the trainer is replaced: two pass-through wrappers only *observe* it.
 
 - ``RolloutStorage.after_update`` records ``storage.step``, the number of steps this rank collected in each
   rollout (fewer than ``ppo.num_steps`` when straggler preemption cut it);
-- ``ddppo.train.build_policy`` keeps a reference to the policy the trainer builds, so its final parameters
+- ``ddppo.trainer.loop.build_policy`` keeps a reference to the policy the trainer builds, so its final parameters
   and buffers can be written out after ``train()`` returned (only rank 0 writes weights to the run directory).
 
 Writes ``DIR/rank{RANK}.json`` (rollout lengths, return value, the names of the threads still alive after
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-import ddppo.train as trainer
+import ddppo.train as train_script
+import ddppo.trainer.loop as trainer
 from ddppo.rl.storage import RolloutStorage
 
 
@@ -52,7 +53,7 @@ def main() -> int:
 
     trainer.build_policy = build_policy
 
-    rc = trainer.main(sys.argv[1:])
+    rc = train_script.main(sys.argv[1:])
     state = {k: v.detach().cpu().clone() for k, v in policies[0].state_dict().items()}
     torch.save(state, out / f"rank{rank}_policy.pt")
     threads = sorted(p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm"))  # Linux's names

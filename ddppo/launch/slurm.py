@@ -77,7 +77,7 @@ class TrainJob:
         import submitit
 
         from ddppo.distributed import is_lost_peer
-        from ddppo.train import train
+        from ddppo.trainer.loop import train
 
         cfg = load_config(self.config_file, self.overrides)
         env = submitit.JobEnvironment()
@@ -118,8 +118,8 @@ class EvalJob:
     def __call__(self) -> int:
         import submitit
 
-        from ddppo.cli_arguments import parse
-        from ddppo.evaluation_cli import run_eval
+        from ddppo.launch.arguments import parse
+        from ddppo.launch.eval_command import run_eval
 
         env = submitit.JobEnvironment()
 

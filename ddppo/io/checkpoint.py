@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ddppo.atomic import atomic_open
+from ddppo.io.atomic import atomic_open
 
 CKPT_RE = re.compile(r"ckpt_(\d+)\.pt$")
 # torch names the global its weights-only unpickler refused ("GLOBAL posix.system") or the opcode it does not know
@@ -32,7 +32,7 @@ _REFUSED_RE = re.compile(r"(GLOBAL [\w.]+|Unsupported operand \d+|Unsupported cl
 
 
 def save(obj: dict, path: str | Path) -> None:
-    """Atomic (see ddppo/atomic.py): a failed write leaves the previous file at ``path`` and no temporary file."""
+    """Atomic (see ddppo/io/atomic.py): a failed write leaves the previous file at ``path`` and no temporary file."""
     try:
         with atomic_open(path) as f:
             torch.save(obj, f)

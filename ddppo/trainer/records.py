@@ -1,5 +1,5 @@
 """The trainer's named records: what one worker's run is made of (:class:`Run`), its counters, and what each phase
-of the loop hands to the next (ddppo/train.py)."""
+of the loop hands to the next (ddppo/trainer/loop.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ddppo.bench_hooks import BenchHooks
 from ddppo.distributed import DistInfo, RolloutCounter
 from ddppo.rl.episode_stats import EpisodeStats
 from ddppo.rl.flat_grads import FlatGradients
 from ddppo.rl.storage import RolloutStorage
-from ddppo.update import UpdateStats
+from ddppo.trainer.hooks import BenchHooks
+from ddppo.trainer.update import UpdateStats
 
 
 @dataclass
@@ -75,7 +75,7 @@ class SyncWindow:
 
 
 class Rollout(NamedTuple):
-    """What :func:`ddppo.train.collect_rollout` did on this rank."""
+    """What :func:`ddppo.trainer.loop.collect_rollout` did on this rank."""
 
     steps: int
     """Steps collected: ``ppo.num_steps``, or fewer when preempted."""
@@ -96,7 +96,7 @@ class RolloutTotals(NamedTuple):
 
 
 class Learned(NamedTuple):
-    """What :func:`ddppo.train.update` did."""
+    """What :func:`ddppo.trainer.loop.update` did."""
 
     stats: UpdateStats
     totals: RolloutTotals
@@ -145,7 +145,7 @@ class StopRequest:
 
 @dataclass
 class Run:
-    """One worker's training: what :func:`ddppo.train.set_up` builds and every phase reads."""
+    """One worker's training: what :func:`ddppo.trainer.loop.set_up` builds and every phase reads."""
 
     cfg: Any
     info: DistInfo

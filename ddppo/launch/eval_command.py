@@ -1,5 +1,5 @@
 """``ddppo eval CHECKPOINT``: the checkpoint and the reference agents on one table, per-episode JSONL, videos, under
-a named protocol (ddppo.evaluation.PROTOCOLS) that summary.json and the table state.
+a named protocol (ddppo.evaluation.evaluate.PROTOCOLS) that summary.json and the table state.
 
 Under torchrun every rank evaluates its share of the episodes and rank 0 writes the results."""
 
@@ -11,10 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ddppo import checkpoint
-from ddppo.atomic import atomic_write_text
 from ddppo.distributed import init_distributed
-from ddppo.evaluation import (
+from ddppo.evaluation.evaluate import (
     PolicyAgent,
     evaluate,
     evaluation_protocol,
@@ -24,8 +22,10 @@ from ddppo.evaluation import (
     summarize,
     write_jsonl,
 )
+from ddppo.evaluation.trained_policy import policy_from_checkpoint, policy_spaces
+from ddppo.io import checkpoint
+from ddppo.io.atomic import atomic_write_text
 from ddppo.policy import build_policy
-from ddppo.trained_policy import policy_from_checkpoint, policy_spaces
 
 ORACLES = {
     "embedded": "oracle: ddppo's ShortestPathFollower (one step ahead in the geodesic field, through the simulator's "
@@ -84,9 +84,9 @@ def run_eval(args) -> int:
 
 
 def _videos(cfg, policy, args, out: Path, device) -> None:
-    from ddppo.env_factory import TASKS
-    from ddppo.tensorboard_writer import TBWriter
-    from ddppo.video import add_video_to_tensorboard, record_episodes, write_mp4
+    from ddppo.evaluation.video import add_video_to_tensorboard, record_episodes, write_mp4
+    from ddppo.sim.environments import TASKS
+    from ddppo.trainer.tensorboard import TBWriter
 
     task, episodes, navs = split_episodes(cfg, args.split, args.video)
     videos = record_episodes(episodes, navs, cfg.sim, task,

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from ddppo import checkpoint
-from ddppo.atomic import atomic_open
 from ddppo.distributed import all_reduce_sum
+from ddppo.io import checkpoint
+from ddppo.io.atomic import atomic_open
 
 SHARED = "resume.pt"
 PREVIOUS = "resume.prev.pt"

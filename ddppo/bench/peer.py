@@ -33,10 +33,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ddppo.distributed import resolve_device, resolve_sim_device
-from ddppo.peak_memory import peak_memory, reset_peak_rss
 from ddppo.policy import GOAL_SENSOR, build_policy, goal_features
 from ddppo.policy.precision import encode
 from ddppo.sim.gym_env import _observation_space
+from ddppo.trainer.peak_memory import peak_memory, reset_peak_rss
 
 SB3_MISSING = 'ddppo bench peer needs stable-baselines3 and sb3-contrib: pip install "ddppo[bench]"'
 
@@ -47,7 +47,7 @@ try:
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
     from stable_baselines3.common.vec_env import VecEnv
-except ImportError as e:  # the command prints this one line (see ddppo/cli.py)
+except ImportError as e:  # the command prints this one line (see ddppo/launch/cli.py)
     raise ModuleNotFoundError(SB3_MISSING) from e
 
 PEERS = ("ppo", "recurrent_ppo")
@@ -162,7 +162,7 @@ class _Progress(BaseCallback):
 
 
 class SB3Agent:
-    """An sb3 model as an agent of ``ddppo.evaluation.evaluate``: deterministic actions, LSTM state carried
+    """An sb3 model as an agent of ``ddppo.evaluation.evaluate.evaluate``: deterministic actions, LSTM state carried
     between steps and reset where ``masks`` marks an episode start."""
 
     def __init__(self, model):
@@ -210,7 +210,7 @@ def _steady_fps(points: list[tuple[float, int]]) -> float:
 def _evaluate(cfg, make_agent, val_episodes: int) -> dict:
     """Every trained agent the same way: the first ``val_episodes`` of val, 8 environments, deterministic actions
     (what ddppo's trainer does at the end of a run)."""
-    from ddppo.evaluation import evaluate, summarize
+    from ddppo.evaluation.evaluate import evaluate, summarize
 
     return summarize(evaluate(cfg, make_agent, "val", val_episodes, num_envs=8)) if val_episodes else {}
 
@@ -246,9 +246,9 @@ def _timing(t0: float, c0: float, frames: int, points: list[tuple[float, int]], 
 def run_ddppo(cfg, val_episodes: int, device: str) -> dict:
     from pathlib import Path
 
-    from ddppo import checkpoint
-    from ddppo.evaluation import PolicyAgent
-    from ddppo.train import train
+    from ddppo.evaluation.evaluate import PolicyAgent
+    from ddppo.io import checkpoint
+    from ddppo.trainer.loop import train
 
     reset_peak_rss()
     t0, c0, load = time.perf_counter(), time.process_time(), LoadSampler()
@@ -267,7 +267,7 @@ def run_ddppo(cfg, val_episodes: int, device: str) -> dict:
 
 
 def run_peer(kind: str, cfg, val_episodes: int, device: str) -> dict:
-    from ddppo.env_factory import make_vector_env
+    from ddppo.sim.environments import make_vector_env
 
     reset_peak_rss()
     t0, c0, load = time.perf_counter(), time.process_time(), LoadSampler()
@@ -300,7 +300,7 @@ def bench_peer(overrides: list[str], frames: int = 100_000, val_episodes: int = 
     rounds, the order reversed every other round, and reports each ratio as the median of the rounds' ratios
     (``speedups_vs_<peer>`` lists them) and each rate as the median of its rounds (``fps_rounds_<name>``). The runs
     are deterministic, so every round trains the same agents: only the first round's agents are evaluated."""
-    from ddppo.bench import machine
+    from ddppo.bench.throughput import machine
     from ddppo.config import load_config
     from ddppo.sim.dataset_dir import ensure_dataset
 

@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from ddppo.atomic import atomic_open
 from ddppo.distributed import DistInfo
-from ddppo.env_factory import make_vector_env
+from ddppo.io.atomic import atomic_open
 from ddppo.sim.dataset import load_episodes
 from ddppo.sim.dataset_dir import ensure_dataset, episodes_path, load_split
+from ddppo.sim.environments import make_vector_env
 from ddppo.sim.geometry import MOVE_FORWARD
 from ddppo.sim.task import METRICS
 from ddppo.sim.vector_env import PointNavVectorEnv

@@ -11,10 +11,10 @@ import time
 import torch
 
 from ddppo.config import DatasetConfig, SimConfig, TaskConfig
-from ddppo.malloc_settings import keep_freed_memory
-from ddppo.peak_memory import peak_memory
 from ddppo.sim.dataset_dir import ensure_dataset, load_split
 from ddppo.sim.vector_env import PointNavVectorEnv
+from ddppo.trainer.malloc_settings import keep_freed_memory
+from ddppo.trainer.peak_memory import peak_memory
 
 
 def cpu_model() -> str:
@@ -116,7 +116,7 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
 
     from ddppo.config import load_config
     from ddppo.distributed import resolve_device, resolve_sim_device
-    from ddppo.train import train
+    from ddppo.trainer.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(config_file, [*overrides, f"run_dir={tmp}", "eval_episodes=0", "log_interval=1",
@@ -163,12 +163,12 @@ def _serial_terms(cfg, device: torch.device, sim_device: torch.device) -> tuple[
     """Seconds of one rollout's simulator steps and actions, and of one PPO update on it, each timed alone:
     (t_sim, t_act, t_learn)."""
     from ddppo.distributed import DistInfo
-    from ddppo.env_factory import make_vector_env
     from ddppo.policy import build_policy
     from ddppo.rl.flat_grads import FlatGradients
     from ddppo.rl.ppo import make_adam
     from ddppo.rl.storage import RolloutStorage
-    from ddppo.update import ppo_update
+    from ddppo.sim.environments import make_vector_env
+    from ddppo.trainer.update import ppo_update
 
     n, T = cfg.ppo.num_envs, cfg.ppo.num_steps
     clock = _device_clock(device, sim_device)
@@ -272,7 +272,7 @@ def bench_scaling(overrides: list[str], updates: int = 12, config_file: str | No
                  "straggler_sleep_s_per_step": slowdown, "updates_timed": updates, "repeats": repeats}
     if repeats > 1:
         out.update(round_orders=orders, rounds=rounds)
-    # each rank's own peak memory and thread budget in the first round (see ddppo/train.py)
+    # each rank's own peak memory and thread budget in the first round (see ddppo/trainer/loop.py)
     for key in ("peak_rss_mib", "cuda_max_allocated_mib", "torch_threads", "render_threads"):
         if f"{key}_per_rank" in single:
             out[f"{key}_per_rank"] = {name: summaries[0][name][f"{key}_per_rank"] for name in settings}

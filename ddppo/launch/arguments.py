@@ -1,6 +1,6 @@
-"""The ``ddppo`` command's arguments: one parser for every subcommand (``ddppo.cli`` runs them; the script form of
-training, ``ddppo/train.py``, and ``ddppo slurm eval``'s jobs parse with it too). Each subcommand names its handler
-in ``args.handler``."""
+"""The ``ddppo`` command's arguments: one parser for every subcommand (``ddppo.launch.cli`` runs them; the script
+form of training, ``ddppo/train.py``, and ``ddppo slurm eval``'s jobs parse with it too). Each subcommand names its
+handler in ``args.handler``."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """``ddppo train``'s arguments (``--config`` None when not given), for the script form ``ddppo/train.py``."""
+    """``ddppo train``'s arguments (``--config`` None when not given), for the script form ``ddppo/trainer/loop.py``."""
     return parse(["train", *(sys.argv[1:] if argv is None else argv)])
 
 

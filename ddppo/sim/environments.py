@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from ddppo.sim.dataset_dir import load_split
+from ddppo.sim.tasks import ExplorationVectorEnv, FleeVectorEnv
 from ddppo.sim.vector_env import PointNavVectorEnv
-from ddppo.transfer.tasks import ExplorationVectorEnv, FleeVectorEnv
 
 TASKS = {"pointnav": PointNavVectorEnv, "flee": FleeVectorEnv, "exploration": ExplorationVectorEnv}
 """``task.type`` -> batched environment class (same constructor, observations and API)."""

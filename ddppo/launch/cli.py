@@ -1,13 +1,14 @@
-"""The ``ddppo`` command: each subcommand's handler (its arguments: ddppo.cli_arguments)."""
+"""The ``ddppo`` command: each subcommand's handler (its arguments: ddppo.launch.arguments)."""
 
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
 from pathlib import Path
 
 import ddppo  # noqa: F401  (registers the gymnasium environment)
-from ddppo.cli_arguments import build_parser, default_config, parse
+from ddppo.launch.arguments import build_parser, default_config, parse, parse_train_args
 
 __all__ = ["build_parser", "default_config", "main"]
 
@@ -35,7 +36,7 @@ def _scene_export(args) -> int:
 
 def _bench_output(args, result: dict) -> int:
     """Every bench prints its JSON; with --record it is also appended to the results file."""
-    from ddppo.bench import print_json, record
+    from ddppo.bench.throughput import print_json, record
 
     print_json(result)
     if args.record:
@@ -45,7 +46,7 @@ def _bench_output(args, result: dict) -> int:
 
 
 def _bench_sim(args) -> int:
-    from ddppo.bench import bench_sim
+    from ddppo.bench.throughput import bench_sim
 
     return _bench_output(args, bench_sim(args.num_envs, args.resolution, args.sensors.split(","), args.device,
                                          args.steps, args.data_dir, warmup=args.warmup,
@@ -57,21 +58,21 @@ def _bench_backends(args) -> int:
 
     os.environ.setdefault("HABITAT_SIM_LOG", "quiet")  # habitat-sim logs every simulator start otherwise
     os.environ.setdefault("MAGNUM_LOG", "quiet")
-    from ddppo.bench_backends import bench_backends
+    from ddppo.bench.backends import bench_backends
 
     return _bench_output(args, bench_backends(args.num_envs, args.resolution, args.sensors.split(","), args.steps,
                                               args.warmup, args.data_dir, rounds=args.rounds))
 
 
 def _bench_train(args) -> int:
-    from ddppo.bench import bench_train
+    from ddppo.bench.throughput import bench_train
 
     return _bench_output(args, bench_train(args.overrides, args.updates, args.config or default_config()))
 
 
 def _bench_peer(args) -> int:
     try:
-        from ddppo.bench_peer import bench_peer
+        from ddppo.bench.peer import bench_peer
     except ModuleNotFoundError as e:  # the benchmark-only extra is missing: say how to install it, in one line
         print(f"ddppo: error: {e}", file=sys.stderr)
         return 2
@@ -83,7 +84,7 @@ def _bench_peer(args) -> int:
 def _slurm_train(args) -> int:
     import json
 
-    from ddppo.slurm import submit_train
+    from ddppo.launch.slurm import submit_train
 
     jobs = submit_train(args.config or default_config(), args.overrides, args.sweep, nodes=args.nodes,
                         gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
@@ -97,14 +98,14 @@ def _slurm_train(args) -> int:
 
 
 def _bench_scaling(args) -> int:
-    from ddppo.bench import bench_scaling
+    from ddppo.bench.throughput import bench_scaling
 
     return _bench_output(args, bench_scaling(args.overrides, args.updates, args.config or default_config(),
                                              repeats=args.repeats))
 
 
 def _slurm_eval(args) -> int:
-    from ddppo.slurm import submit_eval
+    from ddppo.launch.slurm import submit_eval
 
     if not args.eval_args:
         raise ValueError("ddppo slurm eval: name the checkpoint (and any `ddppo eval` options) after the options")
@@ -118,13 +119,13 @@ def _slurm_eval(args) -> int:
 
 
 def _eval(args) -> int:
-    from ddppo.evaluation_cli import run_eval
+    from ddppo.launch.eval_command import run_eval
 
     return run_eval(args)
 
 
 def _plot(args) -> int:
-    from ddppo.plot import plot_runs
+    from ddppo.analysis.plot import plot_runs
 
     out = plot_runs(args.runs, args.out, tuple(args.metrics.split(",")), args.smooth)
     print(f"wrote {out}")
@@ -132,14 +133,33 @@ def _plot(args) -> int:
 
 
 def _compare_reps(args) -> int:
-    from ddppo.transfer.compare import run_compare
+    from ddppo.analysis.compare import run_compare
 
     return run_compare(args)
 
 
-def _train(args) -> int:
-    from ddppo.train import run_training
+def run_training(config_file: str | None, overrides: list[str], fresh: bool = False) -> int:
+    """Load the config, train, and return the exit code: 0, EXIT_REQUEUE after SIGUSR1, 2 on an error (bad input,
+    a diverged run, a full disk: one line naming the problem, no traceback)."""
+    from ddppo.config import load_config
+    from ddppo.trainer.loop import EXIT_REQUEUE, train
 
+    try:
+        result = train(load_config(config_file, overrides), fresh=fresh)
+    except (ValueError, OSError, FloatingPointError) as e:
+        print(f"ddppo train: error: {e}", file=sys.stderr)
+        return 2
+    return EXIT_REQUEUE if result["signal"] == signal.SIGUSR1 else 0
+
+
+def train_script(argv=None) -> int:
+    """``python ddppo/train.py`` and ``torchrun ddppo/train.py``: ``ddppo train``'s arguments, read by its parser,
+    but without the packaged default YAML: no --config means the dataclass defaults alone."""
+    args = parse_train_args(argv)
+    return run_training(args.config, args.overrides, args.fresh)
+
+
+def _train(args) -> int:
     return run_training(args.config or default_config(), args.overrides, args.fresh)
 
 

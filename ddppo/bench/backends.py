@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ddppo.bench import machine
+from ddppo.bench.throughput import machine
 from ddppo.config import DatasetConfig, load_config
-from ddppo.peak_memory import peak_memory
+from ddppo.trainer.peak_memory import peak_memory
 
 BENCH_DATASET = DatasetConfig(scenes={"train": 0, "val": 4, "test": 0}, episodes_per_scene={"val": 20},
                               min_extent=4.0, max_extent=10.0, max_rooms=4, max_objects_per_room=2, max_geodesic=12.0)
@@ -48,7 +48,7 @@ def bench_backends(num_envs: int = 4, resolution: int = 64, sensors=("depth",), 
                    warmup: int = 50, data_dir: str = "data/pointnav_bench", split: str = "val", rounds: int = 3,
                    episode_steps: int = 100, seed: int = 0) -> dict:
     """Env-steps/s of both backends on the same scenes under the same random movement actions."""
-    from ddppo.env_factory import make_vector_env
+    from ddppo.sim.environments import make_vector_env
     from ddppo.sim.habitat_backend import HabitatUnavailable, require_habitat_sim
 
     if rounds < 1 or steps < 1:

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ddppo import checkpoint
 from ddppo.config import ConfigError, TrainConfig, check, load_config
+from ddppo.io import checkpoint
 from ddppo.policy import build_policy
 from ddppo.policy.habitat_baselines_weights import (
     ddppo_state_dict,

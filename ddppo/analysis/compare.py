@@ -9,7 +9,7 @@ recurrent core reads. Conv maps are average-pooled over space (one datapoint per
 networks) and only layers with the same map size are paired.
 
 For every layer pair: symmetric PWCCA (the mean of the A-weighted and B-weighted scores of one CCA,
-ddppo.transfer.similarity) and linear CKA, in float64. Similarity values mean little alone (docs/design.md,
+ddppo.analysis.similarity) and linear CKA, in float64. Similarity values mean little alone (docs/design.md,
 "Representation similarity"), so every layer is also compared with the same layer of a **randomly initialised**
 network of A's (and B's) architecture,
 and, with ``--baseline CKPT_C`` (e.g. the same task trained with another seed), with that network. CCA needs
@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from ddppo.atomic import atomic_write_text
-from ddppo.env_factory import make_vector_env
+from ddppo.analysis.similarity import check_datapoints, linear_cka, pwcca
+from ddppo.evaluation.trained_policy import policy_from_checkpoint, policy_spaces
+from ddppo.io.atomic import atomic_write_text
 from ddppo.policy import build_policy
 from ddppo.sim.dataset_dir import ensure_dataset
-from ddppo.trained_policy import policy_from_checkpoint, policy_spaces
-from ddppo.transfer.similarity import check_datapoints, linear_cka, pwcca
+from ddppo.sim.environments import make_vector_env
 
 DEFAULT_PROBE = 3000
 STRIDE = 4

@@ -1,7 +1,7 @@
 """Start a run from another run's weights: the ``transfer`` section of the config.
 
 The policy's submodules have stable names (ddppo/policy/policy.py), and weights are copied by those names from
-a training checkpoint (``ddppo.checkpoint.load``: tensors only, never unpickled code):
+a training checkpoint (``ddppo.io.checkpoint.load``: tensors only, never unpickled code):
 
 - the **visual pathway**, ENCODER_MODULES: the input normaliser (its running statistics are part of what the
   encoder learned to expect), the convolutional encoder and the FC projecting its features (habitat-baselines
@@ -25,8 +25,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ddppo import checkpoint
-from ddppo.atomic import atomic_write_text
+from ddppo.io import checkpoint
+from ddppo.io.atomic import atomic_write_text
 from ddppo.policy.habitat_baselines_weights import (
     ddppo_state_dict,
     is_habitat_baselines_checkpoint,

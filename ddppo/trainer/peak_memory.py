@@ -1,5 +1,5 @@
 """Peak memory of this process, for benchmarks and run summaries: resident set size and, when CUDA is in use,
-the peak of torch's CUDA allocator. (How the process keeps freed memory: ddppo.malloc_settings.)"""
+the peak of torch's CUDA allocator. (How the process keeps freed memory: ddppo.trainer.malloc_settings.)"""
 
 from __future__ import annotations
 

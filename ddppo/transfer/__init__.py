@@ -1,1 +1,0 @@
-"""Transfer experiments and representation similarity (docs/design.md, "Representation similarity")."""
