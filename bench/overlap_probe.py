@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ddppo.bench.throughput import machine  # noqa: E402
 from ddppo.config import load_config  # noqa: E402
-from ddppo.policy import build_policy  # noqa: E402
+from ddppo.policy import Policy  # noqa: E402
 from ddppo.sim.dataset_dir import ensure_dataset  # noqa: E402
 from ddppo.sim.environments import make_vector_env  # noqa: E402
 from ddppo.sim.kernels.numba_kernels import set_render_threads  # noqa: E402
@@ -162,7 +162,7 @@ def main(argv=None) -> dict:
     ensure_dataset(cfg.task, cfg.dataset, log=lambda *_: None)
     torch.manual_seed(cfg.seed)
     env = make_vector_env(cfg, "train", 2, seed=cfg.seed)
-    policy = build_policy(cfg.policy, env.obs_spaces).eval()
+    policy = Policy(env.obs_spaces, cfg.policy).eval()
     sequential(cfg, policy, min(args.steps, 20))  # compile the kernels, warm the caches
     runs: dict[str, list[float]] = {"sequential": [], "overlapped": [], "overlapped_process": []}
     for _ in range(args.repeats):

@@ -36,7 +36,7 @@ from ddppo.bench.throughput import machine  # noqa: E402
 from ddppo.config import load_config  # noqa: E402
 from ddppo.distributed import resolve_device  # noqa: E402
 from ddppo.evaluation.trained_policy import policy_spaces  # noqa: E402
-from ddppo.policy import build_policy  # noqa: E402
+from ddppo.policy import Policy  # noqa: E402
 from ddppo.policy.precision import has_native_bfloat16  # noqa: E402
 from ddppo.trainer.malloc_settings import keep_freed_memory  # noqa: E402
 
@@ -80,7 +80,7 @@ def probe(cfg, repeats: int, layouts: bool = False) -> dict:
     for precision in PRECISIONS:
         cfg.policy.encoder_precision = precision
         torch.manual_seed(cfg.seed)
-        policies[precision] = build_policy(cfg.policy, policy_spaces(cfg)).to(device)
+        policies[precision] = Policy(policy_spaces(cfg), cfg.policy).to(device)
     # the observations as the rollout storage keeps them (pooled when policy.avgpool > 1), for acting too
     spaces = policies["float32"].storage_spaces(policy_spaces(cfg))
     gen = torch.Generator().manual_seed(0)

@@ -1,7 +1,9 @@
 """The one source of defaults: dataclasses. YAML files in configs/ and ``key=value`` arguments only override them.
 
-Merging and type checks are OmegaConf's (structured configs): an unknown key or a value of the wrong type fails
-at start with a one-line error naming the key. Checks that span several keys live in ``check``.
+Merging and type checks are OmegaConf's (structured configs): an unknown key, a value of the wrong type or a choice
+that is not one of its Enum's members fails at start with a one-line error naming the key. Every choice is an Enum
+here, validated once, when the config loads; the modules that act on a choice look it up in their own plain dict
+(keyed by the Enum) and check nothing again. Checks that span several keys, or ranges, live in ``check``.
 """
 
 from __future__ import annotations
@@ -9,25 +11,65 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from ddppo.io.atomic import atomic_write_text
+
+
+class Choice(str, Enum):
+    """A config choice: an Enum whose members are also their names as strings (``RnnType.gru == "gru"``), so a
+    dict keyed by members answers to the plain name too, and a choice prints and saves as its name."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+def _choice(name: str, members: str, doc: str) -> type[Choice]:
+    enum = Choice(name, [(m, m) for m in members.split()])
+    enum.__doc__ = doc
+    return enum
+
+
+Backend = _choice("Backend", "embedded habitat", "sim.backend: the simulator.")
+Sensor = _choice("Sensor", "depth rgb", "sim.sensors: the visual sensors.")
+KernelChoice = _choice("KernelChoice", "auto numba torch", "sim.kernels: the embedded simulator's kernels.")
+TaskType = _choice("TaskType", "pointnav flee exploration", "task.type: the task (ddppo.sim.tasks.TASKS).")
+Split = _choice("Split", "train val test", "task.split: the dataset split.")
+Encoder = _choice("Encoder", "resnet18 resnet50 se_resneXt50 squeezenet1_1 simple_cnn",
+                  "policy.encoder: the visual encoder (ddppo.policy.encoders.ENCODERS).")
+RnnType = _choice("RnnType", "lstm gru none", "policy.rnn_type: the recurrent core.")
+VisualNormalization = _choice("VisualNormalization", "always never auto", "policy.normalize_visual.")
+GoalAngle = _choice("GoalAngle", "as_read negated", "policy.goal_angle.")
+ConvInit = _choice("ConvInit", "kaiming_normal torch_default", "policy.conv_init.")
+EncoderPrecision = _choice("EncoderPrecision", "float32 bfloat16 auto", "policy.encoder_precision.")
+ValueClip = _choice("ValueClip", "max where", "ppo.value_clip.")
+TimeLimit = _choice("TimeLimit", "bootstrap terminal", "ppo.time_limit.")
+DistBackend = _choice("DistBackend", "auto gloo nccl", "ddppo.backend: torch.distributed's backend.")
+GradWeighting = _choice("GradWeighting", "samples ranks", "ddppo.grad_weighting.")
+TransferEncoder = _choice("TransferEncoder", "frozen finetune scratch", "transfer.encoder.")
+TransferCore = _choice("TransferCore", "load scratch", "transfer.core.")
 
 
 @dataclass
 class SimConfig:
     """The simulator: the embedded one (default) or habitat-sim."""
 
-    backend: str = "embedded"
+    backend: Backend = Backend.embedded
     """embedded (ddppo's own, pip-only) | habitat (habitat-sim from conda: scenes and datasets of habitat)."""
     resolution: int = 64
     """Square image side in pixels (habitat's paper used 256; 64 or 128 for fast work)."""
-    sensors: list[str] = field(default_factory=lambda: ["depth"])
+    sensors: list[Sensor] = field(default_factory=lambda: [Sensor.depth])
     """Visual sensors: any of depth, rgb; empty for a blind agent."""
     device: str = "cpu"
     """Where the simulator's tensors live: cpu, cuda, or cuda:N. 'auto' = the trainer's device."""
-    kernels: str = "auto"
+    kernels: KernelChoice = KernelChoice.auto
     """The implementation of every kernel of the embedded simulator (moves, geodesics, rendering, sensors, PointNav's
     bookkeeping): numba (compiled, CPU) | torch (vectorised, any device) | auto (numba on the CPU, else torch)."""
     renderer: str = ""
@@ -44,12 +86,12 @@ class SimConfig:
 class TaskConfig:
     """The navigation task and its dataset (habitat semantics)."""
 
-    type: str = "pointnav"
+    type: TaskType = TaskType.pointnav
     """pointnav | flee | exploration (ddppo/sim/tasks.py). Flee and Exploration run on PointNav episodes: their
     starts, with the goal sensor reading zeros."""
     data_dir: str = "data/pointnav"
     """Dataset root: {split}/{split}.json.gz episodes and scenes/{scene}.npz."""
-    split: str = "train"
+    split: Split = Split.train
     max_episode_steps: int = 500
     success_distance: float = 0.2
     slack_reward: float = -0.01
@@ -81,28 +123,28 @@ class DatasetConfig:
 
 @dataclass
 class PolicyConfig:
-    encoder: str = "resnet18"
+    encoder: Encoder = Encoder.resnet18
     """resnet18 | resnet50 | se_resneXt50 | squeezenet1_1 | simple_cnn (ignored for blind agents)."""
     base_planes: int = 32
     ngroups: int = 16
     hidden_size: int = 512
-    rnn_type: str = "lstm"
+    rnn_type: RnnType = RnnType.lstm
     """lstm | gru | none (a feed-forward Linear + ReLU core, for comparisons with feed-forward agents)."""
     num_recurrent_layers: int = 2
     """Ignored when rnn_type=none."""
     avgpool: int = 1
     """Average-pool the visual input by this factor first (habitat pools 256 -> 128)."""
-    normalize_visual: str = "always"
+    normalize_visual: VisualNormalization = VisualNormalization.always
     """always | never | auto: running mean/var normalisation of the visual input; auto = only when RGB is present
     (habitat-baselines). true/false, the earlier boolean form, mean always/never."""
-    goal_angle: str = "as_read"
+    goal_angle: GoalAngle = GoalAngle.as_read
     """as_read | negated: goal features [rho, cos a, sin a] of the sensor's reading [rho, a = -phi] (ddppo), or of
     -a: [rho, cos phi, sin phi] (habitat-baselines). The linear layer after them absorbs the sign."""
     compression_groups: int = 0
     """GroupNorm groups of the encoder's compression layer: 0 = ngroups (ddppo); habitat-baselines uses 1."""
-    conv_init: str = "kaiming_normal"
+    conv_init: ConvInit = ConvInit.kaiming_normal
     """kaiming_normal | torch_default: the visual encoder's initial weights (habitat-baselines keeps PyTorch's)."""
-    encoder_precision: str = "float32"
+    encoder_precision: EncoderPrecision = EncoderPrecision.float32
     """float32 | bfloat16 | auto: what the visual encoder computes in (torch.autocast around it; its weights and
     gradients, the normaliser before it and everything after it stay float32). auto = bfloat16 where the device
     has native bf16 arithmetic (CUDA GPUs that support it; x86 CPUs with AVX512-BF16 or AMX), else float32."""
@@ -127,10 +169,10 @@ class PPOConfig:
     gamma: float = 0.99
     tau: float = 0.95
     clipped_value_loss: bool = True
-    value_clip: str = "max"
+    value_clip: ValueClip = ValueClip.max
     """How the clipped value loss clips: max = 0.5 max((V - R)^2, (V_clip - R)^2) (ddppo, PPO's original form) |
     where = 0.5 (V' - R)^2 with V' = V where |V - V_old| < clip, else V_clip (habitat-baselines)."""
-    time_limit: str = "bootstrap"
+    time_limit: TimeLimit = TimeLimit.bootstrap
     """bootstrap | terminal: an episode cut by task.max_episode_steps is bootstrapped from the value of its last
     observation (ddppo: the cut is not a state of the task) or treated as terminal (habitat-baselines)."""
     normalize_advantages: bool = False
@@ -147,10 +189,10 @@ class DDPPOConfig:
     sync_frac: float = 0.6
     """A worker stops collecting once this fraction of workers finished (and it has >= 25% of its steps)."""
     min_rollout_frac: float = 0.25
-    backend: str = "auto"
+    backend: DistBackend = DistBackend.auto
     """gloo | nccl | auto (nccl on CUDA, gloo on CPU)."""
     preemption: bool = True
-    grad_weighting: str = "samples"
+    grad_weighting: GradWeighting = GradWeighting.samples
     """samples | ranks: gradients averaged over every worker's samples (ddppo: one update over the concatenation) or
     each worker's mean gradient averaged with equal weight (habitat-baselines' DistributedDataParallel)."""
     slowdown: float = 0.0
@@ -164,10 +206,10 @@ class TransferConfig:
 
     checkpoint: str = ""
     """A training checkpoint (runs/<name>/checkpoints/ckpt_*.pt) to take weights from; empty = none."""
-    encoder: str = "finetune"
+    encoder: TransferEncoder = TransferEncoder.finetune
     """frozen | finetune | scratch: the visual pathway (visual_input, encoder, visual_fc) is loaded and kept fixed
     (eval mode, no gradient), loaded and trained, or freshly initialised."""
-    core: str = "scratch"
+    core: TransferCore = TransferCore.scratch
     """load | scratch: the recurrent core with its goal and action embeddings. Actor and critic are always new."""
     encoder_lr_scale: float = 1.0
     """The visual pathway's learning rate is ppo.lr times this (fine-tuning often wants less than 1)."""
@@ -216,27 +258,33 @@ class ConfigError(ValueError):
 
 
 def load_config(config_file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                schema=TrainConfig):
-    """Defaults <- YAML file <- ``key=value`` overrides, validated; returns a typed OmegaConf object."""
+                schema=TrainConfig, saved: dict | None = None):
+    """Defaults <- YAML file <- ``saved`` (a config a checkpoint holds) <- ``key=value`` overrides, validated;
+    returns a typed OmegaConf object."""
     cfg = OmegaConf.structured(schema)
     if config_file:
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            cfg = OmegaConf.merge(cfg, _read_earlier_forms(OmegaConf.load(path)))
         except OmegaConfBaseException as e:
             raise ConfigError(f"config file {path}: {_one_line(e)}") from None
         except Exception as e:  # YAML syntax errors come from the parser
             raise ConfigError(f"config file {path}: {_one_line(e)}") from None
         cfg.config_file = str(path)
+    if saved is not None:
+        try:
+            cfg = OmegaConf.merge(cfg, _read_earlier_forms(OmegaConf.create(saved)))
+        except Exception as e:
+            raise ConfigError(_one_line(e)) from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         # one at a time, so the error names the item; any exception (YAML's parser rejecting a control character,
         # OmegaConf merging a list into a mapping) is bad input, not a crash
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            cfg = OmegaConf.merge(cfg, _read_earlier_forms(OmegaConf.from_dotlist([item])))
         except Exception as e:
             raise ConfigError(f"override {item!r}: {_one_line(e)}") from None
     try:  # ${...} interpolations and ??? resolve now, not at first use hours into a run
@@ -245,6 +293,15 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | tu
         raise ConfigError(_one_line(e)) from None
     (check if schema is TrainConfig else check_dataset)(cfg)
     return cfg
+
+
+def _read_earlier_forms(raw):
+    """Values that configs, run directories and checkpoints saved before a key took names still hold, as the names:
+    ``policy.normalize_visual`` true/false is always/never. ``raw`` is an untyped config, changed in place."""
+    policy = raw.get("policy") if OmegaConf.is_dict(raw) else None
+    if OmegaConf.is_dict(policy) and isinstance(policy.get("normalize_visual"), bool):
+        policy.normalize_visual = "always" if policy.normalize_visual else "never"
+    return raw
 
 
 def _one_line(e: Exception) -> str:
@@ -264,10 +321,7 @@ def check(cfg) -> None:
     read_renamed_keys(cfg)  # here, as every config passes through: loaded ones and those of checkpoints
     sim, ppo, task, dd = cfg.sim, cfg.ppo, cfg.task, cfg.ddppo
     check_dataset(cfg.dataset, "dataset.")
-    bad = [s for s in sim.sensors if s not in ("depth", "rgb")]
-    need(not bad, f"sim.sensors: unknown sensor(s) {bad}; choose from depth, rgb")
     need(8 <= sim.resolution <= 1024, f"sim.resolution={sim.resolution} must be in [8, 1024]")
-    need(sim.kernels in ("auto", "numba", "torch"), f"sim.kernels={sim.kernels!r}: use auto, numba or torch")
     need(ppo.num_envs >= 1, f"ppo.num_envs={ppo.num_envs} must be >= 1")
     need(ppo.num_steps >= 4, f"ppo.num_steps={ppo.num_steps} must be >= 4")
     need(1 <= ppo.num_mini_batch <= ppo.num_envs,
@@ -293,43 +347,14 @@ def check(cfg) -> None:
     need(0 < ppo.gamma <= 1 and 0 <= ppo.tau <= 1, "ppo.gamma must be in (0, 1] and ppo.tau in [0, 1]")
     need(0 < dd.sync_frac <= 1, f"ddppo.sync_frac={dd.sync_frac} must be in (0, 1]")
     need(0 < dd.min_rollout_frac <= 1, f"ddppo.min_rollout_frac={dd.min_rollout_frac} must be in (0, 1]")
-    need(dd.backend in ("auto", "gloo", "nccl"), f"ddppo.backend={dd.backend!r}: use auto, gloo or nccl")
-    need(task.split in ("train", "val", "test"), f"task.split={task.split!r}: use train, val or test")
-    from ddppo.sim.environments import TASKS
-
-    need(task.type in TASKS, f"task.type={task.type!r}: use one of {', '.join(TASKS)}")
     tr = cfg.transfer
-    need(tr.encoder in ("frozen", "finetune", "scratch"),
-         f"transfer.encoder={tr.encoder!r}: use frozen, finetune or scratch")
-    need(tr.core in ("load", "scratch"), f"transfer.core={tr.core!r}: use load or scratch")
     need(tr.encoder_lr_scale > 0, f"transfer.encoder_lr_scale={tr.encoder_lr_scale} must be > 0")
     need(bool(tr.checkpoint) or (tr.encoder != "frozen" and tr.core != "load"),
          f"transfer.encoder={tr.encoder} transfer.core={tr.core}: name the weights with transfer.checkpoint=PATH")
     need(task.max_episode_steps >= 1, f"task.max_episode_steps={task.max_episode_steps} must be >= 1")
     need(cfg.total_steps >= 1, f"total_steps={cfg.total_steps} must be >= 1")
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints={cfg.keep_checkpoints} must be >= 1")
-    from ddppo.policy.policy import CONV_INITS, GOAL_ANGLES, RNN_TYPES, VISUAL_NORMALIZATIONS
-
-    for key, value, choices in (("policy.rnn_type", cfg.policy.rnn_type, RNN_TYPES),
-                                ("policy.goal_angle", cfg.policy.goal_angle, GOAL_ANGLES),
-                                ("policy.conv_init", cfg.policy.conv_init, CONV_INITS),
-                                ("policy.normalize_visual", _old_bool(cfg.policy.normalize_visual),
-                                 VISUAL_NORMALIZATIONS),
-                                ("ppo.value_clip", ppo.value_clip, ("max", "where")),
-                                ("ppo.time_limit", ppo.time_limit, ("bootstrap", "terminal")),
-                                ("ddppo.grad_weighting", dd.grad_weighting, ("samples", "ranks"))):
-        need(value in choices, f"{key}={value!r}: use one of {', '.join(choices)}")
     need(cfg.policy.compression_groups >= 0, f"policy.compression_groups={cfg.policy.compression_groups} must be >= 0")
-    from ddppo.policy.encoders import encoder_constructor
-
-    try:
-        encoder_constructor(cfg.policy.encoder, "policy.encoder")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    from ddppo.policy.precision import ENCODER_PRECISIONS
-
-    need(cfg.policy.encoder_precision in ENCODER_PRECISIONS,
-         f"policy.encoder_precision={cfg.policy.encoder_precision!r}: use one of {', '.join(ENCODER_PRECISIONS)}")
     need(cfg.policy.avgpool >= 1, f"policy.avgpool={cfg.policy.avgpool} must be >= 1")
     need(sim.resolution // cfg.policy.avgpool >= 16 or not sim.sensors,
          f"sim.resolution={sim.resolution} / policy.avgpool={cfg.policy.avgpool} leaves < 16 pixels")
@@ -353,19 +378,13 @@ def read_renamed_keys(cfg) -> None:
     sim.renderer = ""
 
 
-def _old_bool(setting: str) -> str:
-    """policy.normalize_visual's earlier boolean values (in older saved configs) as their names."""
-    return {"true": "always", "false": "never"}.get(str(setting).lower(), setting)
-
-
 def check_backend(cfg) -> None:
-    """The simulator backend's own constraints; for habitat, that habitat-sim imports (last: it takes a second)."""
+    """The simulator backend's own constraints (that habitat-sim imports is ddppo.sim.environments.require_backend's
+    to check: the launcher calls it right after loading the config)."""
     sim, task = cfg.sim, cfg.task
-    if sim.backend not in ("embedded", "habitat"):
-        raise ConfigError(f"sim.backend={sim.backend!r}: use embedded or habitat")
-    if sim.backend == "embedded":
+    if sim.backend == Backend.embedded:
         return
-    if task.type != "pointnav":
+    if task.type != TaskType.pointnav:
         raise ConfigError(f"task.type={task.type!r} runs on sim.backend=embedded only (habitat: pointnav)")
     if task.generate_if_missing:
         raise ConfigError("task.generate_if_missing=true would write embedded scenes into a habitat dataset; "
@@ -373,12 +392,6 @@ def check_backend(cfg) -> None:
     if not task.scenes_dir:
         raise ConfigError("task.scenes_dir is empty: sim.backend=habitat needs the scene directory "
                           "(e.g. data/scene_datasets)")
-    from ddppo.sim.habitat_backend import HabitatUnavailable, require_habitat_sim
-
-    try:
-        require_habitat_sim()
-    except HabitatUnavailable as e:
-        raise ConfigError(str(e)) from None
 
 
 def check_dataset(ds, prefix: str = "") -> None:
@@ -402,7 +415,5 @@ def check_dataset(ds, prefix: str = "") -> None:
 
 
 def save_config(cfg, path: str | Path) -> None:
-    from ddppo.io.atomic import atomic_write_text
-
     atomic_write_text(path, OmegaConf.to_yaml(cfg))
 

@@ -19,7 +19,7 @@ from tiny import TINY_AGENT
 
 from ddppo.config import load_config
 from ddppo.launch.cli import main as cli_main
-from ddppo.policy import build_policy
+from ddppo.policy import Policy
 from ddppo.sim.environments import make_vector_env
 
 needs_sb3 = pytest.mark.skipif(
@@ -95,7 +95,7 @@ def test_features_extractor_is_ddppo_encoder(small_dataset):
     cfg = config(small_dataset, "sim.sensors=[rgb,depth]")
     env = make_vector_env(cfg, "train", 2, seed=0)
     space = SB3VecEnv(env).observation_space
-    policy = build_policy(cfg.policy, env.obs_spaces)
+    policy = Policy(env.obs_spaces, cfg.policy)
     policy_cfg = dict(cfg.policy)
     extractor = DDPPOFeatures(space, policy_cfg)
     for name in ("visual_input", "encoder", "visual_fc", "goal_embed"):

@@ -11,7 +11,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from ddppo.config import ConfigError, PPOConfig, TrainConfig, check, load_config
-from ddppo.policy import build_policy
+from ddppo.policy import Policy
 from ddppo.sim.dataset_dir import generate_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,7 +70,7 @@ def test_every_config_loads_and_builds_a_policy(path):
     cfg, _ = load_repo_config(path)
     assert cfg.config_file == str(path)
     spaces = obs_spaces_of(cfg)
-    policy = build_policy(cfg.policy, spaces)
+    policy = Policy(spaces, cfg.policy)
     # one step on one environment: the built policy accepts what the simulator would give it
     obs = {k: torch.zeros((1, *shape), dtype=dtype) for k, (shape, dtype) in spaces.items()}
     hidden = policy.initial_hidden(1)
@@ -192,7 +192,7 @@ def test_normalize_visual_takes_its_earlier_boolean_form():
     """Configs saved before the key took names held true/false: they still load, as always/never."""
     for old, new in (("true", "always"), ("false", "never")):
         cfg = load_config(None, [f"policy.normalize_visual={old}"])
-        policy = build_policy(cfg.policy, obs_spaces_of(cfg))
+        policy = Policy(obs_spaces_of(cfg), cfg.policy)
         assert isinstance(policy.visual_input.normalizer, torch.nn.Identity) == (new == "never")
 
 

@@ -24,7 +24,7 @@ from tiny import tiny
 
 from ddppo.config import load_config
 from ddppo.distributed import resolve_device, resolve_sim_device
-from ddppo.policy import build_policy
+from ddppo.policy import Policy
 from ddppo.rl.ppo import ppo_loss
 
 pytestmark = pytest.mark.distributed
@@ -95,7 +95,7 @@ def reference_update(dumps: list[dict], normalize_advantages: bool = False):
     """
     cfg = load_config(None, dumps[0]["policy_overrides"])
     spaces = {k: (tuple(v.shape[2:]), v.dtype) for k, v in dumps[0]["batch"]["obs"].items()}  # [T, N, *shape]
-    policy = build_policy(cfg.policy, spaces)
+    policy = Policy(spaces, cfg.policy)
     policy.load_state_dict(dumps[0]["init_state"])
     batches = [d["batch"] for d in dumps]
     t_max = max(b["actions"].shape[0] for b in batches)
@@ -125,9 +125,7 @@ def reference_update(dumps: list[dict], normalize_advantages: bool = False):
         advantages = ((advantages.double() - mean) / (var + 1e-5).sqrt()).float()
     log_probs, values, entropy = policy.evaluate_actions(obs, cat("prev_actions"), masks, hidden0, cat("actions"))
     loss, _ = ppo_loss(log_probs, cat("old_log_probs"), advantages, values, cat("old_values"),
-                       cat("returns"), entropy, clip=cfg.ppo.clip, value_coef=cfg.ppo.value_coef,
-                       entropy_coef=cfg.ppo.entropy_coef, clipped_value_loss=cfg.ppo.clipped_value_loss,
-                       reduction="mean", sample_weight=weight)
+                       cat("returns"), entropy, cfg.ppo, reduction="mean", sample_weight=weight)
     params = [p for p in policy.parameters() if p.requires_grad]
     names = [n for n, p in policy.named_parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.ppo.lr, eps=cfg.ppo.eps)

@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 from ddppo.config import load_config
 from ddppo.evaluation.trained_policy import policy_from_checkpoint
 from ddppo.io import checkpoint
-from ddppo.policy import GOAL_SENSOR, build_policy
+from ddppo.policy import GOAL_SENSOR, Policy
 from ddppo.policy.habitat_baselines_weights import ddppo_state_dict
 from ddppo.rl.ppo import ppo_loss
 from ddppo.rl.storage import RolloutStorage
@@ -275,9 +275,8 @@ def test_ppo_loss_terms_equal_habitat_baselines(hb, clipped):
     ppo._update_from_batch(batch, 0, None, metrics)  # lr 0: the step leaves the parameters, the gradients stay
 
     leaves = [x.clone().requires_grad_(True) for x in (values, log_probs, entropy)]
-    total, info = ppo_loss(leaves[1], old_log_probs, advantages, leaves[0], old_values, returns, leaves[2],
-                           clip=preset.clip, value_coef=preset.value_coef, entropy_coef=preset.entropy_coef,
-                           clipped_value_loss=clipped, value_clip=preset.value_clip)
+    preset.clipped_value_loss = clipped
+    total, info = ppo_loss(leaves[1], old_log_probs, advantages, leaves[0], old_values, returns, leaves[2], preset)
     total.backward()
     for ours, theirs in (("policy_loss", "action_loss"), ("value_loss", "value_loss"), ("entropy", "dist_entropy"),
                          ("clip_fraction", "ppo_fraction_clipped")):
@@ -336,7 +335,7 @@ def preset_policy(hb_file: Path):
     cfg = load_config(PRESETS[0], [f"sim.resolution={RES}"])
     spaces = {"rgb": ((RES, RES, 3), torch.uint8), "depth": ((RES, RES, 1), torch.float32),
               GOAL_SENSOR: ((2,), torch.float32)}
-    policy = build_policy(cfg.policy, spaces)
+    policy = Policy(spaces, cfg.policy)
     policy.load_state_dict(ddppo_state_dict(checkpoint.load(hb_file), policy, str(hb_file)))
     return policy.eval()
 
@@ -435,7 +434,7 @@ def test_transfer_takes_the_habitat_baselines_encoder(hb_checkpoint, tmp_path):
                                    "policy.goal_angle=as_read"])
     spaces = {"rgb": ((RES, RES, 3), torch.uint8), "depth": ((RES, RES, 1), torch.float32),
               GOAL_SENSOR: ((2,), torch.float32)}
-    policy = build_policy(cfg.policy, spaces)
+    policy = Policy(spaces, cfg.policy)
     apply_transfer(policy, cfg, tmp_path, log=lambda *_: None)
     obs = observations(torch.Generator().manual_seed(6), 3)
     with torch.no_grad():
@@ -450,5 +449,5 @@ def test_transfer_takes_the_habitat_baselines_encoder(hb_checkpoint, tmp_path):
     other = load_config(PRESETS[0], [f"sim.resolution={RES}", f"transfer.checkpoint={path}",
                                      "policy.compression_groups=0"])
     with pytest.raises(ValueError, match="policy.compression_groups") as e:
-        apply_transfer(build_policy(other.policy, spaces), other, None, log=lambda *_: None)
+        apply_transfer(Policy(spaces, other.policy), other, None, log=lambda *_: None)
     assert "\n" not in str(e.value)

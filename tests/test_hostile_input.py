@@ -167,7 +167,7 @@ def test_cli_paths_refuse_payloads(payloads, good_run, data_dir, tmp_path, capsy
         (cli_main, ["eval", bad, "--episodes", "1", "--agents", ""]),
         (cli_main, ["compare-reps", str(good), bad, "--probe", "50"]),
         (cli_main, ["compare-reps", bad, str(good), "--probe", "50"]),
-        (trainer.main, [*overrides(data_dir, tmp_path, "transfer", 1), f"transfer.checkpoint={bad}"]),
+        (train_script.main, [*overrides(data_dir, tmp_path, "transfer", 1), f"transfer.checkpoint={bad}"]),
     ]
     for main, argv in commands:
         capsys.readouterr()

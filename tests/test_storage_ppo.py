@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
+from ddppo.config import PPOConfig, ValueClip
 from ddppo.rl.episode_stats import EpisodeStats
 from ddppo.rl.ppo import bootstrap_truncated, gae, make_adam, normalized_advantages, ppo_loss
 from ddppo.rl.storage import RolloutStorage
@@ -169,11 +171,11 @@ def ppo_inputs(requires_grad: bool = False) -> dict[str, torch.Tensor]:
     }
 
 
-COEFS = {"clip": 0.2, "value_coef": 0.5, "entropy_coef": 0.01}
+PPO = PPOConfig(clip=0.2, value_coef=0.5, entropy_coef=0.01)
 
 
 def test_ppo_loss_hand_computed_clipped_value_loss() -> None:
-    total, info = ppo_loss(**ppo_inputs(), **COEFS)
+    total, info = ppo_loss(**ppo_inputs(), ppo=PPO)
     assert total.dim() == 0
     assert_close(info["policy_loss"], -2.6 / 3)
     assert_close(info["value_loss"], 1.85 / 3)
@@ -185,7 +187,7 @@ def test_ppo_loss_hand_computed_clipped_value_loss() -> None:
 
 
 def test_ppo_loss_hand_computed_unclipped_value_loss() -> None:
-    total, info = ppo_loss(**ppo_inputs(), **COEFS, clipped_value_loss=False)
+    total, info = ppo_loss(**ppo_inputs(), ppo=replace(PPO, clipped_value_loss=False))
     assert_close(info["value_loss"], 1.655 / 3)
     assert_close(total, -0.6028333333)
 
@@ -194,17 +196,15 @@ def test_ppo_loss_hand_computed_where_value_clip() -> None:
     """habitat-baselines' form: V' = V where |V - old_V| < clip, else old_V + clamp(V - old_V): samples 2 and 3
     moved 0.5 > 0.2, so V' = 1.2 and 0.8: 0.5 * (0.81 + 0.64 + 1.44) / 3, and only sample 1 has a gradient."""
     inputs = ppo_inputs(requires_grad=True)
-    total, info = ppo_loss(**inputs, **COEFS, value_clip="where")
+    total, info = ppo_loss(**inputs, ppo=replace(PPO, value_clip=ValueClip.where))
     assert_close(info["value_loss"], 2.89 / 6)
     total.backward()
     assert_close(inputs["values"].grad, [0.5 * 0.5 * 2 * (1.1 - 2.0) / 3, 0.0, 0.0])  # value_coef * d/dV
-    with pytest.raises(ValueError, match="value_clip"):
-        ppo_loss(**ppo_inputs(), **COEFS, value_clip="min")
 
 
 def test_ppo_loss_gradients_zero_where_clipped() -> None:
     inputs = ppo_inputs(requires_grad=True)
-    total, _ = ppo_loss(**inputs, **COEFS)
+    total, _ = ppo_loss(**inputs, ppo=PPO)
     total.backward()
     g = inputs["log_probs"].grad
     # d(-ratio * A / 3)/d log_prob = -ratio * A / 3 where unclipped; 0 where the clipped term is the min.
@@ -217,8 +217,8 @@ def test_ppo_loss_normalize_advantages_option() -> None:
     inputs = ppo_inputs()
     adv = inputs["advantages"]
     norm = (adv - adv.mean()) / (adv.std(unbiased=False) + 1e-5)
-    _, info = ppo_loss(**inputs, **COEFS, normalize_advantages=True)
-    _, ref = ppo_loss(**{**inputs, "advantages": norm}, **COEFS)
+    _, info = ppo_loss(**inputs, ppo=PPO, normalize_advantages=True)
+    _, ref = ppo_loss(**{**inputs, "advantages": norm}, ppo=PPO)
     assert_close(info["policy_loss"], ref["policy_loss"].item())
 
 
@@ -237,15 +237,15 @@ def test_normalized_advantages_hand_computed_and_nan_left_out() -> None:
 def test_ppo_loss_rejects_shape_mismatch_and_bad_reduction() -> None:
     inputs = ppo_inputs()
     with pytest.raises(ValueError, match="values"):
-        ppo_loss(**{**inputs, "values": inputs["values"].unsqueeze(-1)}, **COEFS)
+        ppo_loss(**{**inputs, "values": inputs["values"].unsqueeze(-1)}, ppo=PPO)
     with pytest.raises(ValueError, match="reduction"):
-        ppo_loss(**inputs, **COEFS, reduction="max")  # type: ignore[arg-type]
+        ppo_loss(**inputs, ppo=PPO, reduction="max")  # type: ignore[arg-type]
 
 
 def test_ppo_loss_sum_reduction_is_mean_times_count() -> None:
     inputs = ppo_inputs()
-    total_mean, info_mean = ppo_loss(**inputs, **COEFS)
-    total_sum, info_sum = ppo_loss(**inputs, **COEFS, reduction="sum")
+    total_mean, info_mean = ppo_loss(**inputs, ppo=PPO)
+    total_sum, info_sum = ppo_loss(**inputs, ppo=PPO, reduction="sum")
     assert_close(total_sum, 3 * total_mean.item())
     for key in info_mean:
         assert_close(info_sum[key], 3 * info_mean[key].item())
@@ -280,7 +280,7 @@ def test_sum_over_splits_divided_by_global_count_equals_concatenated_loss_and_gr
     full = _random_batch(10, gen)
     n_a = 3  # e.g. a preempted rank with few samples and a full one with 7
     leaf = _leaf(full)
-    total_full, info_full = ppo_loss(**leaf, **COEFS)
+    total_full, info_full = ppo_loss(**leaf, ppo=PPO)
     total_full.backward()
 
     split_leaves = [
@@ -291,7 +291,7 @@ def test_sum_over_splits_divided_by_global_count_equals_concatenated_loss_and_gr
     summed_total = torch.zeros((), dtype=torch.float64)
     summed_info = {k: torch.zeros((), dtype=torch.float64) for k in info_full}
     for part in split_leaves:
-        total, info = ppo_loss(**part, **COEFS, reduction="sum")
+        total, info = ppo_loss(**part, ppo=PPO, reduction="sum")
         (total / global_count).backward()
         summed_total += total.detach()
         for k in info:
@@ -304,8 +304,8 @@ def test_sum_over_splits_divided_by_global_count_equals_concatenated_loss_and_gr
         torch.testing.assert_close(grads, leaf[name].grad)
 
     # Equivalently: per-rank means weighted by per-rank sample counts.
-    mean_a, _ = ppo_loss(**{k: v[:n_a] for k, v in full.items()}, **COEFS)
-    mean_b, _ = ppo_loss(**{k: v[n_a:] for k, v in full.items()}, **COEFS)
+    mean_a, _ = ppo_loss(**{k: v[:n_a] for k, v in full.items()}, ppo=PPO)
+    mean_b, _ = ppo_loss(**{k: v[n_a:] for k, v in full.items()}, ppo=PPO)
     assert_close((n_a * mean_a + (10 - n_a) * mean_b) / 10, total_full.item())
 
 
@@ -313,18 +313,18 @@ def test_sample_weighted_sums_over_splits_equal_weighted_loss_over_concatenation
     gen = torch.Generator().manual_seed(1)
     full = _random_batch(8, gen)
     weight = torch.tensor([1.0, 0.0, 2.0, 1.0, 0.5, 1.0, 0.0, 3.0], dtype=torch.float64)
-    total_full, _ = ppo_loss(**full, **COEFS, sample_weight=weight)
+    total_full, _ = ppo_loss(**full, ppo=PPO, sample_weight=weight)
     parts = [slice(0, 5), slice(5, 8)]
     summed = sum(
-        ppo_loss(**{k: v[s] for k, v in full.items()}, **COEFS, reduction="sum", sample_weight=weight[s])[0]
+        ppo_loss(**{k: v[s] for k, v in full.items()}, ppo=PPO, reduction="sum", sample_weight=weight[s])[0]
         for s in parts
     )
     assert_close(summed / weight.sum(), total_full.item())
 
     # 0/1 weights act as a validity mask: equal to the loss over the valid samples alone.
     mask = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1], dtype=torch.bool)
-    masked, _ = ppo_loss(**full, **COEFS, sample_weight=mask.double())
-    valid, _ = ppo_loss(**{k: v[mask] for k, v in full.items()}, **COEFS)
+    masked, _ = ppo_loss(**full, ppo=PPO, sample_weight=mask.double())
+    valid, _ = ppo_loss(**{k: v[mask] for k, v in full.items()}, ppo=PPO)
     assert_close(masked, valid.item())
 
 

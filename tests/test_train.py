@@ -26,7 +26,7 @@ from trainer_process import ddppo_command, sigterm_after_resume_state
 from ddppo.config import TrainConfig, load_config
 from ddppo.io import checkpoint
 from ddppo.launch.cli import main as cli_main
-from ddppo.policy import build_policy
+from ddppo.policy import Policy
 from ddppo.sim.dataset_dir import generate_dataset
 from ddppo.trainer.loop import train
 
@@ -155,7 +155,7 @@ def test_checkpoints_load_weights_only_and_keep_last_k(tiny_run):
         assert ck_cfg.policy == cfg.policy and ck_cfg.sim == cfg.sim
         r = ck_cfg.sim.resolution
         spaces = {"depth": ((r, r, 1), torch.float32), "pointgoal_with_gps_compass": ((2,), torch.float32)}
-        build_policy(ck_cfg.policy, spaces).load_state_dict(ck["policy"], strict=True)
+        Policy(spaces, ck_cfg.policy).load_state_dict(ck["policy"], strict=True)
     torch.load(run_dir / "resume.pt", weights_only=True)
     torch.load(rank_state(run_dir), weights_only=True)
     assert_same_tensors(policy_of(ckpts[-1]), policy_of(run_dir / "resume.pt"), "last checkpoint vs resume state")

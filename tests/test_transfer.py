@@ -23,7 +23,7 @@ from ddppo.config import ConfigError, SimConfig, TaskConfig, TrainConfig, load_c
 from ddppo.evaluation.evaluate import evaluate_policy, format_table
 from ddppo.evaluation.trained_policy import policy_spaces
 from ddppo.io import checkpoint
-from ddppo.policy import build_policy
+from ddppo.policy import Policy
 from ddppo.sim.dataset import Episode
 from ddppo.sim.dataset_dir import generate_dataset
 from ddppo.sim.environments import make_vector_env
@@ -244,7 +244,7 @@ def test_a_resumed_transfer_run_does_not_need_the_source_checkpoint(data_dir, po
 
 def fresh_policy(cfg, seed=3):
     torch.manual_seed(seed)
-    return build_policy(cfg.policy, policy_spaces(cfg))
+    return Policy(policy_spaces(cfg), cfg.policy)
 
 
 def test_frozen_encoder_is_in_eval_mode_and_out_of_the_optimizer(data_dir, pointnav_ckpt, tmp_path):

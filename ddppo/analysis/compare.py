@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 from ddppo.analysis.similarity import check_datapoints, linear_cka, pwcca
 from ddppo.evaluation.trained_policy import policy_from_checkpoint, policy_spaces
 from ddppo.io.atomic import atomic_write_text
-from ddppo.policy import build_policy
+from ddppo.policy import Policy
 from ddppo.sim.dataset_dir import ensure_dataset
 from ddppo.sim.environments import make_vector_env
 
@@ -140,7 +140,7 @@ def compare(path_a: str, path_b: str, *, layers: list[str] | None = None, probe:
     cfg = cfgs["a"] if data_dir is None else OmegaConf.merge(cfgs["a"], {"task": {"data_dir": data_dir}})
     for k in ("a", "b"):  # the random-init baselines: A's and B's architectures, untrained
         torch.manual_seed(seed)
-        nets[f"random_{k}"] = build_policy(cfgs[k].policy, policy_spaces(cfgs[k])).eval()
+        nets[f"random_{k}"] = Policy(policy_spaces(cfgs[k]), cfgs[k].policy).eval()
     same_arch = OmegaConf.to_container(cfgs["a"].policy) == OmegaConf.to_container(cfgs["b"].policy)
     if same_arch and cfgs["a"].sim.sensors == cfgs["b"].sim.sensors:
         del nets["random_b"]  # the same network as random_a: reuse its activations

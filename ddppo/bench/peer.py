@@ -25,15 +25,15 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from ddppo.config import PolicyConfig
 from ddppo.distributed import resolve_device, resolve_sim_device
-from ddppo.policy import GOAL_SENSOR, build_policy, goal_features
+from ddppo.policy import GOAL_SENSOR, Policy, goal_features
 from ddppo.policy.precision import encode
 from ddppo.sim.gym_env import _observation_space
 from ddppo.trainer.peak_memory import peak_memory, reset_peak_rss
@@ -117,7 +117,7 @@ class DDPPOFeatures(BaseFeaturesExtractor):
     def __init__(self, observation_space: spaces.Dict, policy_cfg: dict, core_fc: bool = False):
         obs_spaces = {k: (self._hwc(k, s.shape), torch.uint8 if s.dtype == np.uint8 else torch.float32)
                       for k, s in observation_space.spaces.items()}
-        policy = build_policy(SimpleNamespace(**policy_cfg), obs_spaces)
+        policy = Policy(obs_spaces, PolicyConfig(**policy_cfg))
         width = (policy_cfg["hidden_size"] if policy.visual_fc is not None else 0) + (
             policy.goal_embed.out_features if policy.goal_embed is not None else 0)
         out = policy_cfg["hidden_size"] if core_fc else width
@@ -259,7 +259,7 @@ def run_ddppo(cfg, val_episodes: int, device: str) -> dict:
     weights = checkpoint.load(checkpoint.latest(Path(result["run_dir"]) / "checkpoints"))["policy"]
 
     def agent(envs):
-        policy = build_policy(cfg.policy, envs.obs_spaces)
+        policy = Policy(envs.obs_spaces, cfg.policy)
         policy.load_state_dict(weights)
         return PolicyAgent(policy.to(device).eval(), envs.num_envs, device, deterministic=True)
 

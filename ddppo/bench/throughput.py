@@ -163,7 +163,7 @@ def _serial_terms(cfg, device: torch.device, sim_device: torch.device) -> tuple[
     """Seconds of one rollout's simulator steps and actions, and of one PPO update on it, each timed alone:
     (t_sim, t_act, t_learn)."""
     from ddppo.distributed import DistInfo
-    from ddppo.policy import build_policy
+    from ddppo.policy import Policy
     from ddppo.rl.flat_grads import FlatGradients
     from ddppo.rl.ppo import make_adam
     from ddppo.rl.storage import RolloutStorage
@@ -173,7 +173,7 @@ def _serial_terms(cfg, device: torch.device, sim_device: torch.device) -> tuple[
     n, T = cfg.ppo.num_envs, cfg.ppo.num_steps
     clock = _device_clock(device, sim_device)
     env = make_vector_env(cfg, cfg.task.split, n, seed=cfg.seed, device=sim_device)
-    policy = build_policy(cfg.policy, env.obs_spaces).to(device)
+    policy = Policy(env.obs_spaces, cfg.policy).to(device)
     obs = policy.preprocess({k: v.to(device) for k, v in env.reset().items()})
     storage = RolloutStorage(T, n, policy.storage_spaces(env.obs_spaces),
                              (policy.num_hidden_layers, cfg.policy.hidden_size), device)

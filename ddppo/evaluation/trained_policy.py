@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from ddppo.config import ConfigError, TrainConfig, check, load_config
+from ddppo.config import ConfigError, load_config
 from ddppo.io import checkpoint
-from ddppo.policy import build_policy
+from ddppo.policy import Policy
 from ddppo.policy.habitat_baselines_weights import (
     ddppo_state_dict,
     is_habitat_baselines_checkpoint,
@@ -37,16 +36,13 @@ def policy_from_checkpoint(path: str | Path, overrides=()):
         return _habitat_baselines_policy(ckpt, path, overrides)
     if "policy" not in ckpt or "config" not in ckpt:
         raise ValueError(f"checkpoint {path}: missing field 'policy' or 'config' (not a ddppo checkpoint)")
+    if not isinstance(ckpt["config"], dict):
+        raise ValueError(f"checkpoint {path}: field 'config' is a {type(ckpt['config']).__name__}, not a mapping")
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"],
-                              OmegaConf.from_dotlist(list(overrides)))
-    except Exception as e:
-        raise ValueError(f"checkpoint {path}: config does not load ({str(e).splitlines()[0]})") from None
-    try:
-        check(cfg)
-    except ValueError as e:  # a foreign or edited checkpoint: say which file the bad config came from
+        cfg = load_config(None, list(overrides), saved=ckpt["config"])
+    except ConfigError as e:  # a foreign or edited checkpoint: say which file the bad config came from
         raise ValueError(f"checkpoint {path}: config: {e}") from None
-    policy = build_policy(cfg.policy, policy_spaces(cfg))
+    policy = Policy(policy_spaces(cfg), cfg.policy)
     if not isinstance(ckpt["policy"], dict):
         raise ValueError(f"checkpoint {path}: field 'policy' is a {type(ckpt['policy']).__name__}, not weights")
     try:
@@ -66,6 +62,6 @@ def _habitat_baselines_policy(ckpt: dict, path, overrides):
         cfg = load_config(None, [*policy_overrides(ckpt, source), *overrides])
     except ConfigError as e:
         raise ValueError(f"{source}: {e}") from None
-    policy = build_policy(cfg.policy, policy_spaces(cfg))
+    policy = Policy(policy_spaces(cfg), cfg.policy)
     policy.load_state_dict(ddppo_state_dict(ckpt, policy, source))
     return policy.eval(), cfg

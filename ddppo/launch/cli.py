@@ -142,10 +142,13 @@ def run_training(config_file: str | None, overrides: list[str], fresh: bool = Fa
     """Load the config, train, and return the exit code: 0, EXIT_REQUEUE after SIGUSR1, 2 on an error (bad input,
     a diverged run, a full disk: one line naming the problem, no traceback)."""
     from ddppo.config import load_config
+    from ddppo.sim.environments import require_backend
     from ddppo.trainer.loop import EXIT_REQUEUE, train
 
     try:
-        result = train(load_config(config_file, overrides), fresh=fresh)
+        cfg = load_config(config_file, overrides)
+        require_backend(cfg)
+        result = train(cfg, fresh=fresh)
     except (ValueError, OSError, FloatingPointError) as e:
         print(f"ddppo train: error: {e}", file=sys.stderr)
         return 2

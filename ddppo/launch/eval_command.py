@@ -25,7 +25,7 @@ from ddppo.evaluation.evaluate import (
 from ddppo.evaluation.trained_policy import policy_from_checkpoint, policy_spaces
 from ddppo.io import checkpoint
 from ddppo.io.atomic import atomic_write_text
-from ddppo.policy import build_policy
+from ddppo.policy import Policy
 
 ORACLES = {
     "embedded": "oracle: ddppo's ShortestPathFollower (one step ahead in the geodesic field, through the simulator's "
@@ -58,7 +58,7 @@ def run_eval(args) -> int:
     untrained = None
     if "untrained" in names:
         torch.manual_seed(cfg.seed)
-        untrained = build_policy(cfg.policy, policy_spaces(cfg)).to(info.device).eval()
+        untrained = Policy(policy_spaces(cfg), cfg.policy).to(info.device).eval()
     for name in names:
         agents[name] = reference_agent(name, untrained, info.device, cfg.seed, deterministic=not protocol.sample)
     summaries = {}
@@ -85,7 +85,7 @@ def run_eval(args) -> int:
 
 def _videos(cfg, policy, args, out: Path, device) -> None:
     from ddppo.evaluation.video import add_video_to_tensorboard, record_episodes, write_mp4
-    from ddppo.sim.environments import TASKS
+    from ddppo.sim.tasks import TASKS
     from ddppo.trainer.tensorboard import TBWriter
 
     task, episodes, navs = split_episodes(cfg, args.split, args.video)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddppo.config import ConfigError, load_config
+from ddppo.sim.environments import require_backend
 
 # Jobs ask to be requeueable: `scontrol requeue` (after SIGUSR1) and SLURM's requeue of the jobs of a failed node
 # are refused for jobs that did not ask, on clusters whose JobRequeue is 0.
@@ -169,6 +170,7 @@ def submit_train(config_file: str | None, overrides: list[str], sweep: list[str]
     runs = []
     for combo in parse_sweep(sweep):
         base = load_config(config_file, overrides)  # fails here, before submitting, on a bad key or value
+        require_backend(base)
         name = run_name(base.name, combo)
         cfg = load_config(config_file, [*overrides, *combo, f"name={name}"])
         runs.append(([*overrides, *combo, f"name={name}"], cfg))

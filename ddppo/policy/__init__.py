@@ -1,7 +1,7 @@
 """Actor-critic policy and visual encoders for DD-PPO PointGoal navigation."""
 
 from ddppo.policy.encoders import ENCODERS, make_encoder
-from ddppo.policy.policy import GOAL_SENSOR, Policy, VisualInput, build_policy, goal_features
+from ddppo.policy.policy import GOAL_SENSOR, Policy, VisualInput, goal_features
 from ddppo.policy.running_norm import RunningMeanAndVar
 
 __all__ = [
@@ -10,7 +10,6 @@ __all__ = [
     "Policy",
     "RunningMeanAndVar",
     "VisualInput",
-    "build_policy",
     "goal_features",
     "make_encoder",
 ]

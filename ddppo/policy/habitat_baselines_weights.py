@@ -34,6 +34,7 @@ import re
 import torch
 from torch import Tensor
 
+from ddppo.config import GoalAngle
 from ddppo.policy.policy import VISUAL_SENSORS, Policy
 
 _RENAMES = [
@@ -174,7 +175,7 @@ def _convert(target: str, value: Tensor, channel_order: Tensor, goal_angle: str)
         return value.index_select(1, channel_order)
     if target == "visual_input.normalizer.count":
         return value.to(torch.float64)
-    if target == "goal_embed.weight" and goal_angle == "as_read":
+    if target == "goal_embed.weight" and goal_angle == GoalAngle.as_read:
         return value * value.new_tensor([1.0, 1.0, -1.0])  # sin(-a) = -sin(a): the same function
     return value
 

@@ -15,27 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddppo.policy.encoders import VisualEncoder, encoder_constructor, make_encoder
+from ddppo.config import ConvInit, GoalAngle, PolicyConfig, RnnType, VisualNormalization
+from ddppo.policy.encoders import VisualEncoder, make_encoder
 from ddppo.policy.packing import episode_segments, run_packed
-from ddppo.policy.precision import encode, resolve_encoder_dtype
+from ddppo.policy.precision import encode
 from ddppo.policy.running_norm import RunningMeanAndVar
 
 GOAL_SENSOR = "pointgoal_with_gps_compass"
-RNN_TYPES = ("lstm", "gru", "none")
-"""Cores: an LSTM or GRU (DD-PPO's), or ``none``, a feed-forward Linear + ReLU with an empty state (for
-comparisons with feed-forward agents; the previous action still enters, zeroed at episode starts)."""
+RECURRENT_CORES = {RnnType.lstm: nn.LSTM, RnnType.gru: nn.GRU}
+"""``policy.rnn_type`` -> the recurrent core (DD-PPO's); ``none`` is a feed-forward Linear + ReLU with an empty state
+(for comparisons with feed-forward agents; the previous action still enters, zeroed at episode starts)."""
 VISUAL_SENSORS = ("rgb", "depth")
 GOAL_EMBED_SIZE = 32
 ACTION_EMBED_SIZE = 32
-VISUAL_NORMALIZATIONS = ("auto", "always", "never")
-"""Running mean/var normalisation of the visual input: ``always`` (ddppo), ``never``, or ``auto``: only when RGB is
-present (habitat-baselines' ``normalize_visual_inputs="rgb" in observation_space``)."""
-GOAL_ANGLES = ("as_read", "negated")
-"""The angle the goal features take from the sensor's reading [rho, a] (a = -phi): ``as_read`` gives
-[rho, cos a, sin a] (ddppo), ``negated`` [rho, cos -a, sin -a] = [rho, cos phi, sin phi] (habitat-baselines)."""
-CONV_INITS = ("kaiming_normal", "torch_default")
-"""The visual encoder's initial weights: Kaiming-normal (fan-out) convolutions (ddppo), or each layer's own
-PyTorch default (habitat-baselines never re-initialises its ResNet)."""
 
 ObsSpaces = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -137,23 +129,20 @@ def linear_relu(block: nn.Sequential, x: Tensor) -> Tensor:
     return torch.relu_(linear(block[0], x))
 
 
-def goal_features(goal: Tensor, angle: str = "as_read") -> Tensor:
+def goal_features(goal: Tensor, angle: GoalAngle = GoalAngle.as_read) -> Tensor:
     """[rho, cos(a), sin(a)] from the sensor reading [rho, a] where a = -phi (``angle="as_read"``, ddppo), or
     [rho, cos(-a), sin(-a)] (``"negated"``, habitat-baselines, whose PointNavResNetNet negates the reading once
     more). The two differ only in the sign of one input, which the following linear layer absorbs: same
     capacity, and weights carry over by negating one column (ddppo/policy/habitat_baselines.py does).
     """
-    a = goal[:, 1] if angle == "as_read" else -goal[:, 1]
+    a = goal[:, 1] if angle == GoalAngle.as_read else -goal[:, 1]
     return torch.stack([goal[:, 0], torch.cos(a), torch.sin(a)], dim=-1)
 
 
-def visual_normalization(setting: str | bool, obs_spaces: ObsSpaces) -> bool:
-    """Whether the visual input gets a running mean/var normaliser (see VISUAL_NORMALIZATIONS; a bool, the key's
-    earlier form, means always/never)."""
-    setting = {"true": "always", "false": "never"}.get(str(setting).lower(), str(setting))
-    if setting not in VISUAL_NORMALIZATIONS:
-        raise ValueError(f"normalize_visual={setting!r}: use one of {', '.join(VISUAL_NORMALIZATIONS)}")
-    return setting == "always" or (setting == "auto" and "rgb" in obs_spaces)
+def visual_normalization(setting: VisualNormalization, obs_spaces: ObsSpaces) -> bool:
+    """Whether the visual input gets a running mean/var normaliser: ``always`` (ddppo), ``never``, or ``auto``: only
+    when RGB is present (habitat-baselines' ``normalize_visual_inputs="rgb" in observation_space``)."""
+    return setting == VisualNormalization.always or (setting == VisualNormalization.auto and "rgb" in obs_spaces)
 
 
 class Policy(nn.Module):
@@ -165,39 +154,17 @@ class Policy(nn.Module):
     ``pointgoal_with_gps_compass`` observation ``goal_embed`` is None.
     """
 
-    def __init__(
-        self,
-        obs_spaces: ObsSpaces,
-        num_actions: int = 4,
-        encoder: str = "simple_cnn",
-        base_planes: int = 32,
-        ngroups: int = 16,
-        hidden_size: int = 512,
-        rnn_type: str = "lstm",
-        num_recurrent_layers: int = 2,
-        avgpool: int = 1,
-        normalize_visual: str | bool = "always",
-        encoder_precision: str = "float32",
-        goal_angle: str = "as_read",
-        compression_groups: int = 0,
-        conv_init: str = "kaiming_normal",
-    ):
+    def __init__(self, obs_spaces: ObsSpaces, cfg: PolicyConfig, num_actions: int = 4):
+        """``cfg`` is the config's ``policy`` section (its choices validated when the config loaded) or a
+        PolicyConfig; ``obs_spaces`` maps each observation to its (shape, dtype)."""
         super().__init__()
-        encoder_constructor(encoder)  # refuses an unknown name, blind agents' too
-        rnn_type = rnn_type.lower()
-        if rnn_type not in RNN_TYPES:
-            raise ValueError(f"unknown rnn_type {rnn_type!r}; choose one of {', '.join(RNN_TYPES)}")
-        for name, value, choices in (("goal_angle", goal_angle, GOAL_ANGLES), ("conv_init", conv_init, CONV_INITS)):
-            if value not in choices:
-                raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
-        self.goal_angle = goal_angle
+        self.goal_angle = cfg.goal_angle
         self.num_actions = int(num_actions)
-        self.hidden_size = int(hidden_size)
-        self.rnn_type = rnn_type
-        self.num_recurrent_layers = int(num_recurrent_layers)
-        self.encoder_name = encoder
-        resolve_encoder_dtype(encoder_precision, torch.device("cpu"))  # refuses an unknown name now
-        self.encoder_precision = encoder_precision
+        self.hidden_size = hidden_size = int(cfg.hidden_size)
+        self.rnn_type = cfg.rnn_type
+        self.num_recurrent_layers = int(cfg.num_recurrent_layers)
+        self.encoder_name = cfg.encoder
+        self.encoder_precision = cfg.encoder_precision
         self.frozen_modules: tuple[str, ...] = ()
         """Submodules that stay in eval mode whatever ``train()`` asks (a frozen transferred encoder: its running
         input statistics must not drift either). Set by ddppo.trainer.transfer."""
@@ -207,11 +174,11 @@ class Policy(nn.Module):
         self.visual_fc: nn.Module | None = None
         core_in = 0
         if any(k in obs_spaces for k in VISUAL_SENSORS):
-            self.visual_input = VisualInput(obs_spaces, avgpool=avgpool,
-                                            normalize=visual_normalization(normalize_visual, obs_spaces))
-            self.encoder = make_encoder(encoder, self.visual_input.out_channels, self.visual_input.output_hw,
-                                        base_planes, ngroups, compression_groups)
-            if conv_init == "torch_default":
+            self.visual_input = VisualInput(obs_spaces, avgpool=cfg.avgpool,
+                                            normalize=visual_normalization(cfg.normalize_visual, obs_spaces))
+            self.encoder = make_encoder(cfg.encoder, self.visual_input.out_channels, self.visual_input.output_hw,
+                                        cfg.base_planes, cfg.ngroups, cfg.compression_groups)
+            if cfg.conv_init == ConvInit.torch_default:
                 for module in self.encoder.modules():
                     if isinstance(module, (nn.Conv2d, nn.GroupNorm)):
                         module.reset_parameters()
@@ -226,11 +193,10 @@ class Policy(nn.Module):
         self.action_embed = nn.Embedding(self.num_actions + 1, ACTION_EMBED_SIZE)
         core_in += ACTION_EMBED_SIZE
 
-        if rnn_type == "none":  # feed-forward: one hidden layer of the same width, no state
+        if self.rnn_type == RnnType.none:  # feed-forward: one hidden layer of the same width, no state
             self.core: nn.Module = nn.Sequential(nn.Linear(core_in, hidden_size), nn.ReLU(True))
         else:
-            rnn_cls = nn.LSTM if rnn_type == "lstm" else nn.GRU
-            self.core = rnn_cls(core_in, hidden_size, num_layers=self.num_recurrent_layers)
+            self.core = RECURRENT_CORES[self.rnn_type](core_in, hidden_size, num_layers=self.num_recurrent_layers)
         for name, p in self.core.named_parameters():
             if "weight" in name:
                 nn.init.orthogonal_(p)
@@ -267,9 +233,9 @@ class Policy(nn.Module):
     @property
     def num_hidden_layers(self) -> int:
         """Layers of the state tensor: h (and c for an LSTM) per recurrent layer; 0 for a feed-forward core."""
-        if self.rnn_type == "none":
+        if self.rnn_type == RnnType.none:
             return 0
-        return self.num_recurrent_layers * (2 if self.rnn_type == "lstm" else 1)
+        return self.num_recurrent_layers * (2 if self.rnn_type == RnnType.lstm else 1)
 
     def initial_hidden(self, n: int, device: torch.device | str | None = None) -> Tensor:
         if device is None:
@@ -277,7 +243,7 @@ class Policy(nn.Module):
         return torch.zeros(self.num_hidden_layers, n, self.hidden_size, device=device)
 
     def _rnn(self, x: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        if self.rnn_type == "lstm":
+        if self.rnn_type == RnnType.lstm:
             h, c = hidden.split(self.num_recurrent_layers, dim=0)
             out, (h, c) = self.core(x, (h.contiguous(), c.contiguous()))
             return out, torch.cat([h, c], dim=0)
@@ -296,7 +262,7 @@ class Policy(nn.Module):
         otherwise each episode segment packed as its own sequence (``ddppo.policy.packing``). Both give
         exactly the step-by-step result.
         """
-        if self.rnn_type == "none":
+        if self.rnn_type == RnnType.none:
             return linear_relu(self.core, x), hidden
         if x.shape[0] == 1 or bool(masks[1:].all()):
             return self._rnn(x, hidden * masks[0].to(hidden.dtype).view(1, -1, 1))
@@ -393,23 +359,3 @@ class Policy(nn.Module):
         actions = _as_tensor(actions_seq, device).long().reshape(t_len, n)
         entropy = -(log_p.exp() * log_p).sum(-1)
         return log_p.gather(-1, actions.unsqueeze(-1)).squeeze(-1), values, entropy
-
-
-def build_policy(cfg: Any, obs_spaces: ObsSpaces, num_actions: int = 4) -> Policy:
-    """Build a ``Policy`` from any config object with the policy fields as attributes."""
-    return Policy(
-        obs_spaces,
-        num_actions=num_actions,
-        encoder=cfg.encoder,
-        base_planes=cfg.base_planes,
-        ngroups=cfg.ngroups,
-        hidden_size=cfg.hidden_size,
-        rnn_type=cfg.rnn_type,
-        num_recurrent_layers=cfg.num_recurrent_layers,
-        avgpool=cfg.avgpool,
-        normalize_visual=cfg.normalize_visual,
-        encoder_precision=cfg.encoder_precision,
-        goal_angle=cfg.goal_angle,
-        compression_groups=cfg.compression_groups,
-        conv_init=cfg.conv_init,
-    )

@@ -10,8 +10,6 @@ import functools
 import torch
 from torch import Tensor, nn
 
-ENCODER_PRECISIONS = ("float32", "bfloat16", "auto")
-
 
 def has_native_bfloat16(device: torch.device) -> bool:
     """Whether ``device`` does bf16 arithmetic in hardware (oneDNN on AVX512-BF16 or AMX; CUDA tensor cores): there,
@@ -27,10 +25,9 @@ def has_native_bfloat16(device: torch.device) -> bool:
 
 @functools.cache
 def resolve_encoder_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The dtype the encoder computes in on ``device`` for ``policy.encoder_precision`` (see ENCODER_PRECISIONS).
-    Cached: the hardware probes cost more than a small layer, and the answer never changes."""
-    if precision not in ENCODER_PRECISIONS:
-        raise ValueError(f"unknown encoder precision {precision!r}; choose one of {', '.join(ENCODER_PRECISIONS)}")
+    """The dtype the encoder computes in on ``device`` for ``policy.encoder_precision`` (float32, bfloat16, or auto:
+    bfloat16 where the hardware has it). Cached: the hardware probes cost more than a small layer, and the answer
+    never changes."""
     if precision == "auto":
         return torch.bfloat16 if has_native_bfloat16(device) else torch.float32
     return torch.bfloat16 if precision == "bfloat16" else torch.float32

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ddppo.config import PPOConfig, ValueClip
+
 __all__ = ["gae", "bootstrap_truncated", "normalized_advantages", "ppo_loss", "make_adam", "Reduction"]
 
 Reduction = Literal["mean", "sum"]
@@ -154,12 +156,8 @@ def ppo_loss(
     old_values: Tensor,
     returns: Tensor,
     entropy: Tensor,
+    ppo: PPOConfig,
     *,
-    clip: float,
-    value_coef: float,
-    entropy_coef: float,
-    clipped_value_loss: bool = True,
-    value_clip: str = "max",
     normalize_advantages: bool = False,
     reduction: Reduction = "mean",
     sample_weight: Tensor | None = None,
@@ -186,12 +184,11 @@ def ppo_loss(
         old_values: value predictions recorded during the rollout.
         returns: value targets (e.g. from :func:`gae`).
         entropy: per-sample policy entropy (differentiable).
-        clip: PPO clip range epsilon, also used for the value clip.
-        value_coef: weight of the value loss.
-        entropy_coef: weight of the entropy bonus.
-        clipped_value_loss: use the clipped value loss (habitat's ``use_clipped_value_loss``).
-        value_clip: its form: ``"max"``, the pessimistic maximum of PPO's original implementation, or
-            ``"where"``, habitat-baselines' current one (the clipped prediction replaces V where V moved more than
+        ppo: the config's ``ppo`` section (or a PPOConfig); the loss reads its slice: ``clip`` (PPO's clip range
+            epsilon, also used for the value clip), ``value_coef`` and ``entropy_coef`` (the weights of the value
+            loss and the entropy bonus), ``clipped_value_loss`` (habitat's ``use_clipped_value_loss``) and
+            ``value_clip``, its form: ``max``, the pessimistic maximum of PPO's original implementation, or
+            ``where``, habitat-baselines' current one (the clipped prediction replaces V where V moved more than
             ``clip`` from ``old_V``, and those samples give the value head no gradient).
         normalize_advantages: normalise advantages to zero mean, unit std (weighted by ``sample_weight``)
             over this call's samples. Off by default, as in DD-PPO. The trainer does not use it: it normalises a
@@ -211,8 +208,6 @@ def ppo_loss(
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if value_clip not in ("max", "where"):
-        raise ValueError(f"value_clip must be 'max' or 'where', got {value_clip!r}")
     _check_same_shape(log_probs, old_log_probs=old_log_probs, advantages=advantages, values=values,
                       old_values=old_values, returns=returns, entropy=entropy, sample_weight=sample_weight)
     weight = sample_weight.to(log_probs.dtype) if sample_weight is not None else None
@@ -227,14 +222,15 @@ def ppo_loss(
     log_ratio = log_probs - old_log_probs.detach()
     ratio = torch.exp(log_ratio)
     surr1 = ratio * advantages
+    clip = ppo.clip
     surr2 = torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * advantages
     policy_terms = -torch.min(surr1, surr2)
 
-    value_terms = _value_terms(values, old_values, returns.detach(), clip, clipped_value_loss, value_clip)
+    value_terms = _value_terms(values, old_values, returns.detach(), clip, ppo.clipped_value_loss, ppo.value_clip)
     policy_loss = _reduce(policy_terms, weight, reduction)
     value_loss = _reduce(value_terms, weight, reduction)
     entropy_term = _reduce(entropy, weight, reduction)
-    total = value_coef * value_loss + policy_loss - entropy_coef * entropy_term
+    total = ppo.value_coef * value_loss + policy_loss - ppo.entropy_coef * entropy_term
 
     with torch.no_grad():
         log_ratio_d = log_ratio.detach()
@@ -262,9 +258,9 @@ def _check_same_shape(log_probs: Tensor, **named: Tensor | None) -> None:
 
 
 def _value_terms(values: Tensor, old_values: Tensor, returns: Tensor, clip: float, clipped: bool,
-                 value_clip: str) -> Tensor:
+                 value_clip: ValueClip) -> Tensor:
     """Per-sample value loss, in the form ``ppo_loss`` documents."""
-    if clipped and value_clip == "max":
+    if clipped and value_clip == ValueClip.max:
         old_values = old_values.detach()
         values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
         return 0.5 * torch.max((values - returns).pow(2), (values_clipped - returns).pow(2))

@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import torch
 
+from ddppo.config import Backend, ConfigError
 from ddppo.sim.dataset_dir import load_split
-from ddppo.sim.tasks import ExplorationVectorEnv, FleeVectorEnv
-from ddppo.sim.vector_env import PointNavVectorEnv
+from ddppo.sim.tasks import TASKS
 
-TASKS = {"pointnav": PointNavVectorEnv, "flee": FleeVectorEnv, "exploration": ExplorationVectorEnv}
-"""``task.type`` -> batched environment class (same constructor, observations and API)."""
+
+def require_backend(cfg) -> None:
+    """Fail now, in one line (a ConfigError), if ``cfg.sim.backend`` cannot run here: habitat-sim that does not
+    import. The launchers call it right after loading the config, before any expensive work."""
+    if cfg.sim.backend != Backend.habitat:
+        return
+    from ddppo.sim.habitat_backend import HabitatUnavailable, require_habitat_sim
+
+    try:
+        require_habitat_sim()
+    except HabitatUnavailable as e:
+        raise ConfigError(str(e)) from None
 
 
 def make_vector_env(cfg, split: str, num_envs: int, *, seed: int = 0, env_offset: int = 0,
@@ -21,18 +31,13 @@ def make_vector_env(cfg, split: str, num_envs: int, *, seed: int = 0, env_offset
     ``seed`` and ``env_offset`` pick the episode streams (see PointNavVectorEnv); ``order="partition"`` runs every
     episode exactly once, as evaluation does. ``cfg.sim.backend=habitat`` runs habitat-sim instead of the
     embedded simulator (ddppo/sim/habitat_backend.py), with the same task code and interface."""
-    if cfg.sim.backend == "habitat":
+    if cfg.sim.backend == Backend.habitat:
         from ddppo.sim.habitat_backend import make_habitat_vector_env
 
         return make_habitat_vector_env(cfg, split, num_envs, seed=seed, env_offset=env_offset, device=device,
                                        episode_ids=episode_ids, order=order, num_shares=num_shares)
-    if cfg.sim.backend != "embedded":
-        raise ValueError(f"sim.backend={cfg.sim.backend!r}: use embedded or habitat")
     episodes, navs = load_split(cfg.task.data_dir, split)
     if episode_ids is not None:
         episodes = [episodes[k] for k in episode_ids]
-    task = cfg.task
-    if task.type not in TASKS:
-        raise ValueError(f"task.type={task.type!r}: use one of {', '.join(TASKS)}")
-    return TASKS[task.type](episodes, navs, num_envs, cfg.sim, task, seed=seed, env_offset=env_offset,
-                            device=device, order=order, num_shares=num_shares)
+    return TASKS[cfg.task.type](episodes, navs, num_envs, cfg.sim, cfg.task, seed=seed, env_offset=env_offset,
+                                device=device, order=order, num_shares=num_shares)

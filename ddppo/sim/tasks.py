@@ -1,4 +1,6 @@
-"""Downstream tasks of the transfer experiments (DD-PPO §6; Wijmans, Morcos et al. 2020): Flee and Exploration.
+"""The tasks, one registry (:data:`TASKS`, ``task.type`` -> batched environment class): PointNav
+(ddppo.sim.vector_env) and the downstream tasks of the transfer experiments (DD-PPO §6; Wijmans, Morcos et al. 2020),
+Flee and Exploration, written here.
 
 Both run on PointNav episodes (their start poses; the episode's goal plays no part) and keep PointNav's
 observation keys and shapes, so a PointNav policy or encoder loads unchanged. Choices, where the papers leave
@@ -32,6 +34,7 @@ import math
 import numpy as np
 import torch
 
+from ddppo.config import TaskType
 from ddppo.sim.dataset import scene_name
 from ddppo.sim.vector_env import PointNavVectorEnv
 
@@ -169,3 +172,7 @@ class ExplorationVectorEnv(PointNavVectorEnv):
 
     def _observe(self, env_ids=None):
         return _zero_goal(super()._observe(env_ids))
+
+
+TASKS = {TaskType.pointnav: PointNavVectorEnv, TaskType.flee: FleeVectorEnv, TaskType.exploration: ExplorationVectorEnv}
+"""``task.type`` -> batched environment class (same constructor, observations and API)."""

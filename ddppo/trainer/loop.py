@@ -27,7 +27,7 @@ import numba
 import torch
 import torch.distributed as dist
 
-from ddppo.config import save_config
+from ddppo.config import TimeLimit, save_config
 from ddppo.distributed import (
     RolloutCounter,
     all_reduce_sum,
@@ -37,7 +37,7 @@ from ddppo.distributed import (
 )
 from ddppo.evaluation.evaluate import evaluate_policy
 from ddppo.io.atomic import atomic_write_text
-from ddppo.policy import build_policy
+from ddppo.policy import Policy
 from ddppo.rl.episode_stats import EpisodeStats
 from ddppo.rl.flat_grads import FlatGradients
 from ddppo.rl.ppo import bootstrap_truncated, make_adam
@@ -134,7 +134,7 @@ def set_thread_budget(cfg) -> None:
 def build_learner(cfg, info, run_dir: Path, log, envs, sim_device: torch.device) -> Run:
     """The policy (the same initial weights on every rank), its optimiser and schedule, and the rollout's storage."""
     torch.manual_seed(cfg.seed)  # same initial weights everywhere; the broadcast below makes it certain
-    policy = build_policy(cfg.policy, envs.obs_spaces).to(info.device)
+    policy = Policy(envs.obs_spaces, cfg.policy).to(info.device)
     broadcast_module(policy, info)
     torch.manual_seed(cfg.seed + 1000 * info.rank)  # each worker samples its own actions
     # transferred weights (cfg.transfer), frozen parts left out, the visual pathway in its own lr group
@@ -157,7 +157,7 @@ def build_learner(cfg, info, run_dir: Path, log, envs, sim_device: torch.device)
         preemption=Preemption.from_config(cfg, info), hooks=BenchHooks(cfg.ddppo, info.rank),
         # the rollout loop's settings as plain values: OmegaConf attribute reads are slow, and a step makes several
         num_steps=cfg.ppo.num_steps, gamma=cfg.ppo.gamma,
-        bootstrap_time_limits=cfg.ppo.time_limit == "bootstrap",  # else a time limit is terminal (habitat-baselines)
+        bootstrap_time_limits=cfg.ppo.time_limit == TimeLimit.bootstrap,  # else terminal (habitat-baselines)
     )
 
 

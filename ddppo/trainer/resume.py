@@ -209,6 +209,7 @@ def write_shared_state(run_dir, policy, optimizer, scheduler, state, cfg) -> Non
                      "state": dict(state)}, run_dir / SHARED)
     ckpt_dir = run_dir / "checkpoints"
     _sweep_temporaries(ckpt_dir, "ckpt_")
-    checkpoint.save({"policy": weights, "config": OmegaConf.to_container(cfg), "env_steps": state["env_steps"],
-                     "update": state["update"]}, ckpt_dir / f"ckpt_{state['update']:06d}.pt")
+    checkpoint.save({"policy": weights, "config": OmegaConf.to_container(cfg, enum_to_str=True),
+                     "env_steps": state["env_steps"], "update": state["update"]},
+                    ckpt_dir / f"ckpt_{state['update']:06d}.pt")
     checkpoint.prune(ckpt_dir, cfg.keep_checkpoints)

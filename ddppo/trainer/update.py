@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from ddppo.config import GradWeighting
 from ddppo.distributed import DistInfo, all_reduce_sum
 from ddppo.rl.flat_grads import FlatGradients
 from ddppo.rl.ppo import normalized_advantages, ppo_loss
@@ -63,10 +64,10 @@ class _Sums:
 
 
 def ppo_update(policy, optimizer, grads: FlatGradients, storage: RolloutStorage, ppo, info: DistInfo,
-               grad_weighting: str = "samples") -> UpdateStats:
+               grad_weighting: GradWeighting = GradWeighting.samples) -> UpdateStats:
     """PPO epochs over environment-split minibatches. Each rank sums its per-sample losses and divides by the
     minibatch's sample count over all ranks, and gradients are summed across ranks: the update equals a single
-    process's update on the concatenated samples, whatever share each rank collected. (``grad_weighting="ranks"``
+    process's update on the concatenated samples, whatever share each rank collected. (``grad_weighting=ranks``
     divides by its own count times the number of ranks instead: each rank's mean gradient, averaged with equal
     weight, as habitat-baselines' DistributedDataParallel does.)
 
@@ -93,23 +94,22 @@ def ppo_update(policy, optimizer, grads: FlatGradients, storage: RolloutStorage,
 
 
 def _learn_minibatch(policy, optimizer, grads: FlatGradients, batch: Minibatch, ppo, info: DistInfo,
-                     grad_weighting: str, sums: _Sums) -> bool:
+                     grad_weighting: GradWeighting, sums: _Sums) -> bool:
     """One optimiser step on ``batch``, its statistics added to ``sums``; False, with nothing stepped, when the loss
     (on any rank) or the all-reduced gradient is NaN/Inf."""
     # NaN logits give a NaN loss, caught below on every rank
     log_probs, values, entropy = policy.evaluate_actions(batch.obs, batch.prev_actions, batch.masks, batch.hidden0,
                                                          batch.actions)
     loss, terms = ppo_loss(
-        log_probs, batch.old_log_probs, batch.advantages, values, batch.old_values, batch.returns, entropy,
-        clip=ppo.clip, value_coef=ppo.value_coef, entropy_coef=ppo.entropy_coef,
-        clipped_value_loss=ppo.clipped_value_loss, value_clip=ppo.value_clip, reduction="sum",
+        log_probs, batch.old_log_probs, batch.advantages, values, batch.old_values, batch.returns, entropy, ppo,
+        reduction="sum",
     )
     # a bad loss on any rank rides on the sample-count all-reduce, so every rank skips together
     global_samples, bad_ranks = all_reduce_sum([batch.num_samples, float(not torch.isfinite(loss))], info).tolist()
     if bad_ranks > 0:
         return False
     grads.zero_()
-    divisor = global_samples if grad_weighting == "samples" else batch.num_samples * info.world_size
+    divisor = global_samples if grad_weighting == GradWeighting.samples else batch.num_samples * info.world_size
     (loss / divisor).backward()
     if info.enabled:
         grads.all_reduce_()

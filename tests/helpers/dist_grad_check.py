@@ -30,7 +30,7 @@ import torch
 import ddppo.trainer.loop as trainer
 from ddppo.config import load_config
 from ddppo.distributed import all_reduce_sum, broadcast_module, init_distributed
-from ddppo.policy import build_policy
+from ddppo.policy import Policy
 from ddppo.rl.flat_grads import FlatGradients
 from ddppo.rl.ppo import make_adam, ppo_loss
 from ddppo.rl.storage import RolloutStorage
@@ -68,7 +68,7 @@ def main() -> int:
     info = init_distributed("cpu", "gloo")
     cfg = load_config(None, POLICY_OVERRIDES)
     torch.manual_seed(100 + info.rank)  # different weights per rank: the broadcast must make them identical
-    policy = build_policy(cfg.policy, OBS_SPACES)
+    policy = Policy(OBS_SPACES, cfg.policy)
     broadcast_module(policy, info)
     init_state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -105,9 +105,7 @@ def main() -> int:
     log_probs, values, entropy = policy.evaluate_actions(batch.obs, batch.prev_actions, batch.masks,
                                                          batch.hidden0, batch.actions)
     loss, _ = ppo_loss(log_probs, batch.old_log_probs, batch.advantages, values, batch.old_values,
-                       batch.returns, entropy, clip=cfg.ppo.clip, value_coef=cfg.ppo.value_coef,
-                       entropy_coef=cfg.ppo.entropy_coef, clipped_value_loss=cfg.ppo.clipped_value_loss,
-                       reduction="sum")
+                       batch.returns, entropy, cfg.ppo, reduction="sum")
     n_global = all_reduce_sum([batch.num_samples], info)[0].item()
     grads = FlatGradients(params)
     grads.zero_()

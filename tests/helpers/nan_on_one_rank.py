@@ -51,10 +51,10 @@ def main() -> int:
     bad_updates = {int(u) for u in os.environ["DDPPO_TEST_NAN_UPDATES"].split(",") if u}
     policies, skipped = [], []
 
-    original_build = trainer.build_policy
+    original_policy = trainer.Policy
 
-    def build_policy(*args, **kwargs):
-        policy = original_build(*args, **kwargs)
+    def recorded_policy(*args, **kwargs):
+        policy = original_policy(*args, **kwargs)
         policies.append(policy)
         return policy
 
@@ -67,7 +67,7 @@ def main() -> int:
         skipped.append(float(result.skipped))
         return result
 
-    trainer.build_policy = build_policy
+    trainer.Policy = recorded_policy
     trainer.ppo_update = ppo_update
     rc = train_script.main(sys.argv[1:])
     state = {k: v.detach().cpu().clone() for k, v in policies[0].state_dict().items()}

@@ -8,7 +8,7 @@ Nothing of the trainer is replaced: two pass-through wrappers only *observe* it.
 
 - ``RolloutStorage.after_update`` records ``storage.step``, the number of steps this rank collected in each
   rollout (fewer than ``ppo.num_steps`` when straggler preemption cut it);
-- ``ddppo.trainer.loop.build_policy`` keeps a reference to the policy the trainer builds, so its final parameters
+- ``ddppo.trainer.loop.Policy`` keeps a reference to the policy the trainer builds, so its final parameters
   and buffers can be written out after ``train()`` returned (only rank 0 writes weights to the run directory).
 
 Writes ``DIR/rank{RANK}.json`` (rollout lengths, return value, the names of the threads still alive after
@@ -44,14 +44,14 @@ def main() -> int:
     RolloutStorage.after_update = after_update
 
     policies = []
-    original_build = trainer.build_policy
+    original_policy = trainer.Policy
 
-    def build_policy(*args, **kwargs):
-        policy = original_build(*args, **kwargs)
+    def recorded_policy(*args, **kwargs):
+        policy = original_policy(*args, **kwargs)
         policies.append(policy)
         return policy
 
-    trainer.build_policy = build_policy
+    trainer.Policy = recorded_policy
 
     rc = train_script.main(sys.argv[1:])
     state = {k: v.detach().cpu().clone() for k, v in policies[0].state_dict().items()}

@@ -1,7 +1,6 @@
 """Visual encoders: one contract (:class:`VisualEncoder` in ``base``: forward to flat features, ``output_size``,
-``stages`` and ``stage_names`` for representation analysis), a registry of their constructors by ``policy.encoder``
-name, and the one check of that name (:func:`encoder_constructor`), which the config, the policy and
-:func:`make_encoder` all use.
+``stages`` and ``stage_names`` for representation analysis), and a registry of their constructors by ``policy.encoder``
+name (the config's Encoder choice, validated when the config loads; tests/test_policy.py checks the two agree).
 
 Constructors in ``ENCODERS`` share the signature ``(in_channels, input_hw, base_planes, ngroups, compression_groups)``
 (``compression_groups``: the compression layer's GroupNorm groups, 0 = ``ngroups``; ignored without one).
@@ -23,12 +22,11 @@ __all__ = [
     "SqueezeNetEncoder",
     "StagedEncoder",
     "VisualEncoder",
-    "encoder_constructor",
     "make_encoder",
 ]
 
 
-ENCODERS: dict[str, Callable[..., VisualEncoder]] = {
+ENCODERS: dict[str, Callable[..., VisualEncoder]] = {  # keyed by ddppo.config.Encoder's names
     "resnet18": resnet18,
     "resnet50": resnet50,
     "se_resneXt50": se_resnext50,
@@ -37,16 +35,9 @@ ENCODERS: dict[str, Callable[..., VisualEncoder]] = {
 }
 
 
-def encoder_constructor(name: str, key: str = "policy.encoder") -> Callable[..., VisualEncoder]:
-    """The constructor registered under ``name``; a one-line ValueError naming ``key`` and the choices otherwise."""
-    if name not in ENCODERS:
-        raise ValueError(f"{key}={name!r}: unknown encoder; use one of {', '.join(sorted(ENCODERS))}")
-    return ENCODERS[name]
-
-
 def make_encoder(
     name: str, in_channels: int, input_hw: tuple[int, int], base_planes: int = 32, ngroups: int = 16,
     compression_groups: int = 0,
 ) -> VisualEncoder:
-    """Build the encoder registered under ``name`` (see :func:`encoder_constructor`)."""
-    return encoder_constructor(name)(in_channels, tuple(input_hw), base_planes, ngroups, compression_groups)
+    """Build the encoder registered under ``name`` (a ``policy.encoder`` the config validated)."""
+    return ENCODERS[name](in_channels, tuple(input_hw), base_planes, ngroups, compression_groups)

@@ -30,9 +30,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from ddppo.config import KernelChoice
 from ddppo.sim.kernels import numba_kernels, torch_kernels
 
-IMPLEMENTATIONS = {"numba": numba_kernels, "torch": torch_kernels}
+IMPLEMENTATIONS = {KernelChoice.numba: numba_kernels, KernelChoice.torch: torch_kernels}
 """``sim.kernels`` -> the module; ``auto`` is numba on the CPU, torch elsewhere."""
 
 
@@ -89,16 +90,14 @@ class Kernels:
         return host_views.kernel_arg(self.name)
 
 
-def select_kernels(name: str, device: torch.device | str) -> Kernels:
-    """The kernels ``sim.kernels=name`` picks for a simulator on ``device``; a one-line ValueError for a name that
-    is not one, or numba off the CPU."""
+def select_kernels(name: KernelChoice | str, device: torch.device | str) -> Kernels:
+    """The kernels ``sim.kernels=name`` (validated with the config) picks for a simulator on ``device``; a one-line
+    ValueError for numba off the CPU."""
     device = torch.device(device)
-    if name == "auto":
-        name = "numba" if device.type == "cpu" else "torch"
-    if name == "numba" and device.type != "cpu":
+    if name == KernelChoice.auto:
+        name = KernelChoice.numba if device.type == "cpu" else KernelChoice.torch
+    if name == KernelChoice.numba and device.type != "cpu":
         raise ValueError(f"sim.kernels='numba' runs on the CPU only, not on {device}")
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"sim.kernels={name!r} is not one of {sorted(IMPLEMENTATIONS)} or 'auto'")
     module = IMPLEMENTATIONS[name]
-    return Kernels(name, module.step, module.geodesic, module.render, module.pose_sensors, module.tally,
+    return Kernels(str(name), module.step, module.geodesic, module.render, module.pose_sensors, module.tally,
                    module.pointnav_step)
