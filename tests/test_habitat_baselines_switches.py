@@ -7,7 +7,7 @@ ddppo's default differs, each checked against habitat-baselines' own code (the i
   RolloutStorage.compute_returns (GAE, gamma and tau of ddppo_pointnav.yaml) on the environments' own rewards, the
   rollout's values and masks ``not done``, as its PPOTrainer._collect_environment_result stores them (habitat's
   Env ends an episode at ``max_episode_steps`` with ``episode_over``: done, no bootstrap);
-- ``ddppo.grad_weighting=ranks``: two Gloo ranks (torchrun, CPU) with 48 and 18 samples; ddppo's trainer update
+- ``ddppo.grad_weighting=ranks``: two Gloo ranks (torchrun, CPU) with 16 and 6 samples; ddppo's trainer update
   against habitat-baselines' DDPPO updater (DistributedDataParallel around the actor-critic, as its trainer sets it
   up) on the same weights and minibatches (tests/helpers/hb_ddp_update.py): the gradients each stepped with and the
   weights after the step;
