@@ -118,8 +118,6 @@ def test_time_limit_returns_equal_habitat_baselines(hb, data_dir, tmp_path):
     theirs.current_rollout_step_idxs = [s]
     theirs.compute_returns(storage.values[s, :, None], ppo.use_gae, ppo.gamma, ppo.tau)
     torch.testing.assert_close(storage.returns[:s], theirs.buffers["returns"][:s, :, 0], rtol=1e-5, atol=1e-6)
-    # what a bootstrapped cut would change: gamma * V(last observation) at the cuts, a clear difference
-    assert storage.values[:s].abs().min() > 0
 
 
 # ---------------------------------------------------------------------------------------------- ddppo.grad_weighting
