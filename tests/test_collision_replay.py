@@ -12,7 +12,8 @@ from pathlib import Path
 from habitat_support import need_habitat
 
 from ddppo.config import load_config
-from ddppo.evaluation.evaluate import ForwardAgent, evaluate, write_jsonl
+from ddppo.evaluation.episodes import ForwardAgent
+from ddppo.evaluation.evaluate import evaluate, write_jsonl
 from ddppo.sim.geometry import MOVE_FORWARD
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "collision_replay.py"

@@ -463,6 +463,38 @@ def test_after_update_copies_last_entry_of_preempted_rollout() -> None:
     torch.testing.assert_close(s.masks[0], masks)
 
 
+@pytest.mark.parametrize("filled", [0, 3])
+def test_state_dict_holds_the_live_rows_and_a_loaded_storage_continues_identically(filled: int) -> None:
+    """A storage saved mid-rollout (or between rollouts, step 0) and loaded into a fresh one gives the same returns
+    and minibatches once both take the same further steps; the saved tensors are only the rows holding data."""
+    original = make_storage(5, 3)
+    fill(original, filled, seed=4)
+    state = original.state_dict()
+    assert state["step"] == filled and state["obs.depth"].shape[0] == filled + 1
+    assert state["hidden"].shape[0] == filled + 1 and state["actions"].shape[0] == filled
+    restored = make_storage(5, 3)
+    fill(restored, 5, seed=9)  # stale data everywhere: only the loaded rows may matter
+    restored.load_state_dict({k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()})
+    gen_a, gen_b = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    for _ in range(5 - filled):
+        original.insert(**random_step(3, gen_a))
+        restored.insert(**random_step(3, gen_b))
+    for s in (original, restored):
+        s.compute_returns(torch.ones(3), 0.99, 0.95)
+    for a, b in zip(original.minibatches(2, generator=torch.Generator().manual_seed(1)),
+                    restored.minibatches(2, generator=torch.Generator().manual_seed(1)), strict=True):
+        for name, x, y in zip(a._fields, a, b, strict=True):
+            if isinstance(x, dict):
+                for k in x:
+                    assert torch.equal(x[k], y[k]), (name, k)
+            elif torch.is_tensor(x):
+                assert torch.equal(x, y), name
+            else:
+                assert x == y, name
+    with pytest.raises(ValueError, match="hidden"):
+        make_storage(5, 3).load_state_dict({**state, "hidden": torch.zeros(filled + 2, 2, 3, 4)})
+
+
 def test_minibatches_cover_every_env_once_and_keep_sequences_whole() -> None:
     s = make_storage(4, 5)
     fill(s, 4)

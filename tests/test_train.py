@@ -241,14 +241,28 @@ def test_resume_is_exact(resume_runs):
         {k: v for k, v in whole["state"].items() if k != "wall_time"}
     # and the per-rank state the next run would continue from
     s_rank, w_rank = checkpoint.load(rank_state(root / "split")), checkpoint.load(rank_state(root / "whole"))
-    assert torch.equal(s_rank["torch_rng"], w_rank["torch_rng"])
-    assert torch.equal(s_rank["hidden"], w_rank["hidden"])
+    assert torch.equal(s_rank["rng"]["state"], w_rank["rng"]["state"])
+    assert torch.equal(s_rank["storage"]["hidden"], w_rank["storage"]["hidden"])
     assert s_rank["envs"]["iterators"] == w_rank["envs"]["iterators"]
     # the losses logged after the resume are those of the uninterrupted run
     s_tb, w_tb = read_scalars(root / "split"), read_scalars(root / "whole")
     for tag in ("loss/policy", "loss/value", "loss/entropy", "loss/grad_norm"):
         assert sorted(s_tb[tag]) == sorted(w_tb[tag]) == [u * PER_UPDATE for u in range(1, 2 * K + 1)], tag
         assert s_tb[tag] == pytest.approx(w_tb[tag], rel=1e-6, abs=1e-7), tag
+
+
+def test_a_resume_state_of_the_earlier_layout_is_refused_in_one_line(data_dir, tmp_path, capsys):
+    """resume.pt as ddppo wrote it before components saved themselves (resume format 1: no format field) is not
+    damage to fall back from: `ddppo train` stops at start, in one line naming the file, the format and --fresh."""
+    run(overrides(data_dir, tmp_path, "old", 2))
+    shared_file = tmp_path / "old" / "resume.pt"
+    shared = checkpoint.load(shared_file)
+    del shared["resume_format"], shared["ddppo_version"]
+    torch.save(shared, shared_file)
+    capsys.readouterr()
+    assert cli_main(["train", *overrides(data_dir, tmp_path, "old", 4)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(shared_file) in err[0] and "resume format 1" in err[0] and "--fresh" in err[0], err
 
 
 def test_feed_forward_policy_trains_and_resumes_exactly(data_dir, tmp_path):
@@ -261,7 +275,7 @@ def test_feed_forward_policy_trains_and_resumes_exactly(data_dir, tmp_path):
     policy = policy_of(tmp_path / "split" / "resume.pt")
     assert "core.0.weight" in policy and not any(k.startswith("core.weight_hh") for k in policy)
     assert_same_tensors(policy, policy_of(tmp_path / "whole" / "resume.pt"), "feed-forward policy, resumed vs whole")
-    assert checkpoint.load(rank_state(tmp_path / "split"))["hidden"].shape == (0, NUM_ENVS, 32)
+    assert checkpoint.load(rank_state(tmp_path / "split"))["storage"]["hidden"].shape == (1, 0, NUM_ENVS, 32)
 
 
 def test_bfloat16_encoder_trains_and_resumes_exactly(data_dir, tmp_path):

@@ -246,7 +246,7 @@ def _timing(t0: float, c0: float, frames: int, points: list[tuple[float, int]], 
 def run_ddppo(cfg, val_episodes: int, device: str) -> dict:
     from pathlib import Path
 
-    from ddppo.evaluation.evaluate import PolicyAgent
+    from ddppo.evaluation.episodes import PolicyAgent
     from ddppo.io import checkpoint
     from ddppo.trainer.loop import train
 

@@ -163,6 +163,7 @@ def _serial_terms(cfg, device: torch.device, sim_device: torch.device) -> tuple[
     """Seconds of one rollout's simulator steps and actions, and of one PPO update on it, each timed alone:
     (t_sim, t_act, t_learn)."""
     from ddppo.distributed import DistInfo
+    from ddppo.evaluation.episodes import PolicyAgent, agent_steps
     from ddppo.policy import Policy
     from ddppo.rl.flat_grads import FlatGradients
     from ddppo.rl.ppo import make_adam
@@ -174,28 +175,24 @@ def _serial_terms(cfg, device: torch.device, sim_device: torch.device) -> tuple[
     clock = _device_clock(device, sim_device)
     env = make_vector_env(cfg, cfg.task.split, n, seed=cfg.seed, device=sim_device)
     policy = Policy(env.obs_spaces, cfg.policy).to(device)
-    obs = policy.preprocess({k: v.to(device) for k, v in env.reset().items()})
+    first_obs = env.reset()
     storage = RolloutStorage(T, n, policy.storage_spaces(env.obs_spaces),
                              (policy.num_hidden_layers, cfg.policy.hidden_size), device)
-    storage.set_first_observation(obs)
+    storage.set_first_observation(policy.preprocess({k: v.to(device) for k, v in first_obs.items()}))
     g = torch.Generator().manual_seed(0)
     policy.eval()
-    for _ in range(T):  # warm-up (kernels compiled, geodesic cache filled) and a realistic rollout to learn on
+    for _ in range(T):  # warm-up (kernels compiled, geodesic cache filled)
         env.step(torch.randint(0, 4, (n,), generator=g).to(sim_device))
-    hidden, prev, masks = storage.hidden[0], storage.prev_actions[0], storage.masks[0]
+    # a realistic rollout to learn on, the policy sampling as in training (its preprocessing is part of acting)
+    agent = PolicyAgent(policy, n, device, deterministic=False, actions_device=sim_device)
     t_sim = t_act = 0.0
-    with torch.no_grad():
-        for _ in range(T):
-            ta = clock()
-            actions, logp, values, hidden = policy.act(obs, prev, masks, hidden)
-            tb = clock()
-            r = env.step(actions.to(sim_device))
-            tc = clock()
-            obs = policy.preprocess({k: v.to(device) for k, v in r.obs.items()})  # part of acting, as in training
-            t_act += tb - ta + clock() - tc
-            t_sim += tc - tb
-            prev, masks = actions, (~r.done).to(device).float()
-            storage.insert(obs, hidden, actions, logp, values, r.reward.to(device), masks, masks)
+    for actions, r, act_s, step_s in agent_steps(env, agent, env.observe(), max_steps=T, clock=clock):
+        t_act += act_s
+        t_sim += step_s
+        masks = (~r.done).to(device).float()
+        stored = policy.preprocess({k: v.to(device) for k, v in r.obs.items()})
+        storage.insert(stored, agent.hidden, actions.to(device), agent.log_probs, agent.values, r.reward.to(device),
+                       masks, masks)
     storage.compute_returns(torch.zeros(n, device=device), cfg.ppo.gamma, cfg.ppo.tau)
     policy.train()
     optimizer = make_adam(policy.parameters(), lr=cfg.ppo.lr, eps=cfg.ppo.eps)
@@ -245,8 +242,9 @@ def bench_scaling(overrides: list[str], updates: int = 12, config_file: str | No
             args = [*overrides, f"run_dir={tmp}", f"name={name}", f"total_steps={total}", "eval_episodes=0",
                     "log_interval=1000", "checkpoint_interval=1000000", *extra]
             cfg_args = ["--config", config_file] if config_file else []
+            script = Path(__file__).resolve().parents[1] / "train.py"
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
-                   f"--master-port={port}", str(Path(__file__).with_name("train.py")), *cfg_args, "--fresh", *args]
+                   f"--master-port={port}", str(script), *cfg_args, "--fresh", *args]
             subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             return json.loads((Path(tmp) / name / "summary.json").read_text())
 

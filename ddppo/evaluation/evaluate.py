@@ -14,6 +14,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from ddppo.distributed import DistInfo
+from ddppo.evaluation.episodes import ForwardAgent, OracleAgent, PolicyAgent, RandomAgent, agent_steps
 from ddppo.io.atomic import atomic_open
 from ddppo.sim.dataset import load_episodes
 from ddppo.sim.dataset_dir import ensure_dataset, episodes_path, load_split
@@ -73,65 +74,17 @@ def evaluation_protocol(name: str | None, sample: bool | None = None, episodes: 
     return Protocol(named, sample, episodes)
 
 
-class PolicyAgent:
-    """A policy with its recurrent state; ``masks`` 0 marks an episode start (state and previous action reset)."""
-
-    def __init__(self, policy, num_envs: int, device, deterministic: bool = True):
-        self.policy, self.device, self.deterministic = policy, torch.device(device), deterministic
-        self.hidden = policy.initial_hidden(num_envs, self.device)
-
-    @torch.no_grad()
-    def act(self, obs, prev_actions, masks):
-        obs = {k: v.to(self.device) for k, v in obs.items()}
-        actions, _, _, self.hidden = self.policy.act(obs, prev_actions.to(self.device), masks.to(self.device),
-                                                     self.hidden, deterministic=self.deterministic)
-        return actions.cpu()
-
-
-class OracleAgent:
-    """The backend's shortest-path follower (the embedded geodesic descent, habitat's GreedyGeodesicFollower)."""
-
-    def __init__(self, envs):
-        self.envs = envs
-
-    def act(self, obs, prev_actions, masks):
-        return self.envs.oracle_actions().cpu()
-
-
-class RandomAgent:
-    """Uniform over the four actions (so it mostly STOPs early: the floor of every metric)."""
-
-    def __init__(self, num_envs: int, seed: int = 0):
-        self.n, self.gen = num_envs, torch.Generator().manual_seed(seed)
-
-    def act(self, obs, prev_actions, masks):
-        return torch.randint(0, 4, (self.n,), generator=self.gen)
-
-
-class ForwardAgent:
-    def __init__(self, num_envs: int):
-        self.n = num_envs
-
-    def act(self, obs, prev_actions, masks):
-        return torch.full((self.n,), MOVE_FORWARD)
-
-
-@torch.no_grad()
 def run_episodes(envs: PointNavVectorEnv, agent, on_step=None) -> list[dict]:
     """Step ``agent`` until every env has run its share of episodes; one record per episode, with its path.
 
     ``on_step(envs, result)`` is called after every step (videos use it)."""
     n = envs.num_envs
     obs = envs.reset()
-    prev = torch.zeros(n, dtype=torch.long)
-    masks = torch.zeros(n)
     paths = [[(float(envs.sim.x[e]), float(envs.sim.z[e]))] for e in range(n)]
     actions_taken: list[list[int]] = [[] for _ in range(n)]
     still_run = [0] * n  # forward steps in a row that moved nothing, up to now
     records = []
-    while envs.active.any():
-        actions = agent.act(obs, prev, masks)
-        r = envs.step(actions)
+    for actions, r, *_ in agent_steps(envs, agent, obs):
         if on_step is not None:
             on_step(envs, r)
         for e in range(n):
@@ -153,9 +106,6 @@ def run_episodes(envs: PointNavVectorEnv, agent, on_step=None) -> list[dict]:
             paths[e] = [(float(envs.sim.x[e]), float(envs.sim.z[e]))]
             actions_taken[e] = []
             still_run[e] = 0
-        obs = r.obs
-        prev = actions.long()
-        masks = (~r.done).float()
     return records
 
 

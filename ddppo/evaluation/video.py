@@ -10,6 +10,7 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 
+from ddppo.evaluation.episodes import agent_steps
 from ddppo.sim.topdown import TopDownMap
 from ddppo.sim.vector_env import PointNavVectorEnv
 
@@ -39,7 +40,6 @@ def episode_frame(obs: dict[str, torch.Tensor], envs: PointNavVectorEnv, topdown
     return frame[:, : frame.shape[1] // 2 * 2]  # even width for the H.264 encoder
 
 
-@torch.no_grad()
 def record_episodes(episodes, navs, cfg_sim, task, make_agent, max_frames: int = 600,
                     env_class: type[PointNavVectorEnv] = PointNavVectorEnv) -> list[list[np.ndarray]]:
     """Frames of each given episode, run one at a time with the agent in ``env_class`` (the task's batched
@@ -53,10 +53,7 @@ def record_episodes(episodes, navs, cfg_sim, task, make_agent, max_frames: int =
         topdown = TopDownMap(nav.scene, nav.navigable)
         pos = (float(envs.sim.x[0]), float(envs.sim.z[0]))
         frames = [episode_frame(obs, envs, topdown, pos)]
-        prev, masks = torch.zeros(1, dtype=torch.long), torch.zeros(1)
-        while envs.active.any() and len(frames) < max_frames:
-            actions = agent.act(obs, prev, masks)
-            r = envs.step(actions)
+        for _, r, *_ in agent_steps(envs, agent, obs, max_steps=max_frames - 1):
             new = (float(r.info["agent_x"][0]), float(r.info["agent_z"][0]))
             topdown.add_segment(pos, new)
             pos = new
@@ -64,7 +61,6 @@ def record_episodes(episodes, navs, cfg_sim, task, make_agent, max_frames: int =
             if r.done[0]:
                 envs.active[0] = False  # one episode per video; draw the final pose, not the next episode
             frames.append(episode_frame(shown, envs, topdown, pos))
-            obs, prev, masks = r.obs, actions.long(), (~r.done).float()
         videos.append(frames)
     return videos
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 def default_config() -> str:
     """configs/quickstart.yaml of the checkout this package runs from (pip install -e .)."""
-    path = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+    path = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"default config {path} not found; pass --config FILE")
     return str(path)
@@ -20,7 +20,7 @@ def default_config() -> str:
 def default_results() -> str:
     """bench/LOG.md of the checkout this package runs from: the history that ``--record`` appends to (bench/RESULTS.md
     is the page of current figures, written by hand from it)."""
-    return str(Path(__file__).resolve().parent.parent / "bench" / "LOG.md")
+    return str(Path(__file__).resolve().parents[2] / "bench" / "LOG.md")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,7 +27,8 @@ __all__ = ["RolloutStorage", "Minibatch", "ObsSpaces"]
 ObsSpaces = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 """Observation name -> (per-env shape, dtype)."""
 
-# Attribute names of every non-observation tensor (used by to(), state_dict() and load_state_dict()).
+# Attribute names of every non-observation tensor (used by to(), state_dict() and load_state_dict()); those on the
+# observation side have T + 1 rows (row t is what the policy saw before step t; values' last is the bootstrap).
 _STEP_TENSORS: tuple[str, ...] = (
     "hidden",
     "prev_actions",
@@ -40,6 +41,7 @@ _STEP_TENSORS: tuple[str, ...] = (
     "advantages",
     "returns",
 )
+_OBSERVATION_SIDE = frozenset({"hidden", "prev_actions", "masks", "values"})
 
 
 class Minibatch(NamedTuple):
@@ -294,21 +296,30 @@ class RolloutStorage:
         self._make_host_views()
         return self
 
-    def state_dict(self) -> dict[str, Any]:
-        """Tensors (``obs.<key>``, the per-step tensors), ``step`` and ``returns_computed``, for exact resume.
-
-        Like :meth:`torch.nn.Module.state_dict` the tensors are the live buffers, not copies: save them (e.g.
-        ``torch.save``) or clone them before the storage is filled again.
-        """
-        state: dict[str, Any] = {f"obs.{key}": buf for key, buf in self.obs.items()}
+    def _live_rows(self, step: int) -> dict[str, tuple[Tensor, int]]:
+        """Every buffer and how many of its leading rows hold data at ``step``: the observation-side buffers (and
+        the values, whose last filled row is the bootstrap value) ``step + 1``, the per-step ones ``step``."""
+        rows = {f"obs.{key}": (buf, step + 1) for key, buf in self.obs.items()}
         for name in _STEP_TENSORS:
-            state[name] = getattr(self, name)
+            rows[name] = (getattr(self, name), step + 1 if name in _OBSERVATION_SIDE else step)
+        return rows
+
+    def state_dict(self) -> dict[str, Any]:
+        """The live part of every buffer (``obs.<key>`` and the per-step tensors; see :meth:`_live_rows`), ``step``
+        and ``returns_computed``, for exact resume. Between rollouts (step 0) that is what the next rollout starts
+        from: its first observation, recurrent state, previous action and mask.
+
+        Like :meth:`torch.nn.Module.state_dict` the tensors are views of the live buffers, not copies: save them
+        (e.g. ``torch.save``) or clone them before the storage is filled again.
+        """
+        state: dict[str, Any] = {name: buf[:n] for name, (buf, n) in self._live_rows(self.step).items()}
         state["step"] = self.step
         state["returns_computed"] = self.returns_computed
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (copied into the existing buffers, so devices may differ).
+        """Restore from :meth:`state_dict` (copied into the leading rows of the existing buffers, so devices may
+        differ).
 
         Raises ``KeyError`` on missing/unexpected keys and ``ValueError`` on a shape mismatch or invalid step.
         """
@@ -322,15 +333,13 @@ class RolloutStorage:
         step = int(state["step"])
         if not 0 <= step <= self.num_steps:
             raise ValueError(f"step {step} out of range [0, {self.num_steps}]")
-        targets = {f"obs.{key}": buf for key, buf in self.obs.items()}
-        targets.update({name: getattr(self, name) for name in _STEP_TENSORS})
-        for name, buf in targets.items():
-            src = state[name]
-            if tuple(src.shape) != tuple(buf.shape):
+        targets = self._live_rows(step)
+        for name, (buf, n) in targets.items():
+            if tuple(state[name].shape) != (n, *buf.shape[1:]):
                 raise ValueError(
-                    f"{name}: shape {tuple(src.shape)} does not match storage {tuple(buf.shape)}"
+                    f"{name}: shape {tuple(state[name].shape)} does not match storage {(n, *buf.shape[1:])}"
                 )
-        for name, buf in targets.items():
-            buf.copy_(state[name])
+        for name, (buf, n) in targets.items():
+            buf[:n].copy_(state[name])
         self.step = step
         self.returns_computed = bool(state.get("returns_computed", False))

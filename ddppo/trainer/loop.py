@@ -16,7 +16,6 @@ The loop in :func:`train` runs named phases: :func:`collect_rollout`, :func:`upd
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -53,14 +52,14 @@ from ddppo.trainer.records import (
     Counters,
     Learned,
     Preemption,
+    Progress,
     Rollout,
     RolloutTotals,
     Run,
     StopRequest,
-    SyncWindow,
     Timings,
 )
-from ddppo.trainer.resume import restore_resume, save_resume, set_aside_previous_run
+from ddppo.trainer.resume import TorchRNG, restore_resume, save_resume, set_aside_previous_run
 from ddppo.trainer.tensorboard import TBWriter
 from ddppo.trainer.transfer import apply_transfer
 from ddppo.trainer.update import ppo_update
@@ -74,7 +73,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
     (FloatingPointError); returns the run's final metrics and figures (also written as summary.json)."""
     run = set_up(cfg, fresh, log, show_progress)
     with stop_requests() as stop:
-        while run.counters.env_steps < cfg.total_steps:
+        while run.progress.counters.env_steps < cfg.total_steps:
             rollout = collect_rollout(run)
             learned = update(run, rollout)
             log_progress(run, rollout, learned)
@@ -112,11 +111,11 @@ def set_up(cfg, fresh: bool, log, show_progress: bool) -> Run:
         run.storage.set_first_observation(run.policy.preprocess(
             {k: v.to(info.device) for k, v in envs.reset().items()}))
     # a resumed run may repeat steps logged after its resume state was saved: drop those points
-    purge_step = run.counters.env_steps + 1 if run.resumed_from else None
+    purge_step = run.progress.counters.env_steps + 1 if run.progress.resumed_from else None
     run.writer = TBWriter(run_dir / "tb", purge_step=purge_step) if info.is_main else None
     run.display = ProgressDisplay(cfg.total_steps, enabled=info.is_main and show_progress)
-    run.display.start(run.counters.env_steps)
-    run.t_start = time.perf_counter() - run.counters.wall_time
+    run.display.start(run.progress.counters.env_steps)
+    run.progress.t_start = time.perf_counter() - run.progress.counters.wall_time
     return run
 
 
@@ -152,7 +151,7 @@ def build_learner(cfg, info, run_dir: Path, log, envs, sim_device: torch.device)
         cfg=cfg, info=info, run_dir=run_dir, log=log, envs=envs, sim_device=sim_device, policy=policy,
         optimizer=optimizer, scheduler=scheduler,
         grads=FlatGradients(params),  # zeroed, all-reduced and clipped as one buffer
-        storage=storage, counter=RolloutCounter(info), counters=counters,
+        storage=storage, counter=RolloutCounter(info), progress=Progress(counters),
         episodes=EpisodeStats(cfg.ppo.num_envs, envs.episode_metrics),
         preemption=Preemption.from_config(cfg, info), hooks=BenchHooks(cfg.ddppo, info.rank),
         # the rollout loop's settings as plain values: OmegaConf attribute reads are slow, and a step makes several
@@ -161,15 +160,25 @@ def build_learner(cfg, info, run_dir: Path, log, envs, sim_device: torch.device)
     )
 
 
+def shared_components(run: Run) -> dict:
+    """What every rank holds alike, saved once by rank 0 (ddppo.trainer.resume): ``state`` is the run's counters."""
+    return {"policy": run.policy, "optimizer": run.optimizer, "scheduler": run.scheduler,
+            "state": run.progress.counters}
+
+
+def rank_components(run: Run) -> dict:
+    """What each rank saves for itself: its RNG, environments (mid-episode, with their episode iterators), the
+    storage's live steps, and its windows of episode metrics and straggler figures."""
+    return {"rng": TorchRNG(), "envs": run.envs, "storage": run.storage, "episodes": run.episodes,
+            "sync_window": run.progress.window}
+
+
 def resume(run: Run) -> None:
-    """Continue from the run directory's resume state (ddppo.trainer.resume), every counter and record as saved."""
-    saved, mine = restore_resume(run.run_dir, run.info, run.policy, run.optimizer, run.scheduler, run.envs,
-                                 run.storage)
-    run.counters.load(saved)
-    run.episodes.load_state_dict(mine)
-    run.window = SyncWindow.from_tensor(mine["dd_window"])
-    run.counter.round = run.resumed_from = run.counters.update
-    run.log(f"resumed {run.run_dir} at update {run.counters.update}, {run.counters.env_steps} env steps")
+    """Continue from the run directory's resume state (ddppo.trainer.resume), every component as saved."""
+    restore_resume(run.run_dir, run.info, shared_components(run), rank_components(run))
+    counters = run.progress.counters
+    run.counter.round = run.progress.resumed_from = counters.update
+    run.log(f"resumed {run.run_dir} at update {counters.update}, {counters.env_steps} env steps")
 
 
 # ----------------------------------------------------------------------------------------------- rollout
@@ -237,12 +246,12 @@ def update(run: Run, rollout: Rollout) -> Learned:
     storage.after_update()
     run.counter.next_round()
     learned = Learned(stats, totals, time.perf_counter() - t_start, t_wait)
-    counters = run.counters
+    counters = run.progress.counters
     counters.update += 1
     counters.env_steps += int(totals.samples)
     if not stats.skipped:  # a skipped update learned nothing: the schedule does not step for it
         run.scheduler.step()  # the next update's lr, from the steps done so far
-    counters.wall_time = time.perf_counter() - run.t_start
+    counters.wall_time = time.perf_counter() - run.progress.t_start
     run.hooks.after_update(counters.env_steps)
     return learned
 
@@ -250,7 +259,7 @@ def update(run: Run, rollout: Rollout) -> Learned:
 def count_bad_update(run: Run, skipped: bool) -> None:
     """A NaN/Inf loss or gradient made ppo_update roll the update back: count it (too many in a row stop the run in
     :func:`checkpoint_or_stop`)."""
-    counters = run.counters
+    counters = run.progress.counters
     if not skipped:
         counters.bad_in_a_row = 0
         return
@@ -261,24 +270,25 @@ def count_bad_update(run: Run, skipped: bool) -> None:
 
 
 def diverged(run: Run) -> bool:
-    return run.counters.bad_in_a_row >= run.cfg.ppo.max_bad_updates
+    return run.progress.counters.bad_in_a_row >= run.cfg.ppo.max_bad_updates
 
 
 # ----------------------------------------------------------------------------------------------- log
 def log_progress(run: Run, rollout: Rollout, learned: Learned) -> None:
     """The progress display every update; every ``log_interval`` updates (and at the end) the metrics, all-reduced
     over ranks, to TensorBoard (rank 0)."""
-    cfg, info, counters = run.cfg, run.info, run.counters
+    cfg, info, progress = run.cfg, run.info, run.progress
+    counters = progress.counters
     timing = Timings(*(all_reduce_sum([rollout.seconds, learned.seconds, rollout.sim_seconds, rollout.act_seconds,
                                        learned.wait_seconds], info) / info.world_size).tolist())
-    run.window.add(learned.totals.preempted_ranks, learned.totals.rollout_fraction / info.world_size, timing.wait)
-    run.display.update(counters.env_steps, run.metrics)
+    progress.window.add(learned.totals.preempted_ranks, learned.totals.rollout_fraction / info.world_size, timing.wait)
+    run.display.update(counters.env_steps, run.progress.metrics)
     if counters.update % cfg.log_interval and counters.env_steps < cfg.total_steps and not diverged(run):
         return
     episodes = run.episodes.summarize(all_reduce_sum(run.episodes.take(), info).tolist())
     counters.episodes += episodes.episodes
     samples = learned.totals.samples
-    run.metrics = {
+    run.progress.metrics = {
         **episodes.means,
         "perf/fps": counters.env_steps / max(counters.wall_time, 1e-9),
         "perf/env_fps": samples / max(timing.rollout, 1e-9),
@@ -286,18 +296,18 @@ def log_progress(run: Run, rollout: Rollout, learned: Learned) -> None:
         "perf/sim_time_frac": timing.sim / max(timing.rollout + timing.learn, 1e-9),
         **learned.stats.metrics(), "lr": run.scheduler.get_last_lr()[0],
         "train/skipped_updates": counters.skipped_updates,
-        **run.window.metrics(),
+        **run.progress.window.metrics(),
         "ddppo/episodes": counters.episodes,
     }
-    run.window = SyncWindow()
+    run.progress.window.reset()
     if run.writer:
-        run.writer.scalars(run.metrics, counters.env_steps)
-    run.display.update(counters.env_steps, run.metrics)
+        run.writer.scalars(run.progress.metrics, counters.env_steps)
+    run.display.update(counters.env_steps, run.progress.metrics)
 
 
 def evaluate_on_schedule(run: Run) -> None:
     cfg = run.cfg
-    if cfg.eval_interval and cfg.eval_episodes and run.counters.update % cfg.eval_interval == 0:
+    if cfg.eval_interval and cfg.eval_episodes and run.progress.counters.update % cfg.eval_interval == 0:
         evaluate_on_val(run)
 
 
@@ -307,7 +317,7 @@ def evaluate_on_val(run: Run) -> dict:
                                  info=run.info)
     if run.writer:
         run.writer.scalars({f"eval/{k}": v for k, v in evaluation.items() if not k.endswith("_ci95")},
-                           run.counters.env_steps)
+                           run.progress.counters.env_steps)
     return evaluation
 
 
@@ -315,12 +325,11 @@ def evaluate_on_val(run: Run) -> dict:
 def checkpoint_or_stop(run: Run, stop: StopRequest) -> bool:
     """The resume state and a checkpoint, on schedule, at the end, or when a signal asked to stop (then True);
     FloatingPointError after ``ppo.max_bad_updates`` bad updates in a row."""
-    cfg, counters = run.cfg, run.counters
+    cfg, counters = run.cfg, run.progress.counters
     stopping = agree_on_stop(stop, run.info)
     finished = counters.env_steps >= cfg.total_steps
     if counters.update % cfg.checkpoint_interval == 0 or finished or stopping or diverged(run):
-        save_resume(run.run_dir, run.info, run.policy, run.optimizer, run.scheduler, dataclasses.asdict(counters),
-                    run.envs, run.storage, cfg, {"dd_window": run.window.as_tensor(), **run.episodes.state_dict()})
+        save_resume(run.run_dir, run.info, shared_components(run), rank_components(run), cfg)
     if diverged(run):  # the skipped updates left the weights alone: the state just saved predates the first
         if run.writer:
             run.writer.close()
@@ -366,11 +375,11 @@ def stop_requests(signals=(signal.SIGTERM, signal.SIGUSR1)):
 def finish(run: Run, stop: StopRequest) -> dict:
     """The run's result: counters, the last metrics, the benchmark figures, a final evaluation when the run is done,
     every rank's peak memory and threads; rank 0 writes it as summary.json."""
-    cfg, info, counters = run.cfg, run.info, run.counters
+    cfg, info, counters = run.cfg, run.info, run.progress.counters
     run.display.stop()
     result = {"env_steps": counters.env_steps, "updates": counters.update, "run_dir": str(run.run_dir),
-              "resumed_from_update": run.resumed_from, "signal": stop.signal, **run.hooks.results(run.policy),
-              **run.metrics}
+              "resumed_from_update": run.progress.resumed_from, "signal": stop.signal, **run.hooks.results(run.policy),
+              **run.progress.metrics}
     if cfg.eval_episodes > 0 and counters.env_steps >= cfg.total_steps:
         ev = result["eval"] = evaluate_on_val(run)
         run.log(f"val ({ev['episodes']} episodes): "  # the task's own metrics (PointNav: success, SPL, ...)

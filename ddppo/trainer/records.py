@@ -35,7 +35,10 @@ class Counters:
     """Updates rolled back for a NaN/Inf loss or gradient."""
     bad_in_a_row: int = 0
 
-    def load(self, saved: dict) -> None:
+    def state_dict(self) -> dict[str, int | float]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, saved: dict) -> None:
         """Take the values of a saved dict (in place: the learning-rate schedule reads ``env_steps`` from here)."""
         for f in dataclasses.fields(self):
             if f.name in saved:
@@ -44,8 +47,8 @@ class Counters:
 
 @dataclass
 class SyncWindow:
-    """DD-PPO's straggler figures summed over the updates since the last log. Each rank's resume file saves it as
-    the float64 tensor ``dd_window``, in field order."""
+    """DD-PPO's straggler figures summed over the updates since the last log (a component of each rank's resume
+    state)."""
 
     preempted_ranks: float = 0.0
     rollout_fraction: float = 0.0
@@ -66,12 +69,17 @@ class SyncWindow:
                 "ddppo/rollout_fraction": self.rollout_fraction / self.updates,
                 "ddppo/wait_s": self.wait_s / self.updates}
 
-    def as_tensor(self) -> torch.Tensor:
-        return torch.tensor(dataclasses.astuple(self), dtype=torch.float64)
+    def reset(self) -> None:
+        self.load_state_dict({"sums": torch.zeros(len(dataclasses.fields(self)), dtype=torch.float64)})
 
-    @classmethod
-    def from_tensor(cls, saved: torch.Tensor) -> SyncWindow:
-        return cls(*torch.as_tensor(saved, dtype=torch.float64).tolist())
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The sums as one float64 tensor, in field order (exact: every sum is a float64)."""
+        return {"sums": torch.tensor(dataclasses.astuple(self), dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for f, value in zip(dataclasses.fields(self), torch.as_tensor(state["sums"], dtype=torch.float64).tolist(),
+                            strict=True):
+            setattr(self, f.name, value)
 
 
 class Rollout(NamedTuple):
@@ -144,8 +152,24 @@ class StopRequest:
 
 
 @dataclass
+class Progress:
+    """What moves as the run goes, apart from the components' own state: the counters (saved with the shared resume
+    state as ``state``), the straggler window (each rank's, saved as ``sync_window``), the last logged metrics and
+    the session's start."""
+
+    counters: Counters
+    window: SyncWindow = field(default_factory=SyncWindow)
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The last logged metrics."""
+    resumed_from: int = 0
+    t_start: float = 0.0
+
+
+@dataclass
 class Run:
-    """One worker's training: what :func:`ddppo.trainer.loop.set_up` builds and every phase reads."""
+    """One worker's training: what :func:`ddppo.trainer.loop.set_up` builds once and every phase reads. The fields
+    are fixed for the run (each component keeps its own state and saves itself: ``state_dict``/
+    ``load_state_dict``); what moves is in ``progress``."""
 
     cfg: Any
     info: DistInfo
@@ -159,7 +183,6 @@ class Run:
     grads: FlatGradients
     storage: RolloutStorage
     counter: RolloutCounter
-    counters: Counters
     episodes: EpisodeStats
     """Returns, and sums over the episodes ended since the last log."""
     preemption: Preemption
@@ -167,11 +190,7 @@ class Run:
     num_steps: int
     gamma: float
     bootstrap_time_limits: bool
-    window: SyncWindow = field(default_factory=SyncWindow)
-    metrics: dict[str, float] = field(default_factory=dict)
-    """The last logged metrics."""
-    resumed_from: int = 0
+    progress: Progress
     writer: Any = None
     """TensorBoard, on rank 0."""
     display: Any = None
-    t_start: float = 0.0

@@ -1,8 +1,11 @@
 """A run's resume state: what each rank needs to continue exactly where it stopped.
 
-Each rank writes its own file (RNG, environment iterators, recurrent state) tagged with the update, then rank 0
-writes the shared model and optimiser (``resume.pt``), which name that update. Every write is atomic, so a crash
-at any point leaves a complete set usable.
+The state is a set of named components, each saving itself (``state_dict``/``load_state_dict``): the shared ones
+(policy, optimiser, learning-rate schedule, and ``state``, the run's counters) and each rank's own (torch's RNG, the
+environments with their episode iterators, the rollout storage's live steps, the episode-metric and straggler
+windows). Each rank writes its own file tagged with the update, then rank 0 writes the shared file (``resume.pt``),
+which names that update. Every write is atomic, so a crash at any point leaves a complete set usable. Files of an
+earlier layout (``resume_format`` 1, written before components saved themselves) are refused in one line.
 
 Two complete sets are kept: ``resume.pt`` and ``resume.prev.pt`` (the set before it, a hard link to the file that
 was ``resume.pt``), each with its ``resume_rank{r}.u{update}.pt`` files. A newest set that does not load (a
@@ -15,18 +18,39 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+import ddppo
 from ddppo.distributed import all_reduce_sum
 from ddppo.io import checkpoint
 from ddppo.io.atomic import atomic_open
 
 SHARED = "resume.pt"
 PREVIOUS = "resume.prev.pt"
+RESUME_FORMAT = 2
+"""The layout of the resume files: 2 = one entry per named component. (1, before 2026-12-08: fixed fields.)"""
+
+
+class Component(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+class TorchRNG:
+    """torch's global RNG (it samples the actions) as a component of each rank's resume state."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"state": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(state["state"])
 
 # What this process knows to be good, per run directory: file name -> (update, file signature). Rank 0 only links
 # a file to resume.prev.pt if it saved or loaded that very file (same inode, size and mtime); a newer resume.pt
@@ -51,30 +75,48 @@ def _need(ok: bool, path: Path, what: str) -> None:
         raise ValueError(f"resume state {path}: {what} (not a ddppo resume state, or damaged)")
 
 
-def _check_shared(shared: dict, path: Path) -> None:
-    for key in ("policy", "optimizer", "scheduler", "state"):
-        _need(isinstance(shared.get(key), dict), path, f"missing field '{key}'")
+def _check_format(saved: dict, path: Path) -> None:
+    """A file of another resume layout is not damage, so no fallback to an older set: one line saying so."""
+    written = saved.get("resume_format", 1)
+    if written != RESUME_FORMAT:
+        by = saved.get("ddppo_version", "0.1.0 before 2026-12-08")
+        raise ValueError(f"resume state {path} has resume format {written} (written by ddppo {by}); this ddppo "
+                         f"({ddppo.__version__}) reads format {RESUME_FORMAT}: finish that run with the ddppo that "
+                         "wrote it, or start over with --fresh")
+
+
+def _check_components(saved: dict, names, path: Path) -> None:
+    for key in names:
+        _need(isinstance(saved.get(key), dict), path, f"missing component '{key}'")
+
+
+def _check_shared(shared: dict, names, path: Path) -> None:
+    _check_components(shared, names, path)
     st = shared["state"]
     for key in ("update", "env_steps"):
         _need(isinstance(st.get(key), int) and st[key] >= 0, path, f"field 'state.{key}' is not a count")
 
 
-def _check_rank(mine: dict, path: Path, update: int) -> None:
-    for key in ("torch_rng", "hidden", "masks", "prev_actions"):
-        _need(isinstance(mine.get(key), torch.Tensor), path, f"missing tensor '{key}'")
-    _need(isinstance(mine.get("envs"), dict), path, "missing field 'envs'")
+def _check_rank(mine: dict, names, path: Path, update: int) -> None:
+    _check_components(mine, names, path)
     _need(mine.get("update") == update, path, f"field 'update' is {mine.get('update')!r}, not {update}")
 
 
-def _try_load(run_dir: Path, name: str, info) -> tuple[dict, dict] | None:
+def _try_load(run_dir: Path, name: str, info, shared_names, rank_names) -> tuple[dict, dict] | None:
     """(shared, this rank's state) of one set, or None (with a warning naming the bad file)."""
     path = run_dir / name
     if not path.is_file():
         return None
     try:
         shared = checkpoint.load(path)
-        _check_shared(shared, path)
     except (ValueError, FileNotFoundError) as e:
+        _warn(str(e))
+        return None
+    if isinstance(shared, dict):
+        _check_format(shared, path)
+    try:
+        _check_shared(shared, shared_names, path)
+    except ValueError as e:
         _warn(str(e))
         return None
     saved_world = shared["state"].get("world_size", 1)
@@ -84,19 +126,20 @@ def _try_load(run_dir: Path, name: str, info) -> tuple[dict, dict] | None:
     mine_path = rank_state_path(run_dir, info.rank, shared["state"]["update"])
     try:
         mine = checkpoint.load(mine_path)
-        _check_rank(mine, mine_path, shared["state"]["update"])
+        _check_rank(mine, rank_names, mine_path, shared["state"]["update"])
     except (ValueError, FileNotFoundError) as e:
         _warn(f"{e} (rank state of {path})")
         return None
     return shared, mine
 
 
-def load_resume(run_dir: Path, info) -> tuple[dict, dict]:
+def load_resume(run_dir: Path, info, shared_names=(), rank_names=()) -> tuple[dict, dict]:
     """The shared state and this rank's state of the newest complete set in ``run_dir`` that every rank can
-    load: resume.pt, else resume.prev.pt. A one-line ValueError naming the files when neither loads."""
+    load (each holding the components named): resume.pt, else resume.prev.pt. A one-line ValueError naming the
+    files when neither loads."""
     run_dir = Path(run_dir)
     for name in (SHARED, PREVIOUS):
-        got = _try_load(run_dir, name, info)
+        got = _try_load(run_dir, name, info, tuple(shared_names), tuple(rank_names))
         # every rank must continue from the same update: take a set only if all ranks could load it
         if int(all_reduce_sum([float(got is not None)], info)[0]) == info.world_size:
             shared, mine = got
@@ -109,20 +152,13 @@ def load_resume(run_dir: Path, info) -> tuple[dict, dict]:
                      "resume_rank*.pt) loads; see the warnings above, or start over with --fresh")
 
 
-def restore_resume(run_dir: Path, info, policy, optimizer, scheduler, envs, storage) -> tuple[dict, dict]:
-    """Put back what :func:`save_resume` saved, from the newest set that loads (:func:`load_resume`): the model,
-    optimiser and scheduler, this rank's RNG, environments (mid-episode) and the storage's first step. Returns the
-    saved counters and this rank's file, whose records the trainer's own objects read back."""
-    shared, mine = load_resume(run_dir, info)
-    policy.load_state_dict(shared["policy"])
-    optimizer.load_state_dict(shared["optimizer"])
-    scheduler.load_state_dict(shared["scheduler"])
-    torch.set_rng_state(mine["torch_rng"])
-    envs.load_state_dict(mine["envs"])
-    first_obs = policy.preprocess({k: v.to(info.device) for k, v in envs.observe().items()})
-    storage.set_first_observation(first_obs, mine["hidden"].to(info.device), mine["masks"].to(info.device))
-    storage.prev_actions[0].copy_(mine["prev_actions"])
-    return shared["state"], mine
+def restore_resume(run_dir: Path, info, shared: Mapping[str, Component], mine: Mapping[str, Component]) -> None:
+    """Put back what :func:`save_resume` saved into the same named components, from the newest set that loads
+    (:func:`load_resume`), shared components first."""
+    saved_shared, saved_mine = load_resume(run_dir, info, shared, mine)
+    for components, saved in ((shared, saved_shared), (mine, saved_mine)):
+        for name, component in components.items():
+            component.load_state_dict(saved[name])
 
 
 def set_aside_previous_run(run_dir: Path, log) -> None:
@@ -150,22 +186,35 @@ def _sweep_temporaries(directory: Path, prefix: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_resume(run_dir, info, policy, optimizer, scheduler, state: dict, envs, storage, cfg, records: dict) -> None:
-    """Each rank's state, then the shared state (see the module's docstring). ``state`` holds the run's counters
-    (``update`` and ``env_steps`` among them), ``records`` the rank's own to save beside its RNG and environments."""
+def _states(components: Mapping[str, Component]) -> dict[str, Any]:
+    return {"resume_format": RESUME_FORMAT, "ddppo_version": ddppo.__version__,
+            **{name: _on_cpu(component.state_dict()) for name, component in components.items()}}
+
+
+def _on_cpu(state):
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: _on_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_on_cpu(v) for v in state)
+    return state
+
+
+def save_resume(run_dir, info, shared: Mapping[str, Component], mine: Mapping[str, Component], cfg) -> None:
+    """This rank's components, then (rank 0) the shared ones and a checkpoint (see the module's docstring).
+    ``shared["state"]`` holds the run's counters: ``update`` and ``env_steps`` name the set."""
     run_dir = Path(run_dir)
+    state = shared["state"].state_dict()
     update = state["update"]
     _sweep_temporaries(run_dir, f"resume_rank{info.rank}.")
-    checkpoint.save({"torch_rng": torch.get_rng_state(), "envs": envs.state_dict(),
-                     "hidden": storage.hidden[0].cpu(), "masks": storage.masks[0].cpu(),
-                     "prev_actions": storage.prev_actions[0].cpu(), "update": update, **records},
-                    rank_state_path(run_dir, info.rank, update))
+    checkpoint.save({**_states(mine), "update": update}, rank_state_path(run_dir, info.rank, update))
     if info.enabled:
         dist.barrier()  # every rank's file of this update exists before resume.pt names the update
     previous = -1
     if info.is_main:
         previous = _keep_previous(run_dir, update)
-        write_shared_state(run_dir, policy, optimizer, scheduler, state, cfg)
+        write_shared_state(run_dir, shared, cfg)
         _known_good[str(run_dir.resolve())] = {
             SHARED: (update, _signature(run_dir / SHARED)),
             **({PREVIOUS: (previous, _signature(run_dir / PREVIOUS))} if previous >= 0 else {}),
@@ -203,10 +252,10 @@ def _keep_previous(run_dir: Path, update: int) -> int:
     return -1
 
 
-def write_shared_state(run_dir, policy, optimizer, scheduler, state, cfg) -> None:
-    weights = {k: v.cpu() for k, v in policy.state_dict().items()}
-    checkpoint.save({"policy": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "state": dict(state)}, run_dir / SHARED)
+def write_shared_state(run_dir, shared: Mapping[str, Component], cfg) -> None:
+    states = _states(shared)
+    checkpoint.save(states, run_dir / SHARED)
+    weights, state = states["policy"], states["state"]
     ckpt_dir = run_dir / "checkpoints"
     _sweep_temporaries(ckpt_dir, "ckpt_")
     checkpoint.save({"policy": weights, "config": OmegaConf.to_container(cfg, enum_to_str=True),
