@@ -47,7 +47,7 @@ def has_dataset(data_dir: str | Path, split: str) -> bool:
 
 PARALLEL_MIN_EPISODES = 1000
 """Splits with fewer episodes are generated in this process: a worker's start-up (~3 s of imports) would cost more
-than it saves (measured on 2 cores: 10 scenes x 20 episodes take ~1 s in-process, ~5 s in two workers)."""
+than it saves (bench/LOG.md has the timings)."""
 
 
 def _generate_scene(k: int, *, split: str, base_seed: int, plan: FloorPlanConfig, n_eps: int, episodes_per_goal: int,

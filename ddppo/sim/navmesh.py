@@ -181,7 +181,7 @@ class GeodesicStore:
             mm = np.where(np.isfinite(fields[goal]), np.round(fields[goal] * 1000.0), cls.UNREACHABLE)
             arrays[f"g{k}"] = np.minimum(mm, cls.UNREACHABLE).astype(np.uint16)
         with atomic_open(path) as f:
-            np.savez(f, **arrays)  # uncompressed: distance fields barely compress (~12%) and inflating costs resets
+            np.savez(f, **arrays)  # uncompressed: distance fields barely compress, and inflating costs resets
 
     def _open(self) -> None:
         self._index = {}
