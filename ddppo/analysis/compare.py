@@ -202,6 +202,8 @@ def plot(result: dict, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ddppo.analysis.plot import save_figure
+
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     for ax, metric in zip(axes[:2], ("pwcca", "cka")):
         m = np.array([[np.nan if v is None else v for v in row] for row in result[metric]], float)
@@ -227,12 +229,7 @@ def plot(result: dict, path: str | Path) -> Path:
     axes[2].set_ylim(0, 1)
     axes[2].set_title("PWCCA per layer, with baselines")
     axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def run_compare(args) -> int:

@@ -49,9 +49,14 @@ def plot_runs(runs: list[str | Path], out: str | Path, metrics=DEFAULT_METRICS, 
         ax.set_title(metric)
         ax.grid(alpha=0.3)
     axes[0][0].legend()
+    return save_figure(fig, out, dpi=120)
+
+
+def save_figure(fig, path: str | Path, dpi: int) -> Path:
+    """Lay ``fig`` out, write it to ``path`` (its directory made) and close it."""
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
-    return out
+    return path
