@@ -311,7 +311,7 @@ def _one_line(e: Exception) -> str:
     return f"{first} (key: {key})" if key and key not in first else first
 
 
-def check(cfg) -> None:
+def check(cfg: TrainConfig) -> None:
     """Constraints that span keys or ranges OmegaConf's types cannot express."""
 
     def need(ok: bool, msg: str):
@@ -361,7 +361,7 @@ def check(cfg) -> None:
     check_backend(cfg)
 
 
-def read_renamed_keys(cfg) -> None:
+def read_renamed_keys(cfg: TrainConfig) -> None:
     """Keys that configs, run directories and checkpoints still hold under an earlier name, read as the new one with
     a one-line warning: ``sim.renderer`` is ``sim.kernels`` (it always picked every kernel, not only the renderer).
     The old key is emptied, so the saved config names each setting once."""
@@ -378,7 +378,7 @@ def read_renamed_keys(cfg) -> None:
     sim.renderer = ""
 
 
-def check_backend(cfg) -> None:
+def check_backend(cfg: TrainConfig) -> None:
     """The simulator backend's own constraints (that habitat-sim imports is ddppo.sim.environments.require_backend's
     to check: the launcher calls it right after loading the config)."""
     sim, task = cfg.sim, cfg.task
@@ -414,6 +414,6 @@ def check_dataset(ds, prefix: str = "") -> None:
     need(ds.max_rooms >= 1 and ds.max_objects_per_room >= 0, "max_rooms must be >= 1, max_objects_per_room >= 0")
 
 
-def save_config(cfg, path: str | Path) -> None:
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
     atomic_write_text(path, OmegaConf.to_yaml(cfg))
 

@@ -31,6 +31,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ddppo.analysis.similarity import check_datapoints, linear_cka, pwcca
+from ddppo.config import TrainConfig
 from ddppo.evaluation.trained_policy import policy_from_checkpoint, policy_spaces
 from ddppo.io.atomic import atomic_write_text
 from ddppo.policy import Policy
@@ -46,7 +47,8 @@ WALK_PROBS = torch.tensor([0.6, 0.2, 0.2])  # forward, left, right: never STOP
 MAX_POSITION_DATAPOINTS = 200_000
 
 
-def probe_observations(cfg, sensors: list[str], n: int, seed: int = 0, num_envs: int = 32) -> dict[str, torch.Tensor]:
+def probe_observations(cfg: TrainConfig, sensors: list[str], n: int, seed: int = 0,
+                       num_envs: int = 32) -> dict[str, torch.Tensor]:
     """``n`` observations (``sensors`` only) from the val split of ``cfg``'s dataset, fixed by ``seed``."""
     if n < 1:
         raise ValueError(f"--probe {n}: need at least 1 observation")

@@ -31,7 +31,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from ddppo.config import PolicyConfig
+from ddppo.config import PolicyConfig, TrainConfig
 from ddppo.distributed import resolve_device, resolve_sim_device
 from ddppo.policy import GOAL_SENSOR, Policy, goal_features
 from ddppo.policy.precision import encode
@@ -207,7 +207,7 @@ def _steady_fps(points: list[tuple[float, int]]) -> float:
     return (s_b - s_a) / max(t_b - t_a, 1e-9)
 
 
-def _evaluate(cfg, make_agent, val_episodes: int) -> dict:
+def _evaluate(cfg: TrainConfig, make_agent, val_episodes: int) -> dict:
     """Every trained agent the same way: the first ``val_episodes`` of val, 8 environments, deterministic actions
     (what ddppo's trainer does at the end of a run)."""
     from ddppo.evaluation.evaluate import evaluate, summarize
@@ -243,7 +243,7 @@ def _timing(t0: float, c0: float, frames: int, points: list[tuple[float, int]], 
             "wall_s": time.perf_counter() - t0, "cpu_s": cpu, "load": load.stop(), **peak_memory()}
 
 
-def run_ddppo(cfg, val_episodes: int, device: str) -> dict:
+def run_ddppo(cfg: TrainConfig, val_episodes: int, device: str) -> dict:
     from pathlib import Path
 
     from ddppo.evaluation.episodes import PolicyAgent

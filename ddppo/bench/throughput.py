@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from ddppo.config import DatasetConfig, SimConfig, TaskConfig
+from ddppo.config import DatasetConfig, SimConfig, TaskConfig, TrainConfig
 from ddppo.sim.dataset_dir import ensure_dataset, load_split
 from ddppo.sim.vector_env import PointNavVectorEnv
 from ddppo.trainer.malloc_settings import keep_freed_memory
@@ -159,7 +159,7 @@ def bench_train(overrides: list[str], updates: int = 10, config_file: str | None
     }
 
 
-def _serial_terms(cfg, device: torch.device, sim_device: torch.device) -> tuple[float, float, float]:
+def _serial_terms(cfg: TrainConfig, device: torch.device, sim_device: torch.device) -> tuple[float, float, float]:
     """Seconds of one rollout's simulator steps and actions, and of one PPO update on it, each timed alone:
     (t_sim, t_act, t_learn)."""
     from ddppo.distributed import DistInfo

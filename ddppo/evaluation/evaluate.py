@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from ddppo.config import TrainConfig
 from ddppo.distributed import DistInfo
 from ddppo.evaluation.episodes import ForwardAgent, OracleAgent, PolicyAgent, RandomAgent, agent_steps
 from ddppo.io.atomic import atomic_open
@@ -140,7 +141,7 @@ def summarize(records: list[dict]) -> dict:
     return out
 
 
-def split_episodes(cfg, split: str, num_episodes: int | None):
+def split_episodes(cfg: TrainConfig, split: str, num_episodes: int | None):
     task = OmegaConf.merge(cfg.task, {"split": split})
     ensure_dataset(task, cfg.dataset, log=lambda *_: None)
     episodes, navs = load_split(task.data_dir, split)
@@ -149,7 +150,7 @@ def split_episodes(cfg, split: str, num_episodes: int | None):
     return task, episodes, navs
 
 
-def evaluate(cfg, make_agent, split: str = "val", num_episodes: int | None = 100, num_envs: int = 8,
+def evaluate(cfg: TrainConfig, make_agent, split: str = "val", num_episodes: int | None = 100, num_envs: int = 8,
              info: DistInfo | None = None, on_step=None) -> list[dict]:
     """Every episode once: rank r of W takes episodes r, r+W, ...; its envs split those again. All ranks return
     the records of all episodes, in dataset order. ``make_agent(envs) -> agent``."""
@@ -173,7 +174,7 @@ def evaluate(cfg, make_agent, split: str = "val", num_episodes: int | None = 100
     return sorted(records, key=lambda r: order[r["episode_id"]])
 
 
-def evaluate_policy(policy, cfg, split: str = "val", num_episodes: int = 100, num_envs: int = 8,
+def evaluate_policy(policy, cfg: TrainConfig, split: str = "val", num_episodes: int = 100, num_envs: int = 8,
                     deterministic: bool = True, device="cpu", info: DistInfo | None = None) -> dict:
     """Mean metrics (with 95% CIs) of ``policy`` over the first ``num_episodes`` episodes of ``split``."""
     was_training = policy.training

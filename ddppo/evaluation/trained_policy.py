@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ddppo.config import ConfigError, load_config
+from ddppo.config import ConfigError, TrainConfig, load_config
 from ddppo.io import checkpoint
 from ddppo.policy import Policy
 from ddppo.policy.habitat_baselines_weights import (
@@ -17,7 +17,7 @@ from ddppo.policy.habitat_baselines_weights import (
 )
 
 
-def policy_spaces(cfg) -> dict:
+def policy_spaces(cfg: TrainConfig) -> dict:
     """The observation spaces a policy for ``cfg`` sees (the simulator's, without building one)."""
     r = cfg.sim.resolution
     spaces = {"pointgoal_with_gps_compass": ((2,), torch.float32)}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ddppo.config import TrainConfig
 from ddppo.distributed import init_distributed
 from ddppo.evaluation.evaluate import (
     PolicyAgent,
@@ -83,7 +84,7 @@ def run_eval(args) -> int:
     return 0
 
 
-def _videos(cfg, policy, args, out: Path, device) -> None:
+def _videos(cfg: TrainConfig, policy, args, out: Path, device) -> None:
     from ddppo.evaluation.video import add_video_to_tensorboard, record_episodes, write_mp4
     from ddppo.sim.tasks import TASKS
     from ddppo.trainer.tensorboard import TBWriter

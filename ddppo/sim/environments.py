@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from ddppo.config import Backend, ConfigError
+from ddppo.config import Backend, ConfigError, TrainConfig
 from ddppo.sim.dataset_dir import load_split
 from ddppo.sim.tasks import TASKS
 
 
-def require_backend(cfg) -> None:
+def require_backend(cfg: TrainConfig) -> None:
     """Fail now, in one line (a ConfigError), if ``cfg.sim.backend`` cannot run here: habitat-sim that does not
     import. The launchers call it right after loading the config, before any expensive work."""
     if cfg.sim.backend != Backend.habitat:
@@ -23,7 +23,7 @@ def require_backend(cfg) -> None:
         raise ConfigError(str(e)) from None
 
 
-def make_vector_env(cfg, split: str, num_envs: int, *, seed: int = 0, env_offset: int = 0,
+def make_vector_env(cfg: TrainConfig, split: str, num_envs: int, *, seed: int = 0, env_offset: int = 0,
                     device: str | torch.device = "cpu", episode_ids: list[int] | None = None,
                     order: str = "shuffle", num_shares: int | None = None):
     """``num_envs`` environments of ``cfg.task.type`` over ``split`` (all its episodes, or those at ``episode_ids``).

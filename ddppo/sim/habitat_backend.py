@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddppo.config import TrainConfig
 from ddppo.sim.geometry import MOVE_FORWARD, STOP, TURN_LEFT, TURN_RIGHT
 from ddppo.sim.navmesh import AGENT_HEIGHT, AGENT_RADIUS, SENSOR_HEIGHT
 
@@ -275,7 +276,7 @@ class HabitatSim:
 
 
 # ---------------------------------------------------------------------------------------- the factory
-def make_habitat_vector_env(cfg, split: str, num_envs: int, *, seed: int = 0, env_offset: int = 0,
+def make_habitat_vector_env(cfg: TrainConfig, split: str, num_envs: int, *, seed: int = 0, env_offset: int = 0,
                             device="cpu", episode_ids: list[int] | None = None, order: str = "shuffle",
                             num_shares: int | None = None):
     """Habitat's PointNav: episodes from ``{task.data_dir}/{split}/{split}.json.gz`` (PointNavDatasetV1),

@@ -26,7 +26,7 @@ import numba
 import torch
 import torch.distributed as dist
 
-from ddppo.config import TimeLimit, save_config
+from ddppo.config import TimeLimit, TrainConfig, save_config
 from ddppo.distributed import (
     RolloutCounter,
     all_reduce_sum,
@@ -68,7 +68,7 @@ EXIT_REQUEUE = 3
 """Exit code after SIGUSR1: the resume state is saved and the run is not finished; requeue or restart me."""
 
 
-def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> dict:
+def train(cfg: TrainConfig, fresh: bool = False, log=print, show_progress: bool = True) -> dict:
     """Train until ``cfg.total_steps`` env steps (over all workers), a stop signal, or too many bad updates in a row
     (FloatingPointError); returns the run's final metrics and figures (also written as summary.json)."""
     run = set_up(cfg, fresh, log, show_progress)
@@ -84,7 +84,7 @@ def train(cfg, fresh: bool = False, log=print, show_progress: bool = True) -> di
 
 
 # ----------------------------------------------------------------------------------------------- set-up
-def set_up(cfg, fresh: bool, log, show_progress: bool) -> Run:
+def set_up(cfg: TrainConfig, fresh: bool, log, show_progress: bool) -> Run:
     """This worker's process group, run directory, environments, policy and optimiser, resumed from the run
     directory's resume state when it has one."""
     info = init_distributed(cfg.device, cfg.ddppo.backend)
@@ -119,7 +119,7 @@ def set_up(cfg, fresh: bool, log, show_progress: bool) -> Run:
     return run
 
 
-def set_thread_budget(cfg) -> None:
+def set_thread_budget(cfg: TrainConfig) -> None:
     """torch's threads (``num_threads``, else SLURM's CPUs per task), and the same number for the simulator's numba
     kernels: otherwise every rank of a torchrun job renders (and, through the OpenMP runtime both share, runs
     torch) on all the machine's cores."""
@@ -130,7 +130,7 @@ def set_thread_budget(cfg) -> None:
     set_render_threads(torch.get_num_threads())
 
 
-def build_learner(cfg, info, run_dir: Path, log, envs, sim_device: torch.device) -> Run:
+def build_learner(cfg: TrainConfig, info, run_dir: Path, log, envs, sim_device: torch.device) -> Run:
     """The policy (the same initial weights on every rank), its optimiser and schedule, and the rollout's storage."""
     torch.manual_seed(cfg.seed)  # same initial weights everywhere; the broadcast below makes it certain
     policy = Policy(envs.obs_spaces, cfg.policy).to(info.device)

@@ -7,15 +7,19 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
+from ddppo.config import TrainConfig
 from ddppo.distributed import DistInfo, RolloutCounter
 from ddppo.rl.episode_stats import EpisodeStats
 from ddppo.rl.flat_grads import FlatGradients
 from ddppo.rl.storage import RolloutStorage
+from ddppo.sim.env_base import BatchedPointNavEnv
 from ddppo.trainer.hooks import BenchHooks
+from ddppo.trainer.progress import ProgressDisplay
+from ddppo.trainer.tensorboard import TBWriter
 from ddppo.trainer.update import UpdateStats
 
 
@@ -135,7 +139,7 @@ class Preemption:
     num_steps: int
 
     @classmethod
-    def from_config(cls, cfg, info: DistInfo) -> Preemption:
+    def from_config(cls, cfg: TrainConfig, info: DistInfo) -> Preemption:
         return cls(info.enabled and cfg.ddppo.preemption, cfg.ddppo.sync_frac * info.world_size,
                    cfg.ddppo.min_rollout_frac * cfg.ppo.num_steps, cfg.ppo.num_steps)
 
@@ -171,11 +175,11 @@ class Run:
     are fixed for the run (each component keeps its own state and saves itself: ``state_dict``/
     ``load_state_dict``); what moves is in ``progress``."""
 
-    cfg: Any
+    cfg: TrainConfig
     info: DistInfo
     run_dir: Path
     log: Callable[..., None]
-    envs: Any
+    envs: BatchedPointNavEnv
     sim_device: torch.device
     policy: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -191,6 +195,6 @@ class Run:
     gamma: float
     bootstrap_time_limits: bool
     progress: Progress
-    writer: Any = None
+    writer: TBWriter | None = None
     """TensorBoard, on rank 0."""
-    display: Any = None
+    display: ProgressDisplay | None = None
