@@ -541,7 +541,7 @@ def test_encoder_precision_auto_follows_the_hardware() -> None:
         assert has_native_bfloat16(cpu) == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def test_build_policy_from_config() -> None:
+def test_policy_from_a_policy_config() -> None:
     policy = Policy(spaces(64), _cfg(), num_actions=NUM_ACTIONS)
     assert policy.rnn_type == "gru" and policy.num_hidden_layers == 1 and policy.hidden_size == 32
     assert policy.visual_input.output_hw == (32, 32)
