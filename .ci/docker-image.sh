@@ -6,8 +6,9 @@
 # the step's time.
 #   bash .ci/docker-image.sh [WHEEL_DIR [SCENE_DIR]]      (as root; defaults ../shared/wheels, ../shared/habitat/...)
 # Environment (optional): DDPPO_DOCKER_CA_BUNDLE  CA bundle handed to the build as a secret (default: the system's,
-#   /etc/ssl/certs/ca-certificates.crt; pip and git inside the build use it); DDPPO_DOCKER_FRESH_BASE=1  debootstrap
-#   the base again although a local one exists (a fresh CI machine never has one).
+#   /etc/ssl/certs/ca-certificates.crt; pip and git inside the build use it); DDPPO_DOCKER_FRESH=1  debootstrap the
+#   base again although a local one exists and build without buildah's layer cache (a fresh CI machine has neither;
+#   on a machine that ran this before, both are reused, and buildah's cache may miss a changed wheel in a bind mount).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step_start=$SECONDS
@@ -38,8 +39,9 @@ fi
 say "$(buildah --version)"
 
 # 2. the base: a minimal Debian 12 made here, imported as a local image (no registry is reachable)
-if [ "${DDPPO_DOCKER_FRESH_BASE:-0}" != 1 ] && buildah inspect --type image "$base" >/dev/null 2>&1; then
-  say "base: $base exists (DDPPO_DOCKER_FRESH_BASE=1 makes it again)"
+fresh=${DDPPO_DOCKER_FRESH:-0}
+if [ "$fresh" != 1 ] && buildah inspect --type image "$base" >/dev/null 2>&1; then
+  say "base: $base exists (DDPPO_DOCKER_FRESH=1 makes it again)"
 else
   say "base: debootstrap --variant=minbase bookworm"
   debootstrap --variant=minbase bookworm "$work/rootfs" http://deb.debian.org/debian >"$work/debootstrap.log" 2>&1 \
@@ -72,8 +74,10 @@ say "context wheels: $(basename "$hsim") $(basename "$torch_wheel")"
 # 4. the image (the wheel route); --layers keeps the steps cached for a rerun on the same machine
 secret=()
 if [ -s "$ca_bundle" ]; then secret=(--secret "id=ca_bundle,src=$ca_bundle"); fi
+cache=(--layers)
+if [ "$fresh" = 1 ]; then cache+=(--no-cache); fi
 say "build: buildah bud HABITAT_SIM=wheel TORCH=torch==$torch_version BASE_IMAGE=$base"
-buildah bud --isolation chroot --format docker --layers --pull-never "${secret[@]}" \
+buildah bud --isolation chroot --format docker "${cache[@]}" --pull-never "${secret[@]}" \
   --build-arg "BASE_IMAGE=$base" --build-arg HABITAT_SIM=wheel --build-arg "TORCH=torch==$torch_version" \
   -t "$image" . 2>&1 | log
 rm -f "${placed[@]}"
