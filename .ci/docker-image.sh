@@ -7,8 +7,9 @@
 #   bash .ci/docker-image.sh [WHEEL_DIR [SCENE_DIR]]      (as root; defaults ../shared/wheels, ../shared/habitat/...)
 # Environment (optional): DDPPO_DOCKER_CA_BUNDLE  CA bundle handed to the build as a secret (default: the system's,
 #   /etc/ssl/certs/ca-certificates.crt; pip and git inside the build use it); DDPPO_DOCKER_FRESH=1  debootstrap the
-#   base again although a local one exists and build without buildah's layer cache (a fresh CI machine has neither;
-#   on a machine that ran this before, both are reused, and buildah's cache may miss a changed wheel in a bind mount).
+#   base again although a local one exists (a fresh CI machine has none; a rerun on the same machine reuses it).
+# The image itself is built from scratch every time: buildah 1.28's layer cache (--layers) is wrong for RUN
+# --mount=from=<stage> (a cached stage's mount can be missing, and a changed wheel does not invalidate the layer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step_start=$SECONDS
@@ -71,15 +72,18 @@ mv "$torch_wheel" docker/wheels/
 placed+=("docker/wheels/$(basename "$torch_wheel")")
 say "context wheels: $(basename "$hsim") $(basename "$torch_wheel")"
 
-# 4. the image (the wheel route); --layers keeps the steps cached for a rerun on the same machine
+# 4. the image (the wheel route)
 secret=()
 if [ -s "$ca_bundle" ]; then secret=(--secret "id=ca_bundle,src=$ca_bundle"); fi
-cache=(--layers)
-if [ "$fresh" = 1 ]; then cache+=(--no-cache); fi
 say "build: buildah bud HABITAT_SIM=wheel TORCH=torch==$torch_version BASE_IMAGE=$base"
-buildah bud --isolation chroot --format docker "${cache[@]}" --pull-never "${secret[@]}" \
+before=$(buildah containers -q)
+buildah bud --isolation chroot --format docker --pull-never "${secret[@]}" \
   --build-arg "BASE_IMAGE=$base" --build-arg HABITAT_SIM=wheel --build-arg "TORCH=torch==$torch_version" \
   -t "$image" . 2>&1 | log
+# buildah 1.28 leaves the working containers of stages that RUN --mount=from= read; remove those this build made
+for c in $(buildah containers -q); do
+  case "$before" in *"$c"*) ;; *) buildah rm "$c" >/dev/null ;; esac
+done
 rm -f "${placed[@]}"
 placed=()
 say "image: $image $(buildah images --format '{{.Size}}' "$image") ($(buildah inspect --type image \
