@@ -97,7 +97,7 @@ in_image() { buildah run --isolation chroot --user "$user" -v "$scene_dir:/scene
 uid=$(in_image id -u)
 [ "$uid" != 0 ] || { echo "docker-image: the image runs as root" >&2; exit 1; }
 say "run (uid $uid): ddppo --help"
-in_image ddppo --help | head -n 5
+in_image ddppo --help | sed -n 1,5p  # sed reads it all: no SIGPIPE under pipefail
 say "run: ddppo train (embedded, 2 envs x 8 steps, 64 frames) and ddppo eval of its checkpoint"
 in_image ddppo train --config configs/quickstart.yaml name=ci_image task.data_dir=data/ci_image \
   "dataset.scenes={train: 2, val: 2, test: 1}" "dataset.episodes_per_scene={train: 10, val: 5, test: 5}" \
