@@ -168,7 +168,7 @@ def test_kill_9_of_one_rank_restarts_the_group_which_resumes(data_dir, tmp_path)
     ov = [*TINY, f"task.data_dir={data_dir}", f"run_dir={tmp_path / 'runs'}", "name=kill", "ddppo.backend=gloo",
           f"total_steps={updates * per_update}", "log_interval=1", "checkpoint_interval=2"]
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node=2",
-           "--max-restarts=1", "ddppo/trainer/loop.py", *ov]
+           "--max-restarts=1", "ddppo/train.py", *ov]
     log = tmp_path / "torchrun.log"
     with log.open("w") as out:
         # torchrun's default: one store shared across restarts. ddppo.distributed gives each attempt its own key

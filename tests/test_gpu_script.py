@@ -43,7 +43,7 @@ def test_every_ddppo_command_parses():
 
 def test_torchrun_overrides_load():
     text = SCRIPT.read_text().replace("\\\n", " ")
-    line = next(ln for ln in text.splitlines() if "ddppo/trainer/loop.py" in ln)
-    argv = shlex.split(line.split("ddppo/trainer/loop.py", 1)[1].split("2>&1")[0].replace('"$OUT', '"out'))
+    line = next(ln for ln in text.splitlines() if "ddppo/train.py" in ln)
+    argv = shlex.split(line.split("ddppo/train.py", 1)[1].split("2>&1")[0].replace('"$OUT', '"out'))
     assert argv[0] == "--config"
     load_config(argv[1], [a for a in argv[2:] if "=" in a])

@@ -251,6 +251,6 @@ def test_readme_and_image_document_one_habitat_run():
                      readme)
     assert (REPO / "configs" / "pointnav" / "habitat_gibson_depth.yaml").is_file()
     docker = (REPO / "Dockerfile").read_text()
-    assert "-c aihabitat" in docker and "WORKDIR /opt/ddppo" in docker
+    assert "ARG HABITAT_SIM=source" in docker and "WORKDIR /opt/ddppo" in docker  # habitat-sim built, no conda
     # the configs' relative data/ and runs/ paths reach the two volumes
     assert "ln -s /data /opt/ddppo/data" in docker and "ln -s /runs /opt/ddppo/runs" in docker

@@ -168,7 +168,7 @@ def test_sigterm_leaves_valid_resume_state_and_exit_code_zero(tmp_path, data):
 @needs_slurm
 @pytest.mark.parametrize("template", ["single_node.sbatch", "array.sbatch"])
 def test_sbatch_templates_train_on_cpu_workers(tmp_path, data, template):
-    """The plain sbatch templates (srun + ddppo/trainer/loop.py), with CPU workers instead of GPUs."""
+    """The plain sbatch templates (srun + ddppo/train.py), with CPU workers instead of GPUs."""
     (tmp_path / "runs" / "slurm_logs").mkdir(parents=True)
     overrides = tiny(tmp_path, data, 64, name="tpl")
     cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=1G", "--time=10",
