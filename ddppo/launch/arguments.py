@@ -46,7 +46,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """``ddppo train``'s arguments (``--config`` None when not given), for the script form ``ddppo/trainer/loop.py``."""
+    """``ddppo train``'s arguments (``--config`` None when not given), for the script form ``ddppo/train.py``."""
     return parse(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
