@@ -9,6 +9,7 @@ here, validated once, when the config loads; the modules that act on a choice lo
 from __future__ import annotations
 
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from enum import Enum
@@ -286,7 +287,8 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | tu
         try:
             cfg = OmegaConf.merge(cfg, _read_earlier_forms(OmegaConf.from_dotlist([item])))
         except Exception as e:
-            raise ConfigError(f"override {item!r}: {_one_line(e)}") from None
+            msg = _one_line(e)  # names the item, unless the message begins with its key already
+            raise ConfigError(msg if msg.startswith(item.split("=", 1)[0]) else f"override {item!r}: {msg}") from None
     try:  # ${...} interpolations and ??? resolve now, not at first use hours into a run
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
@@ -305,9 +307,14 @@ def _read_earlier_forms(raw):
 
 
 def _one_line(e: Exception) -> str:
+    """OmegaConf's error in one line naming the key; a value that is not one of a choice's members reads as
+    ``key='value': use one of a, b, c``, as every other bad value does."""
     msg = str(e).strip().splitlines()
     first = msg[0] if msg else type(e).__name__
     key = next((line.split(":", 1)[1].strip() for line in msg if line.strip().startswith("full_key:")), "")
+    choice = re.fullmatch(r"Invalid value '(.*)', expected one of \[(.*)\]", first)
+    if choice and key:
+        return f"{key}={choice[1]!r}: use one of {choice[2]}"
     return f"{first} (key: {key})" if key and key not in first else first
 
 

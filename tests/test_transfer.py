@@ -294,7 +294,7 @@ def test_scratch_encoder_is_not_loaded_but_the_core_can_be(data_dir, pointnav_ck
 
 def save_untrained(cfg, path: Path) -> Path:
     """A real checkpoint (trainer's format) of an untrained policy built from ``cfg``."""
-    checkpoint.save({"policy": fresh_policy(cfg).state_dict(), "config": OmegaConf.to_container(cfg),
+    checkpoint.save({"policy": fresh_policy(cfg).state_dict(), "config": OmegaConf.to_container(cfg, enum_to_str=True),
                      "env_steps": 0, "update": 0}, path)
     return path
 
