@@ -7,8 +7,8 @@ the full run's decay still leaves >= 85% of it) on 12 training scenes of the def
 cores. Measured (cpu2 EPYC, 2026-12-07): val success 0.38 +- 0.10, SoftSPL 0.51, 6.3 m from the goal at the end,
 against 0.00, 0.00 and 16.2 m for the untrained policy. DDPPO_LONG_TESTS=1
 trains the config as it stands (10M frames on the whole default dataset, about an hour alone on 2 cores) and asks
-for a little less than docs/laptop_scale.md reports over every val episode (success 0.805, SPL 0.663): the issue's
-target, SPL 0.8, is not reached, and that page says what limits it.
+for a little less than bench/RESULTS.md reports over every val episode (success 0.800, SPL 0.651): the issue's
+target, SPL 0.8, is not reached, and docs/laptop_scale.md says what limits it.
 """
 
 from __future__ import annotations
