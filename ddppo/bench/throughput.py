@@ -186,13 +186,15 @@ def _serial_terms(cfg: TrainConfig, device: torch.device, sim_device: torch.devi
     # a realistic rollout to learn on, the policy sampling as in training (its preprocessing is part of acting)
     agent = PolicyAgent(policy, n, device, deterministic=False, actions_device=sim_device)
     t_sim = t_act = 0.0
+    waiting = None  # a step's record, stored with the observation after it once the agent has pooled that to act
     for actions, r, act_s, step_s in agent_steps(env, agent, env.observe(), max_steps=T, clock=clock):
         t_act += act_s
         t_sim += step_s
+        if waiting is not None:
+            storage.insert(agent.obs, *waiting)
         masks = (~r.done).to(device).float()
-        stored = policy.preprocess({k: v.to(device) for k, v in r.obs.items()})
-        storage.insert(stored, agent.hidden, actions.to(device), agent.log_probs, agent.values, r.reward.to(device),
-                       masks, masks)
+        waiting = (agent.hidden, actions.to(device), agent.log_probs, agent.values, r.reward.to(device), masks, masks)
+    storage.insert(policy.preprocess({k: v.to(device) for k, v in r.obs.items()}), *waiting)
     storage.compute_returns(torch.zeros(n, device=device), cfg.ppo.gamma, cfg.ppo.tau)
     policy.train()
     optimizer = make_adam(policy.parameters(), lr=cfg.ppo.lr, eps=cfg.ppo.eps)

@@ -56,8 +56,9 @@ def agent_steps(envs, agent: Agent, obs: dict[str, Tensor] | None = None, max_st
 class PolicyAgent:
     """A policy with its recurrent state; ``masks`` 0 marks an episode start (state and previous action reset).
 
-    After each act it keeps what a rollout stores: ``obs`` (preprocessed as the storage keeps it), ``hidden``,
-    ``log_probs`` and ``values``. Actions are returned on ``actions_device`` (the simulator's)."""
+    After each act it keeps what a rollout stores: the observations it acted on (``obs``, pooled as the storage
+    keeps them), ``hidden``, ``log_probs`` and ``values``. Actions are returned on ``actions_device`` (the
+    simulator's)."""
 
     def __init__(self, policy, num_envs: int, device, deterministic: bool = True, actions_device="cpu"):
         self.policy, self.device, self.deterministic = policy, torch.device(device), deterministic

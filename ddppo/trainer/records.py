@@ -74,7 +74,8 @@ class SyncWindow:
                 "ddppo/wait_s": self.wait_s / self.updates}
 
     def reset(self) -> None:
-        self.load_state_dict({"sums": torch.zeros(len(dataclasses.fields(self)), dtype=torch.float64)})
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, 0.0)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The sums as one float64 tensor, in field order (exact: every sum is a float64)."""
